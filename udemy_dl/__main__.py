@@ -1,0 +1,7 @@
+"""`python -m udemy_dl`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

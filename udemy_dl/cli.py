@@ -1,0 +1,235 @@
+"""The command line: `python -m udemy_dl …` and `udemy-dl …`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, StoreError, UdemyDlError
+from .logs import setup_logging
+from .settings import Settings, load_settings
+
+RET_OK = 0
+RET_ERROR = 1
+RET_USAGE = 2
+RET_CONFIG = 3
+RET_CONNECT = 4
+RET_UNHEALTHY = 5
+
+
+def _producer(settings: Settings) -> Any:
+    from .producer import Producer
+
+    return Producer(settings)
+
+
+def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    producer = _producer(settings)
+    outcome = producer.add_download_job({"taskId": args.task_id, "email": args.email, "courseUrl": args.course_url})
+    state = "enqueued" if outcome.created else f"already {outcome.job.get_status()}"
+    print(f"task {args.task_id}: job {outcome.job.id} {state}")
+    return RET_OK
+
+
+def cmd_confirm_payment(settings: Settings, args: argparse.Namespace) -> int:
+    result = _producer(settings).confirm_payment(args.task_ids)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"enqueued: {result.enqueued or '-'}")
+        print(f"already queued: {result.already_queued or '-'}")
+        for item in result.refused:
+            print(f"refused: task {item['taskId']}: {item['reason']}")
+    return RET_OK if not result.refused else RET_ERROR
+
+
+def _bar(percent: int, width: int = 20) -> str:
+    filled = width * max(0, min(percent, 100)) // 100
+    return "[" + "#" * filled + "." * (width - filled) + f"] {percent:3d}%"
+
+
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    producer = _producer(settings)
+    stats: dict[str, Any] = {"queue": producer.get_queue_stats()}
+    try:
+        stats["tasks"] = producer.store.count_by_status()
+        running = producer.store.rows_with_status("processing", limit=50)
+        stats["running"] = [{"taskId": r.id, "progress": r.progress, "attempts": r.attempts} for r in running]
+    except (ConfigError, StoreError) as exc:
+        stats["tasks_error"] = str(exc)
+    if args.json:
+        print(json.dumps(stats, default=str))
+        return RET_OK
+    print(f"queue {settings.queue_name!r} on {settings.redis_url_redacted}")
+    for key, value in stats["queue"].items():
+        print(f"  {key:<17} {value}")
+    if "tasks" in stats:
+        print(f"tasks in {settings.database_url_redacted}")
+        for key in ("pending", "enrolled", "processing", "completed", "failed"):
+            print(f"  {key:<17} {stats['tasks'].get(key, 0)}")
+        for item in stats["running"]:
+            print(f"  task {item['taskId']:<8} {_bar(item['progress'])}  attempt {item['attempts']}")
+    else:
+        print(f"tasks: unavailable ({stats['tasks_error']})")
+    return RET_OK
+
+
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    from .connection import redis_connection
+    from .producer import Producer
+    from .store import open_store
+
+    failures: list[str] = []
+    workers = 0
+    try:
+        connection = redis_connection(settings)
+        connection.ping()
+        workers = Producer(settings, connection=connection).get_queue_stats()["workers"]
+        if workers == 0:
+            failures.append(f"workers: none listening on queue {settings.queue_name!r}")
+    except Exception as exc:
+        failures.append(f"redis: {settings.redis_url_redacted}: {type(exc).__name__}: {exc}")
+    try:
+        open_store(settings.require_database()).ping()
+    except (ConfigError, StoreError) as exc:
+        failures.append(f"database: {settings.database_url_redacted}: {exc}")
+    try:
+        settings.require_worker_ready()
+    except ConfigError as exc:
+        failures.append(f"config: {exc}")
+    if failures:
+        for failure in failures:
+            print(f"UNHEALTHY {failure}")
+        return RET_UNHEALTHY
+    print(f"healthy: redis ok, database ok, {workers} worker(s)")
+    return RET_OK
+
+
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from .store import PROCESSING
+
+    producer = _producer(settings)
+    rows = producer.store.rows_with_status(PROCESSING)
+    requeued = []
+    for row in rows:
+        if producer.live_job(row.id) is None:
+            producer.add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
+            requeued.append(row.id)
+    print(f"{len(rows)} task(s) processing, {len(requeued)} re-enqueued: {requeued or '-'}")
+    return RET_OK
+
+
+def cmd_requeue_failed(settings: Settings, args: argparse.Namespace) -> int:
+    result = _producer(settings).requeue_failed(args.task_ids or None)
+    print(f"re-enqueued: {result.enqueued or '-'}")
+    for item in result.refused:
+        print(f"refused: task {item['taskId']}: {item['reason']}")
+    return RET_OK
+
+
+def cmd_db_init(settings: Settings, args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    store = open_store(settings.require_database())
+    store.init_schema()
+    print(f"download_tasks ready in {settings.database_url_redacted}")
+    return RET_OK
+
+
+def cmd_gen_secret(settings: Settings, args: argparse.Namespace) -> int:
+    from .webhooks import generate_secret
+
+    print(generate_secret())
+    return RET_OK
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from .worker import default_worker_name, run_worker
+
+    run_worker(settings, args.name or default_worker_name(1), burst=args.burst, logging_level=args.log_level)
+    return RET_OK
+
+
+def cmd_pool(settings: Settings, args: argparse.Namespace) -> int:
+    from .worker import run_pool
+
+    run_pool(settings, args.count or settings.worker_count, logging_level=args.log_level)
+    return RET_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="udemy-dl", description="Download-order worker service.")
+    parser.add_argument("--version", action="version", version=f"udemy-dl {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("enqueue", help="enqueue one download job (idempotent per task id)")
+    p.add_argument("--task-id", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--course-url", required=True)
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("confirm-payment", help="mark paid tasks processing and enqueue them")
+    p.add_argument("task_ids", nargs="+", metavar="TASK_ID")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_confirm_payment)
+
+    p = sub.add_parser("stats", help="queue counts, task counts and running tasks")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("health", help="exit 0 when Redis, the database and workers are up; else name what is not")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("reconcile", help="re-enqueue processing tasks that have no live job")
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("requeue-failed", help="put failed tasks (all, or those named) back on the queue")
+    p.add_argument("task_ids", nargs="*", type=int, metavar="TASK_ID")
+    p.set_defaults(func=cmd_requeue_failed)
+
+    p = sub.add_parser("db", help="database schema")
+    db_sub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    p_init = db_sub.add_parser("init", help="create download_tasks (safe to run twice)")
+    p_init.set_defaults(func=cmd_db_init)
+
+    p = sub.add_parser("gen-secret", help="print a new API_SECRET_KEY (whsec_…)")
+    p.set_defaults(func=cmd_gen_secret)
+
+    p = sub.add_parser("worker", help="run one RQ worker (start_workers.sh runs these)")
+    p.add_argument("--name", help="worker name shown by rq info (default: udemy-dl.<host>.1)")
+    p.add_argument("--burst", action="store_true", help="quit when the queues are empty")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("pool", help="run RQ's worker pool, replacing workers that die (the systemd unit runs this)")
+    p.add_argument("--count", type=int, help="workers (default: WORKER_COUNT)")
+    p.set_defaults(func=cmd_pool)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        settings = load_settings()
+        return int(args.func(settings, args))
+    except ConfigError as exc:
+        print(f"udemy-dl: configuration error: {exc}", file=sys.stderr)
+        return RET_CONFIG
+    except StoreError as exc:
+        print(f"udemy-dl: {exc}", file=sys.stderr)
+        return RET_CONNECT
+    except UdemyDlError as exc:
+        print(f"udemy-dl: {exc}", file=sys.stderr)
+        return RET_ERROR
+    except Exception as exc:
+        from redis.exceptions import RedisError
+
+        if isinstance(exc, RedisError):
+            print(f"udemy-dl: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return RET_CONNECT
+        raise

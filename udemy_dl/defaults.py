@@ -1,0 +1,69 @@
+"""Named defaults: queue names, TTLs, timeouts and limits, in one place."""
+
+DOWNLOAD_QUEUE = "downloads"
+"""RQ queue that download jobs go on."""
+
+WEBHOOK_QUEUE = "webhooks"
+"""RQ queue that webhook deliveries go on (short jobs, listened to first)."""
+
+WORKER_COUNT = 5
+"""Worker processes started by start_workers.sh and by the pool."""
+
+MAX_ATTEMPTS = 3
+"""Attempts in all for one download job (the first run plus retries)."""
+
+RETRY_DELAY = 20
+"""Seconds before the first retry; each later retry waits twice as long."""
+
+RETRY_JITTER = 0.25
+"""Each retry delay is stretched by a random share of up to this fraction."""
+
+JOB_TIMEOUT = 3600
+"""Seconds one download may run before RQ stops it."""
+
+RESULT_TTL = 86_400
+"""Seconds a finished job stays in Redis (24 h)."""
+
+FAILURE_TTL = 604_800
+"""Seconds a failed job stays in Redis (7 days)."""
+
+STOP_TIMEOUT = 30
+"""Seconds stop_workers.sh waits for a worker before SIGKILL."""
+
+WEBHOOK_RETRY_INTERVALS = (10, 30, 60, 120, 300, 600, 900, 1200, 1800)
+"""Seconds between webhook delivery attempts: 5,020 s in all, more than an hour."""
+
+WEBHOOK_TIMEOUT = 10
+"""Seconds for one webhook POST (connect and read)."""
+
+WEBHOOK_JOB_TIMEOUT = 60
+"""Seconds one webhook delivery job may run."""
+
+CONNECT_TIMEOUT = 10
+"""Seconds to connect to the content origin."""
+
+READ_TIMEOUT = 60
+"""Seconds the content origin may stay silent mid-download."""
+
+CHUNK_SIZE = 1024 * 1024
+"""Bytes read per chunk when streaming a file to disk."""
+
+MANIFEST_MAX_BYTES = 8 * 1024 * 1024
+"""Largest manifest document accepted (bytes)."""
+
+ENQUEUE_LOCK_TIMEOUT = 10
+"""Seconds the per-task enqueue lock lives if its holder dies."""
+
+MYSQL_PORT = 3306
+REDIS_PORT = 6379
+
+DOWNLOAD_DIR = "./downloads"
+FAILED_DIR = "./failed"
+LOG_DIR = "./logs"
+PID_DIR = "./run"
+
+STAGING_DIRNAME = ".staging"
+"""Folder under DOWNLOAD_DIR where a task's files land before they are moved into place."""
+
+PROGRESS_INTERVAL = 1.0
+"""Seconds between progress writes (job.meta, database, log)."""

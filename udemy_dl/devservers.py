@@ -1,0 +1,265 @@
+"""Local stand-ins for the demo and the tests: a content origin and a webhook receiver.
+
+Both run in a thread on 127.0.0.1 and record what they see, so a test can prove what reached
+them (and what did not). Not used by the service itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from standardwebhooks import Webhook, WebhookVerificationError
+
+
+@dataclass
+class RequestLog:
+    """Thread-safe list of (method, path, headers) the server received."""
+
+    entries: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, method: str, path: str, headers: dict[str, str]) -> None:
+        with self.lock:
+            self.entries.append((method, path, headers))
+
+    def paths(self) -> list[str]:
+        with self.lock:
+            return [path for _, path, _ in self.entries]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Background:
+    """Runs an HTTP server in a daemon thread; use as a context manager or call start/stop."""
+
+    server: _Server
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = _Server((host, port), handler)
+        self.server.owner = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def host_port(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"{host!s}:{port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host_port}"
+
+    def start(self) -> _Background:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> _Background:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def write_sample_file(path: Path, size: int, seed: str) -> str:
+    """Write *size* deterministic bytes to *path* and return their sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    block = hashlib.sha256(seed.encode()).digest() * 32768  # 1 MiB pattern
+    with open(path, "wb") as out:
+        remaining = size
+        while remaining:
+            chunk = block[: min(remaining, len(block))]
+            out.write(chunk)
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+class ContentOrigin(_Background):
+    """Serves files from *root* and JSON manifests registered with add_course().
+
+    Faults for tests: fail_next(path, n) answers 500 n times; corrupt(path) serves wrong bytes.
+    """
+
+    def __init__(self, root: Path, token: str | None = None, port: int = 0) -> None:
+        self.root = root
+        self.token = token
+        self.manifests: dict[str, dict[str, Any]] = {}
+        self.failures: dict[str, int] = {}
+        self.requests = RequestLog()
+        self.lock = threading.Lock()
+        super().__init__(_OriginHandler, port=port)
+
+    def add_course(self, slug: str, files: dict[str, int], with_checksums: bool = True) -> str:
+        """Create a course of files (path -> size) and return its manifest URL."""
+        entries = []
+        for rel, size in files.items():
+            sha = write_sample_file(self.root / "files" / slug / rel, size, f"{slug}/{rel}")
+            entry: dict[str, Any] = {"path": rel, "url": f"/files/{slug}/{rel}"}
+            if with_checksums:
+                entry.update(size=size, sha256=sha)
+            entries.append(entry)
+        self.manifests[f"/courses/{slug}"] = {"title": slug.replace("-", " ").title(), "files": entries}
+        return f"{self.base_url}/courses/{slug}"
+
+    def set_manifest(self, path: str, manifest: dict[str, Any]) -> str:
+        self.manifests[path] = manifest
+        return f"{self.base_url}{path}"
+
+    def fail_next(self, path: str, times: int) -> None:
+        with self.lock:
+            self.failures[path] = times
+
+    def _take_failure(self, path: str) -> bool:
+        with self.lock:
+            left = self.failures.get(path, 0)
+            if left > 0:
+                self.failures[path] = left - 1
+                return True
+            return False
+
+
+class _OriginHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    @property
+    def origin(self) -> ContentOrigin:
+        return self.server.owner  # type: ignore[attr-defined,no-any-return]
+
+    def do_GET(self) -> None:
+        origin = self.origin
+        path = self.path.split("?", 1)[0]
+        origin.requests.add("GET", path, dict(self.headers.items()))
+        if origin.token and self.headers.get("Authorization") != f"Bearer {origin.token}":
+            self._send(401, b"missing or wrong bearer token\n", "text/plain")
+            return
+        if origin._take_failure(path):
+            self._send(500, b"injected failure\n", "text/plain")
+            return
+        if path in origin.manifests:
+            self._send(200, json.dumps(origin.manifests[path]).encode(), "application/json")
+            return
+        if path.startswith("/files/"):
+            target = (origin.root / path.lstrip("/")).resolve()
+            if origin.root.resolve() in target.parents and target.is_file():
+                self._send_file(target)
+                return
+        self._send(404, b"not found\n", "text/plain")
+
+    def _send(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_file(self, target: Path) -> None:
+        size = target.stat().st_size
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        with open(target, "rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                try:
+                    self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+
+
+@dataclass(frozen=True)
+class ReceivedWebhook:
+    webhook_id: str
+    event_type: str
+    body: dict[str, Any]
+    verified: bool
+
+
+class WebhookReceiver(_Background):
+    """Verifies Standard Webhooks signatures and records each delivery.
+
+    `status_for` decides the HTTP answer per delivery (default: 204), so a test can make the
+    receiver fail for a while.
+    """
+
+    def __init__(self, secret: str, port: int = 0) -> None:
+        self.webhook = Webhook(secret)
+        self.received: list[ReceivedWebhook] = []
+        self.attempts = 0
+        self.lock = threading.Lock()
+        self.status_for: Callable[[int], int] = lambda attempt: 204
+        super().__init__(_ReceiverHandler, port=port)
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/webhooks/downloads"
+
+    def accepted(self) -> list[ReceivedWebhook]:
+        with self.lock:
+            return [item for item in self.received if item.verified]
+
+    def unique_ids(self) -> set[str]:
+        return {item.webhook_id for item in self.accepted()}
+
+
+class _ReceiverHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_POST(self) -> None:
+        receiver: WebhookReceiver = self.server.owner  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        with receiver.lock:
+            receiver.attempts += 1
+            attempt = receiver.attempts
+        status = receiver.status_for(attempt)
+        if status >= 300:
+            self._answer(status)
+            return
+        try:
+            payload = receiver.webhook.verify(body, dict(self.headers.items()))
+            verified = True
+        except WebhookVerificationError:
+            payload, verified = json.loads(body or b"{}"), False
+        with receiver.lock:
+            receiver.received.append(
+                ReceivedWebhook(self.headers.get("webhook-id", ""), str(payload.get("type")), payload, verified)
+            )
+        self._answer(204 if verified else 401)
+
+    def _answer(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def env_for(origin: ContentOrigin, receiver: WebhookReceiver | None, secret: str) -> dict[str, str]:
+    """Environment variables pointing a worker at these servers."""
+    env = {"ALLOWED_HOSTS": origin.host_port, "API_SECRET_KEY": secret}
+    if receiver is not None:
+        env["WEBHOOK_URL"] = receiver.url
+    if origin.token:
+        env["CONTENT_TOKEN"] = origin.token
+    return env
+
+
+__all__ = ["ContentOrigin", "ReceivedWebhook", "WebhookReceiver", "env_for", "write_sample_file"]

@@ -1,0 +1,223 @@
+"""The producer side: confirm payment, enqueue one deduplicated job per task, queue statistics.
+
+A download job's id is `download-<taskId>`. While that job is queued, scheduled, started or
+deferred, asking again returns it; once it has finished or failed, asking again enqueues anew.
+The check and the enqueue happen under a short per-task Redis lock, so twenty concurrent
+confirmations of one task make exactly one job.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import LockError
+from rq import Retry, Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import (
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
+
+from . import defaults
+from .connection import download_queue, redis_connection, webhook_queue
+from .errors import InvalidTaskError, TransientError
+from .settings import Settings, get_settings
+from .store import FAILED, PROCESSING, TaskStore, open_store, utcnow
+from .task import TaskData, parse_task, parse_task_id
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTION = "udemy_dl.worker_rq.process_download"
+LIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED})
+
+
+def job_id_for(task_id: int) -> str:
+    return f"download-{task_id}"
+
+
+def retry_intervals(settings: Settings, rng: random.Random | None = None) -> list[int]:
+    """Exponential backoff from RETRY_DELAY, doubling, each stretched by random jitter."""
+    rng = rng or random.Random()
+    return [
+        round(settings.retry_delay * 2**n * (1 + rng.uniform(0, defaults.RETRY_JITTER)))
+        for n in range(settings.max_attempts - 1)
+    ]
+
+
+@dataclass
+class EnqueueResult:
+    job: Job
+    created: bool
+
+
+@dataclass
+class ConfirmResult:
+    """What confirm_payment did, task by task (the intake answers with this)."""
+
+    enqueued: list[int] = field(default_factory=list)
+    already_queued: list[int] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"enqueued": self.enqueued, "alreadyQueued": self.already_queued, "refused": self.refused}
+
+
+class Producer:
+    """Enqueues download jobs and reads queue statistics; one per process is enough."""
+
+    def __init__(self, settings: Settings, connection: Redis | None = None, store: TaskStore | None = None) -> None:
+        self.settings = settings
+        self.connection = connection or redis_connection(settings)
+        self._store = store
+        self.queue = download_queue(settings, self.connection)
+
+    @property
+    def store(self) -> TaskStore:
+        if self._store is None:
+            self._store = open_store(self.settings.require_database())
+        return self._store
+
+    def live_job(self, task_id: int) -> Job | None:
+        """The task's job if it is queued, scheduled, started or deferred; else None."""
+        try:
+            job = Job.fetch(job_id_for(task_id), connection=self.connection)
+        except NoSuchJobError:
+            return None
+        return job if job.get_status(refresh=False) in LIVE_STATUSES else None
+
+    def add_download_job(self, task_data: Mapping[str, Any] | TaskData) -> EnqueueResult:
+        """Enqueue *task_data* once: an existing live job for the same taskId is returned instead."""
+        task = task_data if isinstance(task_data, TaskData) else parse_task(task_data)
+        job_id = job_id_for(task.task_id)
+        lock = self.connection.lock(
+            f"udemy_dl:lock:enqueue:{task.task_id}",
+            timeout=defaults.ENQUEUE_LOCK_TIMEOUT,
+            blocking_timeout=defaults.ENQUEUE_LOCK_TIMEOUT,
+        )
+        try:
+            with lock:
+                try:
+                    existing: Job | None = Job.fetch(job_id, connection=self.connection)
+                except NoSuchJobError:
+                    existing = None
+                if existing is not None:
+                    status = existing.get_status(refresh=False)
+                    if status in LIVE_STATUSES:
+                        log.info("task %s: job %s already %s", task.task_id, job_id, status)
+                        return EnqueueResult(existing, created=False)
+                    # Finished or failed: its record makes way for the new run.
+                    existing.delete(remove_from_queue=True)
+                retries = retry_intervals(self.settings)
+                job = self.queue.enqueue(
+                    JOB_FUNCTION,
+                    task.to_payload(),
+                    job_id=job_id,
+                    retry=Retry(max=len(retries), interval=retries) if retries else None,
+                    job_timeout=self.settings.job_timeout,
+                    result_ttl=self.settings.result_ttl,
+                    failure_ttl=self.settings.failure_ttl,
+                    description=f"download task {task.task_id}",
+                )
+        except LockError as exc:
+            raise TransientError(f"task {task.task_id}: enqueue lock busy: {exc}") from exc
+        log.info("task %s: enqueued job %s on %s", task.task_id, job_id, self.queue.name)
+        return EnqueueResult(job, created=True)
+
+    def confirm_payment(self, task_ids: Iterable[object]) -> ConfirmResult:
+        """Paid: move the rows to `processing`, then enqueue each. Calling it twice changes nothing."""
+        result = ConfirmResult()
+        ids: list[int] = []
+        for raw in task_ids:
+            try:
+                task_id = parse_task_id(raw)
+            except InvalidTaskError as exc:
+                result.refused.append({"taskId": raw, "reason": str(exc)})
+                continue
+            if task_id not in ids:
+                ids.append(task_id)
+        if not ids:
+            return result
+        self.store.mark_processing(ids)
+        rows = {row.id: row for row in self.store.get_many(ids)}
+        for task_id in ids:
+            row = rows.get(task_id)
+            if row is None:
+                result.refused.append({"taskId": task_id, "reason": "no such task"})
+            elif row.status != PROCESSING:
+                result.refused.append({"taskId": task_id, "reason": f"task is {row.status}"})
+            else:
+                try:
+                    outcome = self.add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
+                except InvalidTaskError as exc:
+                    # Enqueue anyway is pointless; the job would fail the same way. Record it now.
+                    self.store.mark_failed(row.id, str(exc), None, utcnow())
+                    result.refused.append({"taskId": task_id, "reason": str(exc)})
+                    continue
+                (result.enqueued if outcome.created else result.already_queued).append(task_id)
+        return result
+
+    def requeue_failed(self, task_ids: Iterable[int] | None = None) -> ConfirmResult:
+        """Operator's retry: `failed` rows (all, or those named) go back to `processing` and are enqueued."""
+        ids = list(task_ids) if task_ids is not None else self.store.ids_with_status(FAILED)
+        self.store.reopen_failed(ids)
+        return self.confirm_payment(ids)
+
+    def get_queue_stats(self) -> dict[str, int]:
+        """Counts the old producer reported: waiting, active, scheduled, completed, failed, workers."""
+        queue = self.queue
+        conn = self.connection
+        return {
+            "waiting": queue.count,
+            "active": StartedJobRegistry(queue=queue).count,
+            "scheduled": ScheduledJobRegistry(queue=queue).count,
+            "deferred": DeferredJobRegistry(queue=queue).count,
+            "completed": FinishedJobRegistry(queue=queue).count,
+            "failed": FailedJobRegistry(queue=queue).count,
+            "workers": Worker.count(connection=conn, queue=queue),
+            "webhooks_waiting": webhook_queue(self.settings, conn).count,
+            "webhooks_failed": FailedJobRegistry(queue=webhook_queue(self.settings, conn)).count,
+        }
+
+    def close(self) -> None:
+        self.connection.close()
+        if self._store is not None:
+            self._store.close()
+
+
+_default: Producer | None = None
+
+
+def _producer() -> Producer:
+    global _default
+    if _default is None:
+        _default = Producer(get_settings())
+    return _default
+
+
+def add_download_job(task_data: Mapping[str, Any]) -> Job:
+    """Enqueue one download (idempotent per taskId); returns the task's job."""
+    return _producer().add_download_job(task_data).job
+
+
+def confirm_payment(task_ids: Iterable[object]) -> ConfirmResult:
+    return _producer().confirm_payment(task_ids)
+
+
+def get_queue_stats() -> dict[str, int]:
+    return _producer().get_queue_stats()
+
+
+def close() -> None:
+    global _default
+    if _default is not None:
+        _default.close()
+        _default = None

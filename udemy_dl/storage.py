@@ -1,0 +1,57 @@
+"""Task folders on disk: a staging folder per task, moved into place whole, or kept aside on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+RECORD_NAME = "manifest.json"
+"""The record of what was fetched (path, size, sha256), written into each finished folder."""
+
+
+def staging_path(settings: Settings, task_id: int) -> Path:
+    return settings.staging_dir / str(task_id)
+
+
+def final_path(settings: Settings, task_id: int) -> Path:
+    return settings.download_dir / str(task_id)
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    """Write the fetch record atomically (temp file, then rename)."""
+    temp = folder / f".{RECORD_NAME}.tmp"
+    temp.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(temp, folder / RECORD_NAME)
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def promote(staging: Path, final: Path) -> None:
+    """Move a verified staging folder into place in one rename (same file system)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final)
+
+
+def keep_failed(settings: Settings, task_id: int, staging: Path, reason: str) -> Path:
+    """Move what a failed task fetched to FAILED_DIR/<taskId>-<UTC time>/ with an error.txt."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = settings.failed_dir / f"{task_id}-{stamp}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if staging.is_dir():
+        shutil.move(str(staging), str(target))
+    else:
+        target.mkdir(parents=True)
+    (target / "error.txt").write_text(f"task {task_id} failed at {stamp}\n{reason}\n", encoding="utf-8")
+    return target

@@ -1,0 +1,400 @@
+"""The status store: every SQL statement the service runs, for MySQL/MariaDB and for SQLite.
+
+MySQL is the record of every paid task. Each status change names the status it expects to
+find, and the caller learns from the row count whether it happened, so a late or duplicate
+run can never turn `completed` back into anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+ENROLLED = "enrolled"
+PROCESSING = "processing"
+COMPLETED = "completed"
+FAILED = "failed"
+UNPAID = (PENDING, ENROLLED)
+STATUSES = (PENDING, ENROLLED, PROCESSING, COMPLETED, FAILED)
+
+COLUMNS = (
+    "id, email, course_url, status, attempts, progress, error_message, output_path, bytes, "
+    "started_at, finished_at, updated_at"
+)
+
+MYSQL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS download_tasks (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    email VARCHAR(320) NOT NULL,
+    course_url VARCHAR(2048) NOT NULL,
+    status VARCHAR(20) NOT NULL DEFAULT 'pending',
+    attempts INT NOT NULL DEFAULT 0,
+    progress TINYINT UNSIGNED NOT NULL DEFAULT 0,
+    error_message TEXT NULL,
+    output_path VARCHAR(1024) NULL,
+    bytes BIGINT UNSIGNED NULL,
+    created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    started_at DATETIME(6) NULL,
+    finished_at DATETIME(6) NULL,
+    updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+    KEY idx_download_tasks_status (status, updated_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4
+"""
+
+# Columns the worker owns; added to a table the shop created before the worker existed.
+MYSQL_WORKER_COLUMNS = {
+    "attempts": "INT NOT NULL DEFAULT 0",
+    "progress": "TINYINT UNSIGNED NOT NULL DEFAULT 0",
+    "error_message": "TEXT NULL",
+    "output_path": "VARCHAR(1024) NULL",
+    "bytes": "BIGINT UNSIGNED NULL",
+    "started_at": "DATETIME(6) NULL",
+    "finished_at": "DATETIME(6) NULL",
+    "updated_at": "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)",
+}
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS download_tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    email TEXT NOT NULL,
+    course_url TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    progress INTEGER NOT NULL DEFAULT 0,
+    error_message TEXT NULL,
+    output_path TEXT NULL,
+    bytes INTEGER NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    started_at TEXT NULL,
+    finished_at TEXT NULL,
+    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+CREATE INDEX IF NOT EXISTS idx_download_tasks_status ON download_tasks (status, updated_at);
+"""
+
+
+def utcnow() -> datetime:
+    """Naive UTC time, as both stores keep it."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One row of download_tasks."""
+
+    id: int
+    email: str
+    course_url: str
+    status: str
+    attempts: int
+    progress: int
+    error_message: str | None
+    output_path: str | None
+    bytes: int | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime | None
+
+    @classmethod
+    def from_db(cls, row: Sequence[Any]) -> TaskRow:
+        def as_time(value: Any) -> datetime | None:
+            if value is None or isinstance(value, datetime):
+                return value
+            return datetime.fromisoformat(str(value))
+
+        return cls(
+            id=int(row[0]),
+            email=str(row[1]),
+            course_url=str(row[2]),
+            status=str(row[3]),
+            attempts=int(row[4] or 0),
+            progress=int(row[5] or 0),
+            error_message=row[6],
+            output_path=row[7],
+            bytes=None if row[8] is None else int(row[8]),
+            started_at=as_time(row[9]),
+            finished_at=as_time(row[10]),
+            updated_at=as_time(row[11]),
+        )
+
+
+class TaskStore:
+    """SQL shared by both back ends. Statements use %s placeholders; SQLite rewrites them to ?."""
+
+    placeholder = "%s"
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def init_schema(self) -> None:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        self._conn: Any = None
+        self._pid = 0
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        # A forked work horse must never share its parent's socket: reconnect per process.
+        if self._conn is None or self._pid != os.getpid():
+            self._conn = self._connect()
+            self._pid = os.getpid()
+        return self._conn
+
+    def _sql(self, statement: str) -> str:
+        return statement if self.placeholder == "%s" else statement.replace("%s", self.placeholder)
+
+    def _execute(self, statement: str, params: Sequence[Any] = ()) -> tuple[int, list[tuple[Any, ...]]]:
+        """Run one statement; return (rows matched, rows fetched). Raises StoreError on failure."""
+        try:
+            conn = self._connection()
+            cursor = conn.cursor()
+            try:
+                cursor.execute(self._sql(statement), tuple(params))
+                rows = cursor.fetchall() if cursor.description else []
+                return cursor.rowcount, rows
+            finally:
+                cursor.close()
+        except StoreError:
+            raise
+        except Exception as exc:  # driver errors differ per back end; all mean "not recorded"
+            self.close()
+            raise StoreError(f"status store: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _in(ids: Sequence[int]) -> str:
+        return ", ".join(["%s"] * len(ids))
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            try:
+                self._conn.close()
+            except Exception:  # closing a broken connection may fail; nothing to keep
+                log.debug("closing the store connection failed", exc_info=True)
+        self._conn = None
+
+    def ping(self) -> None:
+        """Raise StoreError unless the store answers a trivial query."""
+        self._execute("SELECT 1")
+
+    # -- the shop's side ----------------------------------------------------------------------
+
+    def insert_task(self, email: str, course_url: str, status: str = PENDING) -> int:
+        """Create a task row (the shop does this in production; tests and the demo use it)."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        try:
+            conn = self._connection()
+            cursor = conn.cursor()
+            try:
+                cursor.execute(
+                    self._sql("INSERT INTO download_tasks (email, course_url, status) VALUES (%s, %s, %s)"),
+                    (email, course_url, status),
+                )
+                return int(cursor.lastrowid)
+            finally:
+                cursor.close()
+        except Exception as exc:
+            self.close()
+            raise StoreError(f"status store: {type(exc).__name__}: {exc}") from exc
+
+    def get(self, task_id: int) -> TaskRow | None:
+        _, rows = self._execute(f"SELECT {COLUMNS} FROM download_tasks WHERE id = %s", (task_id,))
+        return TaskRow.from_db(rows[0]) if rows else None
+
+    def get_many(self, task_ids: Sequence[int]) -> list[TaskRow]:
+        if not task_ids:
+            return []
+        _, rows = self._execute(
+            f"SELECT {COLUMNS} FROM download_tasks WHERE id IN ({self._in(task_ids)}) ORDER BY id",
+            tuple(task_ids),
+        )
+        return [TaskRow.from_db(row) for row in rows]
+
+    def mark_processing(self, task_ids: Sequence[int]) -> int:
+        """Paid: unpaid rows become `processing`. Returns how many rows changed."""
+        if not task_ids:
+            return 0
+        count, _ = self._execute(
+            f"UPDATE download_tasks SET status = %s, progress = 0, error_message = NULL "
+            f"WHERE id IN ({self._in(task_ids)}) AND status IN (%s, %s)",
+            (PROCESSING, *task_ids, *UNPAID),
+        )
+        return count
+
+    # -- the worker's side --------------------------------------------------------------------
+
+    def begin_attempt(self, task_id: int) -> bool:
+        """Count one more attempt of a `processing` task. False if the row is not processing."""
+        now = utcnow()
+        count, _ = self._execute(
+            "UPDATE download_tasks SET attempts = attempts + 1, started_at = COALESCE(started_at, %s), "
+            "updated_at = %s WHERE id = %s AND status = %s",
+            (now, now, task_id, PROCESSING),
+        )
+        return count == 1
+
+    def set_progress(self, task_id: int, percent: int) -> bool:
+        count, _ = self._execute(
+            "UPDATE download_tasks SET progress = %s, updated_at = %s WHERE id = %s AND status = %s",
+            (max(0, min(100, percent)), utcnow(), task_id, PROCESSING),
+        )
+        return count == 1
+
+    def mark_completed(self, task_id: int, output_path: str, total_bytes: int, now: datetime) -> bool:
+        """processing -> completed at *now*. False when the row was not `processing` (a late or duplicate run)."""
+        count, _ = self._execute(
+            "UPDATE download_tasks SET status = %s, progress = 100, output_path = %s, bytes = %s, "
+            "error_message = NULL, finished_at = %s, updated_at = %s WHERE id = %s AND status = %s",
+            (COMPLETED, output_path, total_bytes, now, now, task_id, PROCESSING),
+        )
+        return count == 1
+
+    def mark_failed(self, task_id: int, reason: str, output_path: str | None, now: datetime) -> bool:
+        """processing -> failed at *now*, with the reason. False when the row was not `processing`."""
+        count, _ = self._execute(
+            "UPDATE download_tasks SET status = %s, error_message = %s, output_path = %s, "
+            "finished_at = %s, updated_at = %s WHERE id = %s AND status = %s",
+            (FAILED, reason[:4000], output_path, now, now, task_id, PROCESSING),
+        )
+        return count == 1
+
+    def reopen_failed(self, task_ids: Sequence[int]) -> int:
+        """failed -> processing, for an operator's requeue. Returns how many rows changed."""
+        if not task_ids:
+            return 0
+        count, _ = self._execute(
+            f"UPDATE download_tasks SET status = %s, attempts = 0, progress = 0, error_message = NULL, "
+            f"finished_at = NULL, "
+            f"updated_at = %s WHERE id IN ({self._in(task_ids)}) AND status = %s",
+            (PROCESSING, utcnow(), *task_ids, FAILED),
+        )
+        return count
+
+    def ids_with_status(self, status: str, limit: int = 10_000) -> list[int]:
+        _, rows = self._execute("SELECT id FROM download_tasks WHERE status = %s ORDER BY id LIMIT %s", (status, limit))
+        return [int(row[0]) for row in rows]
+
+    def rows_with_status(self, status: str, limit: int = 10_000) -> list[TaskRow]:
+        _, rows = self._execute(
+            f"SELECT {COLUMNS} FROM download_tasks WHERE status = %s ORDER BY id LIMIT %s", (status, limit)
+        )
+        return [TaskRow.from_db(row) for row in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        _, rows = self._execute("SELECT status, COUNT(*) FROM download_tasks GROUP BY status")
+        return {str(status): int(count) for status, count in rows}
+
+
+class MySQLStore(TaskStore):
+    """MySQL or MariaDB through mysql-connector-python."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        parts = urlsplit(url)
+        database = unquote(parts.path.lstrip("/"))
+        if not parts.hostname or not database:
+            raise ConfigError("DATABASE_URL", "expected mysql://user:password@host:port/database")
+        self._params = {
+            "host": parts.hostname,
+            "port": parts.port or 3306,
+            "user": unquote(parts.username or ""),
+            "password": unquote(parts.password or ""),
+            "database": database,
+        }
+
+    def __repr__(self) -> str:
+        return f"MySQLStore(host={self._params['host']!r}, database={self._params['database']!r})"
+
+    def _connect(self) -> Any:
+        import mysql.connector
+        from mysql.connector.constants import ClientFlag
+
+        return mysql.connector.connect(
+            **self._params,
+            autocommit=True,
+            connection_timeout=10,
+            # Row counts mean "rows matched", so a conditional update that changes nothing still counts.
+            client_flags=[ClientFlag.FOUND_ROWS],
+            time_zone="+00:00",
+        )
+
+    def init_schema(self) -> None:
+        self._execute(MYSQL_SCHEMA)
+        _, rows = self._execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = DATABASE() AND table_name = 'download_tasks'"
+        )
+        present = {str(row[0]).lower() for row in rows}
+        for column, definition in MYSQL_WORKER_COLUMNS.items():
+            if column not in present:
+                log.info("adding column download_tasks.%s", column)
+                self._execute(f"ALTER TABLE download_tasks ADD COLUMN {column} {definition}")
+
+
+class SQLiteStore(TaskStore):
+    """The embedded single-host store: one SQLite file in WAL mode."""
+
+    placeholder = "?"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore(path={str(self.path)!r})"
+
+    def _connect(self) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sqlite3.register_adapter(datetime, lambda value: value.isoformat(sep=" "))
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def init_schema(self) -> None:
+        conn = self._connection()
+        try:
+            conn.executescript(SQLITE_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"status store: {exc}") from exc
+
+
+def open_store(database_url: str) -> TaskStore:
+    """Return the store that *database_url* names (mysql://… or sqlite:///path)."""
+    parts = urlsplit(database_url)
+    if parts.scheme == "mysql":
+        return MySQLStore(database_url)
+    if parts.scheme == "sqlite":
+        # sqlite:///relative/path or sqlite:////absolute/path, as SQLAlchemy spells them.
+        raw = unquote(parts.path)
+        path = raw[1:] if raw.startswith("/") else raw
+        if not path:
+            raise ConfigError("DATABASE_URL", "sqlite:/// needs a file path, e.g. sqlite:///./udemy_dl.sqlite3")
+        return SQLiteStore(Path(path))
+    raise ConfigError("DATABASE_URL", f"unsupported scheme {parts.scheme!r}")
+
+
+def chunks(ids: Iterable[int], size: int = 500) -> Iterable[list[int]]:
+    """Split a long id list so an IN (...) stays a sensible size."""
+    batch: list[int] = []
+    for task_id in ids:
+        batch.append(task_id)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

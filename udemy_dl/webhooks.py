@@ -1,0 +1,110 @@
+"""Webhooks to the payment service: Standard Webhooks signing, and delivery as its own retried job."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+from redis import Redis
+from rq import Retry
+from rq.exceptions import DuplicateJobError
+from standardwebhooks import Webhook
+
+from . import defaults
+from .connection import webhook_queue
+from .errors import ConfigError, WebhookDeliveryError
+from .settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+COMPLETED = "download.completed"
+FAILED = "download.failed"
+DELIVER_FUNCTION = "udemy_dl.webhooks.deliver_webhook"
+
+
+def generate_secret() -> str:
+    """A new API_SECRET_KEY: `whsec_` + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def event_id(task_id: int, event_type: str, finished_at: datetime) -> str:
+    """The webhook-id of one event: the same for every delivery attempt, different for each event."""
+    stamp = finished_at.strftime("%Y%m%dT%H%M%S%f")
+    return f"msg_{task_id}_{event_type.split('.')[-1]}_{stamp}"
+
+
+def build_event(event_type: str, data: dict[str, Any], at: datetime) -> dict[str, Any]:
+    return {
+        "type": event_type,
+        "timestamp": at.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z"),
+        "data": data,
+    }
+
+
+def sign_headers(secret: str, msg_id: str, body: str, now: datetime | None = None) -> dict[str, str]:
+    """The three Standard Webhooks headers for *body*, signed now."""
+    timestamp = now or datetime.now(UTC)
+    signature = Webhook(secret).sign(msg_id=msg_id, timestamp=timestamp, data=body)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(timestamp.timestamp())),
+        "webhook-signature": signature,
+        "Content-Type": "application/json",
+    }
+
+
+def enqueue_webhook(settings: Settings, connection: Redis, msg_id: str, event: dict[str, Any]) -> bool:
+    """Queue one delivery of *event*. The job id derives from *msg_id*, so an event is queued once.
+
+    Returns False when no WEBHOOK_URL is set or the event is already queued or delivered.
+    """
+    if not settings.webhook_url:
+        log.info("task %s: no WEBHOOK_URL, %s not sent", event["data"].get("taskId"), event["type"])
+        return False
+    body = json.dumps(event, separators=(",", ":"), sort_keys=True)
+    try:
+        webhook_queue(settings, connection).enqueue(
+            DELIVER_FUNCTION,
+            msg_id,
+            body,
+            job_id=f"webhook-{msg_id}",
+            unique=True,
+            retry=Retry(max=len(defaults.WEBHOOK_RETRY_INTERVALS), interval=list(defaults.WEBHOOK_RETRY_INTERVALS)),
+            job_timeout=defaults.WEBHOOK_JOB_TIMEOUT,
+            result_ttl=settings.result_ttl,
+            failure_ttl=settings.failure_ttl,
+            description=f"webhook {event['type']} task {event['data'].get('taskId')}",
+        )
+    except DuplicateJobError:
+        log.info("task %s: webhook %s already queued or sent", event["data"].get("taskId"), msg_id)
+        return False
+    return True
+
+
+def deliver_webhook(msg_id: str, body: str) -> dict[str, Any]:
+    """RQ job: POST one signed event to WEBHOOK_URL; anything but 2xx raises, so RQ retries later."""
+    settings = get_settings()
+    if not settings.webhook_url:
+        raise ConfigError("WEBHOOK_URL", "not set on this worker; cannot deliver")
+    if not settings.api_secret_key:
+        raise ConfigError("API_SECRET_KEY", "not set on this worker; cannot sign")
+    headers = sign_headers(settings.api_secret_key, msg_id, body)
+    try:
+        response = requests.post(
+            settings.webhook_url,
+            data=body.encode("utf-8"),
+            headers=headers,
+            timeout=(defaults.WEBHOOK_TIMEOUT, defaults.WEBHOOK_TIMEOUT),
+            allow_redirects=False,
+        )
+    except requests.RequestException as exc:
+        raise WebhookDeliveryError(f"webhook {msg_id}: {type(exc).__name__}") from exc
+    if not 200 <= response.status_code < 300:
+        raise WebhookDeliveryError(f"webhook {msg_id}: receiver answered HTTP {response.status_code}")
+    log.info("webhook %s delivered (HTTP %s)", msg_id, response.status_code)
+    return {"delivered": True, "webhookId": msg_id, "status": response.status_code}

@@ -1,0 +1,68 @@
+"""Process control: run one named RQ worker (start_workers.sh) or RQ's worker pool (systemd)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+
+from redis import Redis
+from rq import Worker
+from rq.worker_pool import WorkerPool
+
+from .connection import redis_connection, worker_queues
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_worker_name(index: int) -> str:
+    return f"udemy-dl.{socket.gethostname()}.{index}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def clear_stale_registration(connection: Redis, name: str) -> bool:
+    """Retire a registration left by a dead worker of the same name on this host, so the name can be reused.
+
+    RQ refuses to start a worker whose name is still registered; after a kill -9 the old key
+    lives until its TTL runs out (minutes). Only a registration from this host whose PID is gone
+    is retired; a live worker elsewhere keeps its name.
+    """
+    old = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=connection)
+    if old is None or old.hostname != socket.gethostname() or not old.pid or _pid_alive(old.pid):
+        return False
+    log.warning("worker %s: retiring the registration of dead pid %s", name, old.pid)
+    old.register_death()
+    return True
+
+
+def preload_job_modules() -> None:
+    """Import the job modules in the parent, so forked work horses do not import them per job."""
+    from . import webhooks, worker_rq  # noqa: F401
+
+
+def run_worker(settings: Settings, name: str, burst: bool = False, logging_level: str = "INFO") -> bool:
+    """Run one RQ worker (with the scheduler, so retry delays fire) until it is told to stop."""
+    settings.require_worker_ready()
+    preload_job_modules()
+    connection = redis_connection(settings)
+    clear_stale_registration(connection, name)
+    worker = Worker(worker_queues(settings, connection), connection=connection, name=name)
+    return worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)
+
+
+def run_pool(settings: Settings, count: int, logging_level: str = "INFO") -> None:
+    """Run RQ's worker pool: *count* workers, each replaced if it dies; SIGTERM stops them warmly."""
+    settings.require_worker_ready()
+    preload_job_modules()
+    connection = redis_connection(settings)
+    pool = WorkerPool(worker_queues(settings, connection), connection=connection, num_workers=count)
+    pool.start(logging_level=logging_level)

@@ -1,0 +1,237 @@
+"""The download job: validate, fetch into staging, verify, move into place, record, notify.
+
+This module orchestrates; SQL lives in store, HTTP in fetch, signing in webhooks, folders in
+storage. Every run may be a second run of the same task, so each step checks what is already
+done: a completed task is skipped, a finished folder is recorded rather than fetched again,
+and status changes name the status they expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from redis import Redis
+from rq import get_current_job
+from rq.job import Job
+
+from . import defaults
+from .connection import redis_connection
+from .errors import InvalidTaskError, PermanentError
+from .fetch import Fetcher
+from .settings import Settings, get_settings
+from .storage import final_path, keep_failed, promote, read_record, staging_path, write_record
+from .store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
+from .task import TaskData, parse_task, parse_task_id
+from .webhooks import COMPLETED as EVENT_COMPLETED
+from .webhooks import FAILED as EVENT_FAILED
+from .webhooks import build_event, enqueue_webhook, event_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What one process shares between the jobs it runs: settings, store, Redis, HTTP session."""
+
+    settings: Settings
+    store: TaskStore
+    redis: Redis
+    fetcher: Fetcher
+
+
+_context: Context | None = None
+
+
+def get_context() -> Context:
+    global _context
+    if _context is None:
+        settings = get_settings()
+        _context = Context(
+            settings=settings,
+            store=open_store(settings.require_database()),
+            redis=redis_connection(settings),
+            fetcher=Fetcher(settings.allowed_hosts, token=settings.content_token),
+        )
+    return _context
+
+
+@dataclass
+class ProgressReporter:
+    """Throttled progress: job.meta, download_tasks.progress and the log, about once a second."""
+
+    task_id: int
+    store: TaskStore
+    job: Job | None
+    interval: float = defaults.PROGRESS_INTERVAL
+    started: float = field(default_factory=time.monotonic)
+    _last: float = 0.0
+    _last_percent: int = -1
+
+    def __call__(self, done: int, total: int | None, files_done: int, files_total: int) -> None:
+        now = time.monotonic()
+        finished = files_done == files_total
+        if not finished and now - self._last < self.interval:
+            return
+        self._last = now
+        rate = done / max(now - self.started, 1e-6)
+        percent = int(done * 100 / total) if total else int(files_done * 100 / max(files_total, 1))
+        percent = min(percent, 99)  # 100 means completed, and only the final update says that
+        if self.job is not None:
+            self.job.meta["progress"] = {
+                "bytes": done,
+                "total": total,
+                "files": files_done,
+                "filesTotal": files_total,
+                "percent": percent,
+                "rate": round(rate),
+            }
+            self.job.save_meta()
+        if percent != self._last_percent:
+            self._last_percent = percent
+            self.store.set_progress(self.task_id, percent)
+        log.info(
+            "task %s: %s%% %s/%s bytes, %s/%s files, %.1f MB/s",
+            self.task_id,
+            percent,
+            done,
+            total if total is not None else "?",
+            files_done,
+            files_total,
+            rate / 1e6,
+        )
+
+
+def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
+    """RQ job: fetch one paid task's files and record the outcome. See the module docstring."""
+    ctx = get_context()
+    job = get_current_job()
+    try:
+        task = parse_task(task_data)
+    except InvalidTaskError as exc:
+        return _reject_bad_input(ctx, task_data, exc)
+    row = ctx.store.get(task.task_id)
+    if row is None:
+        log.error("task %s: no such row in download_tasks", task.task_id)
+        return {"success": False, "taskId": task.task_id, "error": "no such task"}
+    if row.status == COMPLETED:
+        log.info("task %s: already completed, nothing to do", task.task_id)
+        _notify(ctx, task, row, EVENT_COMPLETED)
+        return {"success": True, "taskId": task.task_id, "skipped": True, "outputPath": row.output_path}
+    if row.status == FAILED:
+        _notify(ctx, task, row, EVENT_FAILED)
+        return {"success": False, "taskId": task.task_id, "skipped": True, "error": row.error_message}
+    if row.status != PROCESSING:
+        log.warning("task %s: status is %s (not paid), not fetching", task.task_id, row.status)
+        return {"success": False, "taskId": task.task_id, "error": f"task is {row.status}, not processing"}
+
+    ctx.store.begin_attempt(task.task_id)
+    attempt = row.attempts + 1
+    log.info("task %s: attempt %s of %s: %s", task.task_id, attempt, ctx.settings.max_attempts, task.course_url)
+    try:
+        return _download(ctx, task, job)
+    except PermanentError as exc:
+        log.error("task %s: permanent error: %s", task.task_id, exc)
+        settle_failure(ctx, task, str(exc))
+        return {"success": False, "taskId": task.task_id, "error": str(exc)}
+    except Exception as exc:
+        if _is_last_attempt(job, attempt, ctx.settings):
+            log.error("task %s: attempt %s failed, no attempts left: %s", task.task_id, attempt, exc)
+            settle_failure(ctx, task, f"{type(exc).__name__}: {exc} (after {attempt} attempts)")
+        else:
+            log.warning("task %s: attempt %s failed, will retry: %s", task.task_id, attempt, exc)
+        raise
+
+
+def _download(ctx: Context, task: TaskData, job: Job | None) -> dict[str, Any]:
+    settings = ctx.settings
+    final = final_path(settings, task.task_id)
+    record = read_record(final) if final.is_dir() else None
+    if record is None:
+        staging = staging_path(settings, task.task_id)
+        reporter = ProgressReporter(task.task_id, ctx.store, job)
+        result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter)
+        record = result.record(task.course_url)
+        write_record(staging, record)
+        promote(staging, final)
+    else:
+        log.info("task %s: files already in place at %s, recording them", task.task_id, final)
+    finished_at = utcnow()
+    total = int(record.get("bytes", 0))
+    if ctx.store.mark_completed(task.task_id, str(final), total, finished_at):
+        log.info("task %s: completed, %s files, %s bytes in %s", task.task_id, len(record["files"]), total, final)
+        data = {
+            **task.to_payload(),
+            "status": COMPLETED,
+            "outputPath": str(final),
+            "bytes": total,
+            "files": len(record["files"]),
+            "title": record.get("title"),
+        }
+        _send(ctx, task.task_id, EVENT_COMPLETED, data, finished_at)
+    else:
+        log.warning("task %s: row was no longer processing; left as it is", task.task_id)
+    return {
+        "success": True,
+        "taskId": task.task_id,
+        "outputPath": str(final),
+        "bytes": total,
+        "files": len(record["files"]),
+    }
+
+
+def settle_failure(ctx: Context, task: TaskData, reason: str) -> None:
+    """Last word on a task that cannot succeed: keep its files aside, mark it failed, tell the payment service."""
+    kept = keep_failed(ctx.settings, task.task_id, staging_path(ctx.settings, task.task_id), reason)
+    finished_at = utcnow()
+    if ctx.store.mark_failed(task.task_id, reason, str(kept), finished_at):
+        data = {**task.to_payload(), "status": FAILED, "error": reason, "failedPath": str(kept)}
+        _send(ctx, task.task_id, EVENT_FAILED, data, finished_at)
+    else:
+        log.warning("task %s: row was no longer processing; failure not recorded", task.task_id)
+
+
+def _reject_bad_input(ctx: Context, task_data: object, exc: InvalidTaskError) -> dict[str, Any]:
+    """Bad input is permanent: mark the row failed if there is one, never retry."""
+    raw_id = task_data.get("taskId") if isinstance(task_data, dict) else None
+    try:
+        task_id = parse_task_id(raw_id)
+    except InvalidTaskError:
+        log.error("bad task data, no usable taskId: %s", exc)
+        return {"success": False, "taskId": raw_id, "error": str(exc)}
+    log.error("task %s: bad task data: %s", task_id, exc)
+    row = ctx.store.get(task_id)
+    if row is not None and row.status == PROCESSING:
+        task = TaskData(task_id=task_id, email=row.email, course_url=row.course_url)
+        settle_failure(ctx, task, f"bad task data: {exc}")
+    return {"success": False, "taskId": task_id, "error": str(exc)}
+
+
+def _notify(ctx: Context, task: TaskData, row: TaskRow, event_type: str) -> None:
+    """Re-queue the event of a task already settled: a run that died after the status change but
+    before queuing its webhook must not leave the payment service uninformed. Queued once per id."""
+    if row.finished_at is None:
+        return
+    data: dict[str, Any] = {**task.to_payload(), "status": row.status}
+    if row.status == COMPLETED:
+        data.update(outputPath=row.output_path, bytes=row.bytes)
+    else:
+        data.update(error=row.error_message, failedPath=row.output_path)
+    _send(ctx, task.task_id, event_type, data, row.finished_at)
+
+
+def _send(ctx: Context, task_id: int, event_type: str, data: dict[str, Any], finished_at: datetime) -> None:
+    """Queue the event. If Redis refuses, the job fails and its retry finds the row settled and
+    queues the event then (see _notify): the status change is never undone, the event never lost."""
+    enqueue_webhook(
+        ctx.settings, ctx.redis, event_id(task_id, event_type, finished_at), build_event(event_type, data, finished_at)
+    )
+
+
+def _is_last_attempt(job: Job | None, attempt: int, settings: Settings) -> bool:
+    if attempt >= settings.max_attempts:
+        return True
+    return job is None or not job.retries_left
