@@ -59,6 +59,15 @@ def get_context() -> Context:
     return _context
 
 
+def reset_context() -> None:
+    """Forget the process's settings and connections (tests change the environment between jobs)."""
+    global _context
+    if _context is not None:
+        _context.store.close()
+    _context = None
+    get_settings.cache_clear()
+
+
 @dataclass
 class ProgressReporter:
     """Throttled progress: job.meta, download_tasks.progress and the log, about once a second."""
