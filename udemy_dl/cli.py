@@ -110,16 +110,8 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    from .store import PROCESSING
-
-    producer = _producer(settings)
-    rows = producer.store.rows_with_status(PROCESSING)
-    requeued = []
-    for row in rows:
-        if producer.live_job(row.id) is None:
-            producer.add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
-            requeued.append(row.id)
-    print(f"{len(rows)} task(s) processing, {len(requeued)} re-enqueued: {requeued or '-'}")
+    processing, requeued = _producer(settings).reconcile()
+    print(f"{processing} task(s) processing, {len(requeued)} re-enqueued: {requeued or '-'}")
     return RET_OK
 
 
@@ -144,6 +136,22 @@ def cmd_gen_secret(settings: Settings, args: argparse.Namespace) -> int:
     from .webhooks import generate_secret
 
     print(generate_secret())
+    return RET_OK
+
+
+def cmd_shell_settings(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the settings the shell scripts need, as shell assignments (validated, .env applied)."""
+    import shlex
+
+    values = {
+        "WORKER_COUNT": settings.worker_count,
+        "STOP_TIMEOUT": settings.stop_timeout,
+        "PID_DIR": settings.pid_dir,
+        "LOG_DIR": settings.log_dir,
+        "QUEUE_NAME": settings.queue_name,
+    }
+    for key, value in values.items():
+        print(f"{key}={shlex.quote(str(value))}")
     return RET_OK
 
 
@@ -199,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gen-secret", help="print a new API_SECRET_KEY (whsec_…)")
     p.set_defaults(func=cmd_gen_secret)
+
+    p = sub.add_parser("shell-settings", help="print the settings the shell scripts use, as shell assignments")
+    p.set_defaults(func=cmd_shell_settings)
 
     p = sub.add_parser("worker", help="run one RQ worker (start_workers.sh runs these)")
     p.add_argument("--name", help="worker name shown by rq info (default: udemy-dl.<host>.1)")

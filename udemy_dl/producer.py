@@ -33,11 +33,12 @@ from .errors import InvalidTaskError, TransientError
 from .settings import Settings, get_settings
 from .store import FAILED, PROCESSING, TaskStore, open_store, utcnow
 from .task import TaskData, parse_task, parse_task_id
+from .worker import worker_is_alive
 
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "udemy_dl.worker_rq.process_download"
-LIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED})
+WAITING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
 
 
 def job_id_for(task_id: int) -> str:
@@ -86,13 +87,20 @@ class Producer:
             self._store = open_store(self.settings.require_database())
         return self._store
 
+    def job_is_live(self, job: Job) -> bool:
+        """Queued, scheduled or deferred; or started by a worker that is still alive."""
+        status = job.get_status(refresh=False)
+        if status in WAITING_STATUSES:
+            return True
+        return status == JobStatus.STARTED and worker_is_alive(self.connection, job.worker_name)
+
     def live_job(self, task_id: int) -> Job | None:
-        """The task's job if it is queued, scheduled, started or deferred; else None."""
+        """The task's job if it is live (see job_is_live); else None."""
         try:
             job = Job.fetch(job_id_for(task_id), connection=self.connection)
         except NoSuchJobError:
             return None
-        return job if job.get_status(refresh=False) in LIVE_STATUSES else None
+        return job if self.job_is_live(job) else None
 
     def add_download_job(self, task_data: Mapping[str, Any] | TaskData) -> EnqueueResult:
         """Enqueue *task_data* once: an existing live job for the same taskId is returned instead."""
@@ -111,10 +119,11 @@ class Producer:
                     existing = None
                 if existing is not None:
                     status = existing.get_status(refresh=False)
-                    if status in LIVE_STATUSES:
+                    if self.job_is_live(existing):
                         log.info("task %s: job %s already %s", task.task_id, job_id, status)
                         return EnqueueResult(existing, created=False)
-                    # Finished or failed: its record makes way for the new run.
+                    # Finished, failed, or started by a dead worker: its record makes way for the new run.
+                    log.info("task %s: job %s was %s, enqueuing anew", task.task_id, job_id, status)
                     existing.delete(remove_from_queue=True)
                 retries = retry_intervals(self.settings)
                 job = self.queue.enqueue(
@@ -164,6 +173,21 @@ class Producer:
                     continue
                 (result.enqueued if outcome.created else result.already_queued).append(task_id)
         return result
+
+    def reconcile(self) -> tuple[int, list[int]]:
+        """Re-enqueue every `processing` task that has no live job (lost push, Redis restart, dead worker).
+
+        One SELECT per sweep; safe to run on several hosts at once (enqueue is deduplicated).
+        Returns (tasks processing, task ids re-enqueued).
+        """
+        rows = self.store.rows_with_status(PROCESSING)
+        requeued = []
+        for row in rows:
+            if self.live_job(row.id) is None:
+                outcome = self.add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
+                if outcome.created:
+                    requeued.append(row.id)
+        return len(rows), requeued
 
     def requeue_failed(self, task_ids: Iterable[int] | None = None) -> ConfirmResult:
         """Operator's retry: `failed` rows (all, or those named) go back to `processing` and are enqueued."""

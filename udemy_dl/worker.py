@@ -29,6 +29,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def worker_is_alive(connection: Redis, name: str | None) -> bool:
+    """True while worker *name* is registered, not marked dead, and (on this host) its process exists.
+
+    A worker killed with SIGKILL keeps its key until the TTL runs out; on its own host the PID
+    check sees through that at once. On other hosts the key's TTL (heartbeat) decides.
+    """
+    if not name:
+        return False
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=connection)
+    if worker is None or worker.death_date is not None:
+        return False
+    if worker.hostname == socket.gethostname() and worker.pid and not _pid_alive(worker.pid):
+        return False
+    return True
+
+
 def clear_stale_registration(connection: Redis, name: str) -> bool:
     """Retire a registration left by a dead worker of the same name on this host, so the name can be reused.
 

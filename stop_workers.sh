@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Stop the workers start_workers.sh started: SIGTERM (RQ's warm shutdown lets the current job
+# finish), wait up to STOP_TIMEOUT seconds, then SIGKILL each worker left and its work horse.
+# PID files are removed. A task cut short stays 'processing' and is re-queued on the next start.
+set -euo pipefail
+
+readonly RET_OK=0
+readonly RET_NO_BINARY=2
+readonly RET_CONFIG=3
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+UDEMY_DL="${UDEMY_DL_BIN:-$PWD/.venv/bin/udemy-dl}"
+if [[ ! -x "$UDEMY_DL" ]]; then
+  UDEMY_DL="$(command -v udemy-dl || true)"
+fi
+if [[ -z "$UDEMY_DL" ]]; then
+  echo "stop_workers.sh: udemy-dl not found (set UDEMY_DL_BIN)" >&2
+  exit "$RET_NO_BINARY"
+fi
+if ! settings="$("$UDEMY_DL" shell-settings)"; then
+  exit "$RET_CONFIG"
+fi
+eval "$settings"
+
+shopt -s nullglob
+pid_files=("$PID_DIR"/rq_worker_*.pid)
+if ((${#pid_files[@]} == 0)); then
+  echo "no workers running (no PID files in $PID_DIR)"
+  exit "$RET_OK"
+fi
+
+pids=()
+for pid_file in "${pid_files[@]}"; do
+  pid="$(cat "$pid_file" 2>/dev/null || true)"
+  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    pids+=("$pid")
+  fi
+done
+echo "sent SIGTERM to ${#pids[@]} worker(s), waiting up to ${STOP_TIMEOUT}s"
+
+running() {  # running PID: the process exists and is not a zombie waiting to be reaped
+  local state
+  state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+  [[ -n "$state" && "$state" != "Z" ]]
+}
+
+alive() {
+  local pid
+  for pid in "${pids[@]}"; do
+    running "$pid" && return 0
+  done
+  return 1
+}
+
+# Keep a second back so that the SIGKILL, too, happens within STOP_TIMEOUT.
+deadline=$((SECONDS + (STOP_TIMEOUT > 1 ? STOP_TIMEOUT - 1 : 1)))
+while ((${#pids[@]})) && alive && ((SECONDS < deadline)); do
+  sleep 0.2
+done
+
+for pid in "${pids[@]}"; do
+  if running "$pid"; then
+    # The work horse runs in its own process group: kill it (and what it started) first.
+    for horse in $(pgrep -P "$pid" || true); do
+      kill -KILL -- "-$horse" 2>/dev/null || kill -KILL "$horse" 2>/dev/null || true
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    echo "worker pid $pid did not stop in time: killed"
+  fi
+done
+for pid in "${pids[@]}"; do
+  while running "$pid"; do sleep 0.05; done
+done
+rm -f "${pid_files[@]}"
+echo "all workers stopped"
+exit "$RET_OK"
