@@ -67,3 +67,15 @@ STAGING_DIRNAME = ".staging"
 
 PROGRESS_INTERVAL = 1.0
 """Seconds between progress writes (job.meta, database, log)."""
+
+FETCH_CONCURRENCY = 4
+"""Files of one manifest fetched at the same time."""
+
+MAX_TASK_BYTES = 50 * 1024**3
+"""Largest course one task may fetch (bytes, 50 GiB); 0 means no limit."""
+
+DISK_HEADROOM = 256 * 1024 * 1024
+"""Bytes kept free on the download disk beyond what a task needs."""
+
+RECONCILE_INTERVAL = 300
+"""Seconds between reconciler sweeps while workers run."""

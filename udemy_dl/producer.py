@@ -31,9 +31,11 @@ from . import defaults
 from .connection import download_queue, redis_connection, webhook_queue
 from .errors import InvalidTaskError, TransientError
 from .settings import Settings, get_settings
-from .store import FAILED, PROCESSING, TaskStore, open_store, utcnow
+from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
 from .task import TaskData, parse_task, parse_task_id
-from .worker import worker_is_alive
+from .webhooks import FAILED as EVENT_FAILED
+from .webhooks import build_event, enqueue_webhook, event_id
+from .worker import worker_is_running
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class Producer:
         status = job.get_status(refresh=False)
         if status in WAITING_STATUSES:
             return True
-        return status == JobStatus.STARTED and worker_is_alive(self.connection, job.worker_name)
+        return status == JobStatus.STARTED and worker_is_running(self.connection, job.worker_name, job.id)
 
     def live_job(self, task_id: int) -> Job | None:
         """The task's job if it is live (see job_is_live); else None."""
@@ -167,12 +169,29 @@ class Producer:
                 try:
                     outcome = self.add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
                 except InvalidTaskError as exc:
-                    # Enqueue anyway is pointless; the job would fail the same way. Record it now.
-                    self.store.mark_failed(row.id, str(exc), None, utcnow())
+                    # A job would fail the same way: record the failure now and tell the payment service.
+                    self._fail_unrunnable(row, f"bad task data: {exc}")
                     result.refused.append({"taskId": task_id, "reason": str(exc)})
                     continue
                 (result.enqueued if outcome.created else result.already_queued).append(task_id)
         return result
+
+    def _fail_unrunnable(self, row: TaskRow, reason: str) -> None:
+        finished_at = utcnow()
+        if self.store.mark_failed(row.id, reason, None, finished_at):
+            data = {
+                "taskId": row.id,
+                "email": row.email,
+                "courseUrl": row.course_url,
+                "status": FAILED,
+                "error": reason,
+            }
+            enqueue_webhook(
+                self.settings,
+                self.connection,
+                event_id(row.id, EVENT_FAILED, finished_at),
+                build_event(EVENT_FAILED, data, finished_at),
+            )
 
     def reconcile(self) -> tuple[int, list[int]]:
         """Re-enqueue every `processing` task that has no live job (lost push, Redis restart, dead worker).

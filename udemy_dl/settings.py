@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -52,6 +53,10 @@ class Settings:
     result_ttl: int = defaults.RESULT_TTL
     failure_ttl: int = defaults.FAILURE_TTL
     stop_timeout: int = defaults.STOP_TIMEOUT
+    fetch_concurrency: int = defaults.FETCH_CONCURRENCY
+    max_task_bytes: int = defaults.MAX_TASK_BYTES
+    fetch_command: tuple[str, ...] | None = None
+    reconcile_interval: int = defaults.RECONCILE_INTERVAL
 
     @property
     def redis_url_redacted(self) -> str:
@@ -177,6 +182,23 @@ def _path(env: Mapping[str, str | None], variable: str, default: str) -> Path:
     return Path(_get(env, variable) or default).expanduser().absolute()
 
 
+def _command(env: Mapping[str, str | None], variable: str) -> tuple[str, ...] | None:
+    """An argument list (shell-style quoting, never run through a shell) with {url} and {dest}."""
+    raw = _get(env, variable)
+    if raw is None:
+        return None
+    try:
+        argv = tuple(shlex.split(raw))
+    except ValueError as exc:
+        raise ConfigError(variable, f"cannot split into arguments: {exc}") from None
+    if not argv:
+        raise ConfigError(variable, "empty command")
+    joined = " ".join(argv)
+    if "{url}" not in joined or "{dest}" not in joined:
+        raise ConfigError(variable, f"must contain the placeholders {{url}} and {{dest}}, got {raw!r}")
+    return argv
+
+
 def _name(env: Mapping[str, str | None], variable: str, default: str) -> str:
     value = _get(env, variable) or default
     if not value.replace("-", "").replace("_", "").isalnum():
@@ -209,6 +231,10 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         result_ttl=_int(env, "RESULT_TTL", defaults.RESULT_TTL),
         failure_ttl=_int(env, "FAILURE_TTL", defaults.FAILURE_TTL),
         stop_timeout=_int(env, "STOP_TIMEOUT", defaults.STOP_TIMEOUT, minimum=1),
+        fetch_concurrency=_int(env, "FETCH_CONCURRENCY", defaults.FETCH_CONCURRENCY, minimum=1),
+        max_task_bytes=_int(env, "MAX_TASK_BYTES", defaults.MAX_TASK_BYTES),
+        fetch_command=_command(env, "FETCH_COMMAND"),
+        reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.RECONCILE_INTERVAL, minimum=0),
     )
 
 

@@ -29,11 +29,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def worker_is_alive(connection: Redis, name: str | None) -> bool:
-    """True while worker *name* is registered, not marked dead, and (on this host) its process exists.
+def worker_is_running(connection: Redis, name: str | None, job_id: str) -> bool:
+    """True while worker *name* is registered, alive, and busy with *job_id*.
 
     A worker killed with SIGKILL keeps its key until the TTL runs out; on its own host the PID
-    check sees through that at once. On other hosts the key's TTL (heartbeat) decides.
+    check sees through that at once. On other hosts the key's TTL (heartbeat) decides. A new
+    worker that reuses a dead one's name is not busy with the dead one's job.
     """
     if not name:
         return False
@@ -42,7 +43,7 @@ def worker_is_alive(connection: Redis, name: str | None) -> bool:
         return False
     if worker.hostname == socket.gethostname() and worker.pid and not _pid_alive(worker.pid):
         return False
-    return True
+    return worker.get_current_job_id() == job_id
 
 
 def clear_stale_registration(connection: Redis, name: str) -> bool:

@@ -1,0 +1,380 @@
+"""Shared fixtures: real Redis (DB 15) and MariaDB (`udemy_dl_test`), local origin and receiver, isolated settings.
+
+A missing Redis or MariaDB skips the tests that need it with the reason shown, except under
+CI=true, where it is a failure. Every test runs in its own empty folder with the service's
+settings variables cleared, so neither the caller's environment nor a `.env` in the checkout
+can leak in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import pytest
+from redis import Redis
+from rq import Worker
+
+from udemy_dl import producer, worker_rq
+from udemy_dl.connection import worker_queues
+from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from udemy_dl.settings import Settings, get_settings
+from udemy_dl.store import MySQLStore, SQLiteStore, TaskStore
+from udemy_dl.webhooks import generate_secret
+
+T = TypeVar("T")
+
+REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+"""Redis database the tests own: flushed before and after every test that uses it."""
+
+MYSQL_HOST = "127.0.0.1"
+MYSQL_PORT = 3306
+MYSQL_USER = "root"
+MYSQL_TEST_DB = "udemy_dl_test"
+MYSQL_TEST_URL = f"mysql://{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_TEST_DB}"
+
+SETTING_VARIABLES = (
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_PASSWORD",
+    "REDIS_DB",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USER",
+    "DB_PASSWORD",
+    "DB_NAME",
+    "DATABASE_URL",
+    "API_SECRET_KEY",
+    "WEBHOOK_URL",
+    "CONTENT_TOKEN",
+    "ALLOWED_HOSTS",
+    "DOWNLOAD_DIR",
+    "FAILED_DIR",
+    "LOG_DIR",
+    "PID_DIR",
+    "WORKER_COUNT",
+    "QUEUE_NAME",
+    "MAX_ATTEMPTS",
+    "RETRY_DELAY",
+    "JOB_TIMEOUT",
+    "RESULT_TTL",
+    "FAILURE_TTL",
+    "STOP_TIMEOUT",
+)
+"""Every variable the service reads; cleared before each test."""
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def service_unavailable(service: str, detail: str) -> NoReturn:
+    """Skip (laptop) or fail (CI=true) because *service* cannot be reached."""
+    message = f"{service} not reachable: {detail}"
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: a missing service is a failure)", pytrace=False)
+    pytest.skip(f"{message} (start it, or run with CI=true to make this a failure)")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+    """Poll *predicate* until it returns something truthy, and return that; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what or predicate!r}")
+        time.sleep(interval)
+
+
+def reset_process_state() -> None:
+    """Forget cached settings, the job context and the module-level producer."""
+    producer.close()
+    worker_rq.reset_context()
+
+
+def cli_command() -> list[str]:
+    """The installed `udemy-dl` script next to this interpreter, or `python -m udemy_dl`."""
+    script = Path(sys.executable).with_name("udemy-dl")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "udemy_dl"]
+
+
+def run_burst_worker(connection: Redis, settings: Settings) -> bool:
+    """Run a real (forking) RQ worker in this process until its queues are empty.
+
+    With the scheduler, so retries whose delay has passed are enqueued first. RQ installs its
+    own SIGINT/SIGTERM handlers; pytest's are put back afterwards.
+    """
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker = Worker(
+            worker_queues(settings, connection),
+            connection=connection,
+            name=f"test-inproc-{uuid.uuid4().hex[:8]}",
+        )
+        return bool(worker.work(burst=True, with_scheduler=True, logging_level="WARNING"))
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+# -- environment --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """Clear the service's variables, point folders into tmp_path, use Redis DB 15, run in tmp_path."""
+    for name in SETTING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REDIS_URL", REDIS_TEST_URL)
+    for variable, folder in (
+        ("DOWNLOAD_DIR", "downloads"),
+        ("FAILED_DIR", "failed"),
+        ("LOG_DIR", "logs"),
+        ("PID_DIR", "run"),
+    ):
+        monkeypatch.setenv(variable, str(tmp_path / folder))
+    monkeypatch.chdir(tmp_path)
+    reset_process_state()
+    yield tmp_path
+    reset_process_state()
+
+
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Settings]:
+    """Set environment variables for this test and return the settings the job code will now see."""
+
+    def apply(**variables: str) -> Settings:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        reset_process_state()
+        return get_settings()
+
+    return apply
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    connection = Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        connection.ping()
+    except Exception as exc:
+        service_unavailable("Redis", f"{REDIS_TEST_URL}: {type(exc).__name__}: {exc}")
+    finally:
+        connection.close()
+    return REDIS_TEST_URL
+
+
+@pytest.fixture
+def redis_conn(redis_url: str) -> Iterator[Redis]:
+    """A client on Redis DB 15, flushed before and after the test."""
+    connection = Redis.from_url(redis_url)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+    connection.close()
+
+
+# -- MariaDB / SQLite ---------------------------------------------------------------------------
+
+
+def mysql_admin(statement: str) -> None:
+    """Run one statement as the MariaDB root user (no database selected)."""
+    import mysql.connector
+
+    conn = mysql.connector.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password="", connection_timeout=5, autocommit=True
+    )
+    try:
+        cursor = conn.cursor()
+        cursor.execute(statement)
+        cursor.close()
+    finally:
+        conn.close()
+
+
+def mysql_query(statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run one query in the test database and return its rows."""
+    import mysql.connector
+
+    conn = mysql.connector.connect(
+        host=MYSQL_HOST,
+        port=MYSQL_PORT,
+        user=MYSQL_USER,
+        password="",
+        database=MYSQL_TEST_DB,
+        connection_timeout=5,
+        autocommit=True,
+    )
+    try:
+        cursor = conn.cursor()
+        cursor.execute(statement, params)
+        rows = list(cursor.fetchall()) if cursor.description else []
+        cursor.close()
+        return rows  # type: ignore[return-value]
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> str:
+    """The test database `udemy_dl_test`, created once per session."""
+    try:
+        mysql_admin(f"CREATE DATABASE IF NOT EXISTS {MYSQL_TEST_DB} CHARACTER SET utf8mb4")
+    except Exception as exc:
+        service_unavailable("MariaDB", f"{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}: {type(exc).__name__}: {exc}")
+    return MYSQL_TEST_URL
+
+
+def drop_tasks_table() -> None:
+    mysql_admin(f"DROP TABLE IF EXISTS {MYSQL_TEST_DB}.download_tasks")
+
+
+@pytest.fixture
+def mysql_store(mysql_url: str) -> Iterator[MySQLStore]:
+    """A MySQLStore on a freshly created download_tasks table."""
+    drop_tasks_table()
+    store = MySQLStore(mysql_url)
+    store.init_schema()
+    yield store
+    store.close()
+    drop_tasks_table()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "x.db")
+    store.init_schema()
+    yield store
+    store.close()
+
+
+@dataclass
+class Backend:
+    """One status store under test, with the DATABASE_URL that names it."""
+
+    name: str
+    url: str
+    store: TaskStore
+
+
+@pytest.fixture(params=["mysql", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each shared behaviour runs against MariaDB and against SQLite."""
+    if request.param == "mysql":
+        store: TaskStore = request.getfixturevalue("mysql_store")
+        return Backend("mysql", MYSQL_TEST_URL, store)
+    sqlite: SQLiteStore = request.getfixturevalue("sqlite_store")
+    return Backend("sqlite", f"sqlite:///{sqlite.path}", sqlite)
+
+
+# -- local HTTP servers -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[ContentOrigin]:
+    server = ContentOrigin(tmp_path / "origin-root")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def other_origin(tmp_path: Path) -> Iterator[ContentOrigin]:
+    """A second origin, on a port ALLOWED_HOSTS does not list."""
+    server = ContentOrigin(tmp_path / "other-root")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def webhook_secret() -> str:
+    return generate_secret()
+
+
+@pytest.fixture
+def receiver(webhook_secret: str) -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver(webhook_secret)
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- worker processes ---------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """A `udemy-dl worker` subprocess started by a test."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log: Any = field(default=None, repr=False)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for a burst worker to finish; return its exit code."""
+        return self.process.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL to its process group if it does not go."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, redis_conn: Redis) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real forking workers (`udemy-dl worker`) with this test's environment; stopped at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(burst: bool = False) -> WorkerProcess:
+        name = f"test-{uuid.uuid4().hex[:8]}"
+        log_path = tmp_path / f"{name}.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - closed by WorkerProcess.stop
+        command = [*cli_command(), "--log-level", "DEBUG", "worker", "--name", name]
+        if burst:
+            command.append("--burst")
+        process = subprocess.Popen(
+            command,
+            env=dict(os.environ),
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        worker = WorkerProcess(name, process, log_path, log)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
