@@ -120,7 +120,7 @@ def cmd_requeue_failed(settings: Settings, args: argparse.Namespace) -> int:
     print(f"re-enqueued: {result.enqueued or '-'}")
     for item in result.refused:
         print(f"refused: task {item['taskId']}: {item['reason']}")
-    return RET_OK
+    return RET_OK if not result.refused else RET_ERROR
 
 
 def cmd_db_init(settings: Settings, args: argparse.Namespace) -> int:
