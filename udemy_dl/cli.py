@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ from . import __version__
 from .errors import ConfigError, StoreError, UdemyDlError
 from .logs import setup_logging
 from .settings import Settings, load_settings
+
+STATUS_ORDER = ("pending", "enrolled", "processing", "completed", "failed")
 
 RET_OK = 0
 RET_ERROR = 1
@@ -52,29 +55,78 @@ def _bar(percent: int, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {percent:3d}%"
 
 
-def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+def _human(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def _collect_stats(settings: Settings) -> dict[str, Any]:
+    from .producer import job_id_for
+
     producer = _producer(settings)
     stats: dict[str, Any] = {"queue": producer.get_queue_stats()}
     try:
         stats["tasks"] = producer.store.count_by_status()
-        running = producer.store.rows_with_status("processing", limit=50)
-        stats["running"] = [{"taskId": r.id, "progress": r.progress, "attempts": r.attempts} for r in running]
+        running = []
+        for row in producer.store.rows_with_status("processing", limit=50):
+            item: dict[str, Any] = {"taskId": row.id, "progress": row.progress, "attempts": row.attempts}
+            job = producer.fetch_job(job_id_for(row.id))
+            if job is not None:
+                item["job"] = job.get_status(refresh=False)
+                item.update(job.meta.get("progress") or {})
+            running.append(item)
+        stats["running"] = running
     except (ConfigError, StoreError) as exc:
         stats["tasks_error"] = str(exc)
+    return stats
+
+
+def _render_stats(settings: Settings, stats: dict[str, Any]) -> str:
+    lines = [f"queue {settings.queue_name!r} on {settings.redis_url_redacted}"]
+    lines += [f"  {key:<17} {value}" for key, value in stats["queue"].items()]
+    if "tasks" not in stats:
+        lines.append(f"tasks: unavailable ({stats['tasks_error']})")
+        return "\n".join(lines)
+    lines.append(f"tasks in {settings.database_url_redacted}")
+    lines += [f"  {key:<17} {stats['tasks'].get(key, 0)}" for key in STATUS_ORDER]
+    if stats["running"]:
+        lines.append("running")
+    for item in stats["running"]:
+        percent = int(item.get("percent", item["progress"]))
+        detail = f"attempt {item['attempts']}, job {item.get('job', 'none')}"
+        if "bytes" in item:
+            total = _human(item["total"]) if item.get("total") else "?"
+            detail += f", {_human(item['bytes'])} of {total}, files {item['files']}/{item['filesTotal']}"
+            detail += f", {_human(item.get('rate', 0))}/s"
+        lines.append(f"  task {item['taskId']:<8} {_bar(percent)}  {detail}")
+    return "\n".join(lines)
+
+
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    stats = _collect_stats(settings)
     if args.json:
         print(json.dumps(stats, default=str))
-        return RET_OK
-    print(f"queue {settings.queue_name!r} on {settings.redis_url_redacted}")
-    for key, value in stats["queue"].items():
-        print(f"  {key:<17} {value}")
-    if "tasks" in stats:
-        print(f"tasks in {settings.database_url_redacted}")
-        for key in ("pending", "enrolled", "processing", "completed", "failed"):
-            print(f"  {key:<17} {stats['tasks'].get(key, 0)}")
-        for item in stats["running"]:
-            print(f"  task {item['taskId']:<8} {_bar(item['progress'])}  attempt {item['attempts']}")
     else:
-        print(f"tasks: unavailable ({stats['tasks_error']})")
+        print(_render_stats(settings, stats))
+    return RET_OK
+
+
+def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
+    """`stats`, refreshed every --interval seconds until Ctrl-C (or --count refreshes)."""
+    shown = 0
+    try:
+        while args.count is None or shown < args.count:
+            screen = _render_stats(settings, _collect_stats(settings))
+            clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+            print(f"{clear}{time.strftime('%H:%M:%S')}  (Ctrl-C to quit)\n{screen}", flush=True)
+            shown += 1
+            if args.count is None or shown < args.count:
+                time.sleep(args.interval)  # the refresh period of a display, not a synchronisation
+    except KeyboardInterrupt:
+        pass
     return RET_OK
 
 
@@ -189,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="queue counts, task counts and running tasks")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("watch", help="stats with a progress bar per running task, refreshed until Ctrl-C")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--count", type=int, help="stop after this many refreshes")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("health", help="exit 0 when Redis, the database and workers are up; else name what is not")
     p.set_defaults(func=cmd_health)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -101,7 +103,22 @@ class ContentOrigin(_Background):
         self.failures: dict[str, int] = {}
         self.requests = RequestLog()
         self.lock = threading.Lock()
+        self.ignore_range = False
+        """When set, Range headers are ignored and every file is sent whole (200)."""
+        self.throttle: float | None = None
+        """Bytes per second per response, to make transfers slow enough to interrupt."""
+        self.truncate: dict[str, int] = {}
+        """path -> bytes after which the connection is cut (Content-Length still announces the whole)."""
+        self.redirects: dict[str, str] = {}
+        """path -> Location answered with a 302."""
+        self.padding: dict[str, int] = {}
+        """path -> extra bytes appended to the file's body (more than the manifest declares)."""
+        self.bytes_sent: dict[str, int] = {}
         super().__init__(_OriginHandler, port=port)
+
+    def count_sent(self, path: str, count: int) -> None:
+        with self.lock:
+            self.bytes_sent[path] = self.bytes_sent.get(path, 0) + count
 
     def add_course(self, slug: str, files: dict[str, int], with_checksums: bool = True) -> str:
         """Create a course of files (path -> size) and return its manifest URL."""
@@ -152,13 +169,19 @@ class _OriginHandler(BaseHTTPRequestHandler):
         if origin._take_failure(path):
             self._send(500, b"injected failure\n", "text/plain")
             return
+        if path in origin.redirects:
+            self.send_response(302)
+            self.send_header("Location", origin.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if path in origin.manifests:
             self._send(200, json.dumps(origin.manifests[path]).encode(), "application/json")
             return
         if path.startswith("/files/"):
             target = (origin.root / path.lstrip("/")).resolve()
             if origin.root.resolve() in target.parents and target.is_file():
-                self._send_file(target)
+                self._send_file(path, target)
                 return
         self._send(404, b"not found\n", "text/plain")
 
@@ -169,18 +192,60 @@ class _OriginHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _send_file(self, target: Path) -> None:
-        size = target.stat().st_size
-        self.send_response(200)
+    def _send_file(self, path: str, target: Path) -> None:
+        origin = self.origin
+        stat = target.stat()
+        padding = origin.padding.get(path, 0)
+        size = stat.st_size + padding
+        etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+        start = 0
+        range_header = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
+        if match and not origin.ignore_range and (if_range is None or if_range == etag):
+            start = int(match.group(1))
+            if start >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        else:
+            self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(size))
+        self.send_header("Content-Length", str(size - start))
+        self.send_header("ETag", etag)
+        self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
+        cut = origin.truncate.get(path)
+        position = start
+        chunk_size = 256 * 1024
+        started = time.monotonic()
+        sent = 0
         with open(target, "rb") as handle:
-            while chunk := handle.read(1024 * 1024):
+            handle.seek(min(start, stat.st_size))
+            while position < size:
+                if cut is not None and position >= cut:
+                    self.close_connection = True
+                    return
+                want = chunk_size if cut is None else min(chunk_size, cut - position)
+                chunk = handle.read(want) if position < stat.st_size else b""
+                if not chunk:
+                    chunk = b"\0" * min(want, size - position)
                 try:
                     self.wfile.write(chunk)
                 except (BrokenPipeError, ConnectionResetError):
                     return
+                finally:
+                    origin.count_sent(path, len(chunk))
+                position += len(chunk)
+                sent += len(chunk)
+                if origin.throttle:
+                    ahead = sent / origin.throttle - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)  # pacing the transfer rate, not synchronisation
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,10 @@ class OriginRefusedError(PermanentError):
     """Raised when the origin answers 4xx (not 408/429): the content is not there for us."""
 
 
+class TooLargeError(PermanentError):
+    """Raised when a course exceeds MAX_TASK_BYTES or could never fit on the download disk."""
+
+
 class TransientError(UdemyDlError):
     """Raised when a later attempt may succeed: the job is retried."""
 
@@ -49,6 +53,14 @@ class FetchError(TransientError):
 
 class IntegrityError(TransientError):
     """Raised when a fetched file's size or sha256 differs from the manifest."""
+
+
+class NoSpaceError(TransientError):
+    """Raised when the download disk lacks room now; a later attempt may find it."""
+
+
+class CommandError(TransientError):
+    """Raised when the operator's FETCH_COMMAND exits non-zero or times out."""
 
 
 class StoreError(TransientError):

@@ -1,4 +1,11 @@
-"""Fetching a course from the content origin: a JSON manifest of files, or one file, over HTTP(S)."""
+"""Fetching a course from the content origin: a JSON manifest of files, or one file, over HTTP(S).
+
+Files stream to disk in large chunks over pooled connections, several at a time, hashed as they
+arrive. Partial data lives in the staging folder's `.parts/` and survives retries and restarts:
+an interrupted file continues with a validated Range request, and a file already complete and
+verified is never fetched again. Every connection is checked against ALLOWED_HOSTS, on the URL
+and on the address actually connected to.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,37 @@ import json
 import logging
 import os
 import re
+import shutil
+import threading
 from collections.abc import Callable, Collection
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import defaults
-from .errors import BadManifestError, FetchError, IntegrityError, OriginRefusedError, UnsafePathError
-from .safety import check_url_allowed, join_inside, safe_filename, safe_relative_path
+from .errors import (
+    BadManifestError,
+    FetchError,
+    IntegrityError,
+    NoSpaceError,
+    OriginRefusedError,
+    TooLargeError,
+    UnsafePathError,
+)
+from .safety import check_peer_allowed, check_url_allowed, join_inside, safe_filename, safe_relative_path
 from .storage import RECORD_NAME
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
+PARTS_DIRNAME = ".parts"
 ProgressCallback = Callable[[int, "int | None", int, int], None]
 """on_progress(bytes_done, bytes_total or None, files_done, files_total)."""
 
@@ -48,6 +70,8 @@ class FetchedFile:
 class FetchResult:
     title: str
     files: tuple[FetchedFile, ...]
+    bytes_transferred: int = 0
+    """Bytes that crossed the network in this attempt (resumed and skipped bytes excluded)."""
 
     @property
     def total_bytes(self) -> int:
@@ -62,8 +86,87 @@ class FetchResult:
         }
 
 
+class _Cancelled(Exception):
+    """Raised inside a transfer thread when a sibling transfer has failed."""
+
+
+class _Progress:
+    """Thread-safe task-wide progress, handed to the reporter under a lock."""
+
+    def __init__(self, on_progress: ProgressCallback | None, total: int | None, files_total: int) -> None:
+        self.on_progress = on_progress
+        self.total = total
+        self.files_total = files_total
+        self.done = 0
+        self.files_done = 0
+        self.transferred = 0
+        self.lock = threading.Lock()
+
+    def add(self, count: int, transferred: bool = True) -> None:
+        with self.lock:
+            self.done += count
+            if transferred:
+                self.transferred += count
+            self._report()
+
+    def file_done(self) -> None:
+        with self.lock:
+            self.files_done += 1
+            self._report()
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total, self.files_done, self.files_total)
+
+
+def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int) -> HTTPAdapter:
+    """An HTTPAdapter whose connections refuse internal peer addresses a listed host did not name."""
+
+    def check(conn: HTTPConnection, sock: Any) -> None:
+        peer = sock.getpeername()[0]
+        try:
+            check_peer_allowed(conn.host, conn.port or 0, peer, allowed_hosts)
+        except Exception:
+            sock.close()
+            raise
+
+    class GuardedHTTP(HTTPConnection):
+        def _new_conn(self) -> Any:
+            sock = super()._new_conn()
+            check(self, sock)
+            return sock
+
+    class GuardedHTTPS(HTTPSConnection):
+        def _new_conn(self) -> Any:
+            sock = super()._new_conn()
+            check(self, sock)
+            return sock
+
+    class HTTPPool(HTTPConnectionPool):
+        ConnectionCls = GuardedHTTP
+
+    class HTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = GuardedHTTPS
+
+    class GuardedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+
+    return GuardedAdapter(pool_connections=4, pool_maxsize=max(pool_size, 1), max_retries=0)
+
+
+def new_session(allowed_hosts: Collection[str], pool_size: int) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no proxies or .netrc from the environment: only the configured origin
+    adapter = _guarded_adapter(allowed_hosts, pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 class Fetcher:
-    """Fetches one task's files into a staging folder, streaming, with the allow-list enforced."""
+    """Fetches one task's files into a staging folder: concurrent, resumable, verified, allow-listed."""
 
     def __init__(
         self,
@@ -71,21 +174,27 @@ class Fetcher:
         token: str | None = None,
         session: requests.Session | None = None,
         timeout: tuple[float, float] = (defaults.CONNECT_TIMEOUT, defaults.READ_TIMEOUT),
+        concurrency: int = defaults.FETCH_CONCURRENCY,
+        max_task_bytes: int = defaults.MAX_TASK_BYTES,
     ) -> None:
         self.allowed_hosts = allowed_hosts
         self.token = token
-        self.session = session or requests.Session()
+        self.concurrency = max(1, concurrency)
+        self.session = session or new_session(allowed_hosts, self.concurrency)
         self.timeout = timeout
+        self.max_task_bytes = max_task_bytes
 
-    def _open(self, url: str) -> requests.Response:
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _open(self, url: str, headers: dict[str, str] | None = None) -> requests.Response:
         """GET *url*, following redirects only to allowed hosts; the token goes only to allowed hosts."""
         for _ in range(MAX_REDIRECTS + 1):
             check_url_allowed(url, self.allowed_hosts)
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            sent = dict(headers or {})
+            if self.token:
+                sent["Authorization"] = f"Bearer {self.token}"
             try:
-                response = self.session.get(
-                    url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False
-                )
+                response = self.session.get(url, headers=sent, stream=True, timeout=self.timeout, allow_redirects=False)
             except requests.RequestException as exc:
                 raise FetchError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
             if response.is_redirect and response.headers.get("Location"):
@@ -106,96 +215,217 @@ class Fetcher:
             raise FetchError(f"GET {url}: HTTP {status}")
         raise OriginRefusedError(f"GET {url}: HTTP {status}")
 
+    # -- the course -------------------------------------------------------------------------
+
     def fetch(self, course_url: str, staging: Path, on_progress: ProgressCallback | None = None) -> FetchResult:
         """Fetch the course at *course_url* into *staging* and return what was fetched."""
         staging.mkdir(parents=True, exist_ok=True)
+        if staging.is_symlink():
+            raise UnsafePathError(f"staging folder is a symlink: {staging}")
+        parts = staging / PARTS_DIRNAME
+        parts.mkdir(exist_ok=True)
+        single = _read_json(parts / "course.json")
+        if single and single.get("url") == course_url and isinstance(single.get("name"), str):
+            # An earlier attempt found a single file here: resume it without asking for the course again.
+            spec = FileSpec(path=PurePosixPath(single["name"]), url=course_url, size=single.get("size"))
+            result = self._fetch_specs([spec], staging, on_progress)
+            shutil.rmtree(parts, ignore_errors=True)
+            return FetchResult(title=single["name"], files=result[0], bytes_transferred=result[1])
         response = self._open(course_url)
         if _is_json(response):
             manifest = _read_limited(response, defaults.MANIFEST_MAX_BYTES)
             title, specs = parse_manifest(manifest, response.url or course_url)
             for spec in specs:
                 check_url_allowed(spec.url, self.allowed_hosts)
-            return FetchResult(title=title, files=self._fetch_files(specs, staging, on_progress))
-        name = safe_filename(_filename(response, course_url))
-        if name == RECORD_NAME:
-            name = f"file-{name}"
-        spec = FileSpec(path=PurePosixPath(name), url=course_url)
-        total = _content_length(response)
-        try:
-            fetched = self._stream(response, spec, staging, _offset_reporter(on_progress, 0, total, 0, 1))
-        finally:
-            response.close()
-        _report(on_progress, fetched.size, fetched.size, 1, 1)
-        return FetchResult(title=name, files=(fetched,))
+            files, transferred = self._fetch_specs(specs, staging, on_progress)
+        else:
+            name = safe_filename(_filename(response, course_url))
+            if name == RECORD_NAME:
+                name = f"file-{name}"
+            size = _content_length(response)
+            _write_json(parts / "course.json", {"url": course_url, "name": name, "size": size})
+            spec = FileSpec(path=PurePosixPath(name), url=course_url, size=size)
+            title = name
+            files, transferred = self._fetch_specs([spec], staging, on_progress, opened=response)
+        shutil.rmtree(parts, ignore_errors=True)
+        return FetchResult(title=title, files=files, bytes_transferred=transferred)
 
-    def _fetch_files(
-        self, specs: list[FileSpec], staging: Path, on_progress: ProgressCallback | None
-    ) -> tuple[FetchedFile, ...]:
+    def _fetch_specs(
+        self,
+        specs: list[FileSpec],
+        staging: Path,
+        on_progress: ProgressCallback | None,
+        opened: requests.Response | None = None,
+    ) -> tuple[tuple[FetchedFile, ...], int]:
         declared = [spec.size for spec in specs]
         total = sum(s for s in declared if s is not None) if all(s is not None for s in declared) else None
-        done_bytes = 0
-        fetched: list[FetchedFile] = []
-        for index, spec in enumerate(specs):
-            existing = _verified_existing(staging, spec)
-            if existing is not None:
-                log.info("already fetched and verified: %s", spec.path)
-                fetched.append(existing)
-                done_bytes += existing.size
-                continue
-            response = self._open(spec.url)
-            try:
-                item = self._stream(
-                    response, spec, staging, _offset_reporter(on_progress, done_bytes, total, index, len(specs))
-                )
-            finally:
-                response.close()
-            fetched.append(item)
-            done_bytes += item.size
-            _report(on_progress, done_bytes, total, index + 1, len(specs))
-        return tuple(fetched)
+        if total is not None and self.max_task_bytes and total > self.max_task_bytes:
+            raise TooLargeError(f"course is {total} bytes, more than MAX_TASK_BYTES={self.max_task_bytes}")
+        self._check_disk(staging, specs, total)
+        progress = _Progress(on_progress, total, len(specs))
+        cancel = threading.Event()
+        results: dict[int, FetchedFile] = {}
 
-    def _stream(
-        self, response: requests.Response, spec: FileSpec, staging: Path, on_bytes: Callable[[int], None]
+        def run(index: int) -> None:
+            results[index] = self._fetch_file(specs[index], staging, progress, cancel, opened if index == 0 else None)
+            progress.file_done()
+
+        if len(specs) == 1:
+            run(0)
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(specs)), thread_name_prefix="fetch") as pool:
+                futures = [pool.submit(run, index) for index in range(len(specs))]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                errors = [f.exception() for f in done if f.exception() is not None]
+                if errors:
+                    cancel.set()
+                    for future in futures:
+                        future.cancel()
+                    wait(futures)
+                    first = next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+                    assert first is not None
+                    raise first
+        fetched = tuple(results[index] for index in range(len(specs)))
+        if self.max_task_bytes and sum(f.size for f in fetched) > self.max_task_bytes:
+            raise TooLargeError(f"course holds more than MAX_TASK_BYTES={self.max_task_bytes} bytes")
+        return fetched, progress.transferred
+
+    def _check_disk(self, staging: Path, specs: list[FileSpec], total: int | None) -> None:
+        if total is None:
+            return
+        usage = shutil.disk_usage(staging)
+        if total > usage.total:
+            raise TooLargeError(f"course is {total} bytes; the download disk holds only {usage.total}")
+        present = 0
+        for spec in specs:
+            for candidate in (join_inside(staging, spec.path), _part_paths(staging, spec)[0]):
+                if candidate.is_file() and not candidate.is_symlink():
+                    present += candidate.stat().st_size
+        needed = total - present + defaults.DISK_HEADROOM
+        if needed > usage.free:
+            raise NoSpaceError(f"course needs {needed} more bytes on the download disk, {usage.free} free")
+
+    # -- one file ---------------------------------------------------------------------------
+
+    def _fetch_file(
+        self,
+        spec: FileSpec,
+        staging: Path,
+        progress: _Progress,
+        cancel: threading.Event,
+        opened: requests.Response | None,
     ) -> FetchedFile:
-        """Stream a body to `<path>.part`, hashing as it goes; verify; rename into the staging folder."""
         target = join_inside(staging, spec.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(target.name + ".part")
-        if part.is_symlink() or target.is_symlink():
-            raise UnsafePathError(f"refusing to write through a symlink: {str(spec.path)!r}")
-        digest = hashlib.sha256()
-        size = 0
-        limit = spec.size
+        part, state_file = _part_paths(staging, spec)
+        done = _verified_existing(target, state_file, spec)
+        if done is not None:
+            if opened is not None:
+                opened.close()
+            log.info("already fetched and verified: %s", spec.path)
+            progress.add(done.size, transferred=False)
+            return done
+        for path in (target, part):
+            if path.is_symlink():
+                raise UnsafePathError(f"refusing to write through a symlink: {str(spec.path)!r}")
+        state = _read_json(state_file) or {}
+        offset = part.stat().st_size if part.is_file() and state.get("url") == spec.url else 0
+        if offset and spec.size is not None and offset > spec.size:
+            offset = 0
+        response = opened
+        resumed = False
+        if offset:
+            if response is not None:
+                response.close()
+            headers = {"Range": f"bytes={offset}-"}
+            validator = state.get("etag") or state.get("lastModified")
+            if validator:
+                headers["If-Range"] = validator
+            response = self._open(spec.url, headers)
+            resumed = _resumable(response, offset, state)
+            if response.status_code == 206 and not resumed:
+                # A range we cannot use (wrong start, or the file changed): start over, whole.
+                response.close()
+                response = self._open(spec.url)
+            elif not resumed:
+                log.info("origin ignored the Range request for %s: fetching it whole", spec.path)
+        elif response is None:
+            response = self._open(spec.url)
         try:
-            with open(part, "wb") as out:
+            return self._receive(response, spec, target, part, state_file, offset if resumed else 0, progress, cancel)
+        finally:
+            response.close()
+
+    def _receive(
+        self,
+        response: requests.Response,
+        spec: FileSpec,
+        target: Path,
+        part: Path,
+        state_file: Path,
+        offset: int,
+        progress: _Progress,
+        cancel: threading.Event,
+    ) -> FetchedFile:
+        """Stream *response* into the part file (appending after *offset* when resuming), then verify."""
+        digest = hashlib.sha256()
+        expected_total = spec.size
+        resumed = offset > 0
+        if resumed:
+            with open(part, "rb") as handle:
+                for block in iter(lambda: handle.read(defaults.CHUNK_SIZE), b""):
+                    digest.update(block)
+            size = offset
+            progress.add(offset, transferred=False)
+            expected_total = expected_total if expected_total is not None else _range_total(response)
+            log.info("resuming %s at byte %s", spec.path, offset)
+        else:
+            size = 0
+            length = _content_length(response)
+            expected_total = expected_total if expected_total is not None else length
+            _write_json(
+                state_file,
+                {
+                    "url": spec.url,
+                    "etag": response.headers.get("ETag"),
+                    "lastModified": response.headers.get("Last-Modified"),
+                    "total": length,
+                },
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(part, "ab" if resumed else "wb") as out:
                 for chunk in response.iter_content(chunk_size=defaults.CHUNK_SIZE):
+                    if cancel.is_set():
+                        raise _Cancelled()
                     if not chunk:
                         continue
                     size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise IntegrityError(f"{spec.path}: more bytes than the declared {limit}")
+                    if expected_total is not None and size > expected_total:
+                        raise IntegrityError(f"{spec.path}: more bytes than the expected {expected_total}")
+                    if self.max_task_bytes and size > self.max_task_bytes:
+                        raise TooLargeError(f"{spec.path}: more than MAX_TASK_BYTES={self.max_task_bytes}")
                     digest.update(chunk)
                     out.write(chunk)
-                    on_bytes(size)
+                    progress.add(len(chunk))
         except requests.RequestException as exc:
-            part.unlink(missing_ok=True)
+            # The bytes so far stay in the part file: the next attempt continues from them.
             raise FetchError(f"{spec.path}: transfer broke after {size} bytes: {exc}") from exc
-        except BaseException:
-            part.unlink(missing_ok=True)
+        except (IntegrityError, TooLargeError):
+            _discard(part, state_file)
             raise
-        expected_length = _content_length(response)
         actual_sha = digest.hexdigest()
         problem = None
-        if expected_length is not None and size != expected_length and "Content-Encoding" not in response.headers:
-            problem = f"{spec.path}: body truncated: {size} of {expected_length} bytes"
-        elif spec.size is not None and size != spec.size:
-            problem = f"{spec.path}: size {size} differs from the manifest's {spec.size}"
+        if expected_total is not None and size != expected_total:
+            problem = f"{spec.path}: body truncated: {size} of {expected_total} bytes"
         elif spec.sha256 is not None and actual_sha != spec.sha256:
             problem = f"{spec.path}: sha256 {actual_sha} differs from the manifest's {spec.sha256}"
         if problem:
-            part.unlink(missing_ok=True)
+            if expected_total is not None and size < expected_total:
+                raise FetchError(problem)  # a short body: keep its bytes, the next attempt resumes
+            _discard(part, state_file)
             raise IntegrityError(problem)
         os.replace(part, target)
+        _write_json(state_file, {"url": spec.url, "done": True, "size": size, "sha256": actual_sha})
         return FetchedFile(path=str(spec.path), size=size, sha256=actual_sha)
 
 
@@ -238,36 +468,44 @@ def parse_manifest(document: bytes, manifest_url: str) -> tuple[str, list[FileSp
     return title, specs
 
 
-def _verified_existing(staging: Path, spec: FileSpec) -> FetchedFile | None:
-    """A file an earlier attempt finished and verified is not fetched again."""
-    if spec.size is None or spec.sha256 is None:
+def _part_paths(staging: Path, spec: FileSpec) -> tuple[Path, Path]:
+    """Where a file's partial bytes and its transfer state live (outside the course's own paths)."""
+    key = hashlib.sha256(f"{spec.url}\n{spec.path}".encode()).hexdigest()[:32]
+    parts = staging / PARTS_DIRNAME
+    return parts / f"{key}.part", parts / f"{key}.json"
+
+
+def _verified_existing(target: Path, state_file: Path, spec: FileSpec) -> FetchedFile | None:
+    """A file an earlier attempt finished and verified is not fetched (or hashed) again."""
+    state = _read_json(state_file)
+    if not state or not state.get("done") or state.get("url") != spec.url:
         return None
-    target = join_inside(staging, spec.path)
-    if target.is_symlink() or not target.is_file() or target.stat().st_size != spec.size:
+    if target.is_symlink() or not target.is_file() or target.stat().st_size != state.get("size"):
         return None
-    digest = hashlib.sha256()
-    with open(target, "rb") as handle:
-        for block in iter(lambda: handle.read(defaults.CHUNK_SIZE), b""):
-            digest.update(block)
-    if digest.hexdigest() != spec.sha256:
+    if spec.size is not None and spec.size != state["size"]:
         return None
-    return FetchedFile(path=str(spec.path), size=spec.size, sha256=spec.sha256)
+    if spec.sha256 is not None and spec.sha256 != state.get("sha256"):
+        return None
+    return FetchedFile(path=str(spec.path), size=int(state["size"]), sha256=str(state["sha256"]))
 
 
-def _offset_reporter(
-    on_progress: ProgressCallback | None, base: int, total: int | None, files: int, count: int
-) -> Callable[[int], None]:
-    """Turn one file's byte count into task-wide progress."""
-
-    def report(done: int) -> None:
-        _report(on_progress, base + done, total, files, count)
-
-    return report
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
-def _report(on_progress: ProgressCallback | None, done: int, total: int | None, files: int, count: int) -> None:
-    if on_progress is not None:
-        on_progress(done, total, files, count)
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(temp, path)
 
 
 def _is_json(response: requests.Response) -> bool:
@@ -290,8 +528,31 @@ def _read_limited(response: requests.Response, limit: int) -> bytes:
 
 
 def _content_length(response: requests.Response) -> int | None:
+    if response.headers.get("Content-Encoding", "identity") != "identity":
+        return None
     value = response.headers.get("Content-Length")
     return int(value) if value and value.isdigit() else None
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+def _resumable(response: requests.Response, offset: int, state: dict[str, Any]) -> bool:
+    """A 206 that starts where our bytes end, for the same file (same total size) as before."""
+    if response.status_code != 206 or _range_start(response) != offset:
+        return False
+    total = _range_total(response)
+    return state.get("total") is None or total is None or total == state["total"]
+
+
+def _range_start(response: requests.Response) -> int | None:
+    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _range_total(response: requests.Response) -> int | None:
+    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+    return int(match.group(3)) if match and match.group(3) != "*" else None
 
 
 def _filename(response: requests.Response, url: str) -> str:

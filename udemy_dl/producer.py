@@ -96,13 +96,16 @@ class Producer:
             return True
         return status == JobStatus.STARTED and worker_is_running(self.connection, job.worker_name, job.id)
 
-    def live_job(self, task_id: int) -> Job | None:
-        """The task's job if it is live (see job_is_live); else None."""
+    def fetch_job(self, job_id: str) -> Job | None:
         try:
-            job = Job.fetch(job_id_for(task_id), connection=self.connection)
+            return Job.fetch(job_id, connection=self.connection)
         except NoSuchJobError:
             return None
-        return job if self.job_is_live(job) else None
+
+    def live_job(self, task_id: int) -> Job | None:
+        """The task's job if it is live (see job_is_live); else None."""
+        job = self.fetch_job(job_id_for(task_id))
+        return job if job is not None and self.job_is_live(job) else None
 
     def add_download_job(self, task_data: Mapping[str, Any] | TaskData) -> EnqueueResult:
         """Enqueue *task_data* once: an existing live job for the same taskId is returned instead."""

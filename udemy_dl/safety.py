@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Collection
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from .errors import HostNotAllowedError, UnsafePathError
 
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f<>:\"|?*\\]")
+
+
+def _host_label(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def match_allowed(host: str, port: int, allowed_hosts: Collection[str]) -> str | None:
+    """How *host*:*port* is allowed: "exact" (listed by name), "pattern" (matched a `*` entry), or None."""
+    host = host.lower()
+    label = f"{_host_label(host)}:{port}"
+    if host in allowed_hosts or label in allowed_hosts:
+        return "exact"
+    for entry in allowed_hosts:
+        if "*" in entry and (fnmatchcase(host, entry) or fnmatchcase(label, entry)):
+            return "pattern"
+    return None
 
 
 def check_url_allowed(url: str, allowed_hosts: Collection[str]) -> str:
@@ -26,12 +44,33 @@ def check_url_allowed(url: str, allowed_hosts: Collection[str]) -> str:
         raise HostNotAllowedError(f"URL has no host: {url!r}")
     if parts.username or parts.password:
         raise HostNotAllowedError(f"URL must not carry credentials: host {host!r}")
-    default_port = 443 if parts.scheme == "https" else 80
-    effective_port = port or default_port
-    host_label = f"[{host}]" if ":" in host else host
-    if host in allowed_hosts or f"{host_label}:{effective_port}" in allowed_hosts:
+    effective_port = port or (443 if parts.scheme == "https" else 80)
+    if match_allowed(host, effective_port, allowed_hosts):
         return url
-    raise HostNotAllowedError(f"host {host_label}:{effective_port} of {url!r} is not in ALLOWED_HOSTS")
+    raise HostNotAllowedError(f"host {_host_label(host)}:{effective_port} of {url!r} is not in ALLOWED_HOSTS")
+
+
+def is_internal_address(address: str) -> bool:
+    """Private, loopback, link-local, reserved, multicast or unspecified: not the public internet."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def check_peer_allowed(host: str, port: int, peer_address: str, allowed_hosts: Collection[str]) -> None:
+    """Refuse a connection whose actual peer is an internal address, unless that exact host is listed.
+
+    Checked on the address the socket really connected to, so DNS cannot smuggle one in.
+    """
+    if not is_internal_address(peer_address):
+        return
+    if match_allowed(host, port, allowed_hosts) == "exact":
+        return
+    raise HostNotAllowedError(
+        f"host {_host_label(host)}:{port} resolved to internal address {peer_address}; "
+        "list that exact host in ALLOWED_HOSTS to allow it"
+    )
 
 
 def safe_relative_path(raw: object) -> PurePosixPath:

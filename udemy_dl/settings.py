@@ -150,7 +150,9 @@ def _allowed_hosts(env: Mapping[str, str | None]) -> frozenset[str]:
         if not item:
             continue
         if "/" in item or "@" in item or " " in item:
-            raise ConfigError("ALLOWED_HOSTS", f"expected host or host:port, got {item!r}")
+            raise ConfigError("ALLOWED_HOSTS", f"expected host, host:port or a *.pattern, got {item!r}")
+        if item.strip("*.:") == "":
+            raise ConfigError("ALLOWED_HOSTS", f"pattern {item!r} would allow every host")
         hosts.add(item)
     return frozenset(hosts)
 

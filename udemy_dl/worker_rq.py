@@ -22,6 +22,7 @@ from . import defaults
 from .connection import redis_connection
 from .errors import InvalidTaskError, PermanentError
 from .fetch import Fetcher
+from .fetch_command import CommandFetcher
 from .settings import Settings, get_settings
 from .storage import final_path, keep_failed, promote, read_record, staging_path, write_record
 from .store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
@@ -40,7 +41,7 @@ class Context:
     settings: Settings
     store: TaskStore
     redis: Redis
-    fetcher: Fetcher
+    fetcher: Fetcher | CommandFetcher
 
 
 _context: Context | None = None
@@ -54,9 +55,20 @@ def get_context() -> Context:
             settings=settings,
             store=open_store(settings.require_database()),
             redis=redis_connection(settings),
-            fetcher=Fetcher(settings.allowed_hosts, token=settings.content_token),
+            fetcher=_fetcher(settings),
         )
     return _context
+
+
+def _fetcher(settings: Settings) -> Fetcher | CommandFetcher:
+    if settings.fetch_command:
+        return CommandFetcher(settings.fetch_command, settings.allowed_hosts, timeout=settings.job_timeout)
+    return Fetcher(
+        settings.allowed_hosts,
+        token=settings.content_token,
+        concurrency=settings.fetch_concurrency,
+        max_task_bytes=settings.max_task_bytes,
+    )
 
 
 def reset_context() -> None:

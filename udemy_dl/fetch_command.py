@@ -1,0 +1,82 @@
+"""The operator's own downloader: FETCH_COMMAND, run without a shell, instead of the HTTP fetcher."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+from collections.abc import Collection
+from pathlib import Path
+
+from . import defaults
+from .errors import CommandError, UnsafePathError
+from .fetch import PARTS_DIRNAME, FetchedFile, FetchResult, ProgressCallback
+from .safety import check_url_allowed
+from .storage import RECORD_NAME
+
+log = logging.getLogger(__name__)
+
+
+class CommandFetcher:
+    """Runs FETCH_COMMAND (`{url}` and `{dest}` replaced) into the staging folder, under the job timeout.
+
+    The command's output goes to the worker log line by line; a non-zero exit or a timeout is a
+    transient error. The command runs in the work horse's process group, so RQ's timeout kill
+    reaches it too.
+    """
+
+    def __init__(self, argv: tuple[str, ...], allowed_hosts: Collection[str], timeout: float) -> None:
+        self.argv = argv
+        self.allowed_hosts = allowed_hosts
+        self.timeout = timeout
+
+    def fetch(self, course_url: str, staging: Path, on_progress: ProgressCallback | None = None) -> FetchResult:
+        check_url_allowed(course_url, self.allowed_hosts)
+        staging.mkdir(parents=True, exist_ok=True)
+        argv = [part.replace("{url}", course_url).replace("{dest}", str(staging)) for part in self.argv]
+        log.info("running FETCH_COMMAND %s", argv[0])
+        try:
+            process = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
+            )
+        except OSError as exc:
+            raise CommandError(f"FETCH_COMMAND {argv[0]!r} could not start: {exc}") from exc
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                log.info("FETCH_COMMAND: %s", line.rstrip())
+            code = process.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired as exc:
+            process.kill()
+            process.wait()
+            raise CommandError(f"FETCH_COMMAND timed out after {self.timeout}s") from exc
+        if code != 0:
+            raise CommandError(f"FETCH_COMMAND exited with status {code}")
+        files = tuple(_describe(staging))
+        if not files:
+            raise CommandError("FETCH_COMMAND exited 0 but left no files")
+        if on_progress is not None:
+            total = sum(item.size for item in files)
+            on_progress(total, total, len(files), len(files))
+        return FetchResult(title=course_url.rsplit("/", 1)[-1] or "course", files=files, bytes_transferred=0)
+
+
+def _describe(staging: Path) -> list[FetchedFile]:
+    """Every regular file the command left, hashed; a symlink anywhere is refused."""
+    found = []
+    for path in sorted(staging.rglob("*")):
+        relative = path.relative_to(staging)
+        if relative.parts[0] == PARTS_DIRNAME or str(relative) == RECORD_NAME:
+            continue
+        if path.is_symlink():
+            raise UnsafePathError(f"FETCH_COMMAND left a symlink: {str(relative)!r}")
+        if not path.is_file():
+            continue
+        digest = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(defaults.CHUNK_SIZE), b""):
+                digest.update(block)
+                size += len(block)
+        found.append(FetchedFile(path=relative.as_posix(), size=size, sha256=digest.hexdigest()))
+    return found
