@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-e2e lint bench clean
+.PHONY: install demo test lint bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: install
 	$(BIN)/mypy
 	@if command -v shellcheck >/dev/null 2>&1; then shellcheck start_workers.sh stop_workers.sh .ci/run; \
 		else echo "shellcheck not installed: shell scripts not linted"; fi
+
+# Speed and memory against baselines measured in the same run (curl, plain rq worker); see docs/BENCHMARKS.md.
+bench: install
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache *.egg-info
