@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from udemy_dl.store import MySQLStore, SQLiteStore, TaskStore
 from udemy_dl.webhooks import generate_secret
 
 T = TypeVar("T")
+S = TypeVar("S", ContentOrigin, WebhookReceiver)
 
 REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
 """Redis database the tests own: flushed before and after every test that uses it."""
@@ -69,6 +71,10 @@ SETTING_VARIABLES = (
     "RESULT_TTL",
     "FAILURE_TTL",
     "STOP_TIMEOUT",
+    "FETCH_CONCURRENCY",
+    "MAX_TASK_BYTES",
+    "FETCH_COMMAND",
+    "RECONCILE_INTERVAL",
 )
 """Every variable the service reads; cleared before each test."""
 
@@ -88,15 +94,24 @@ def service_unavailable(service: str, detail: str) -> NoReturn:
     pytest.skip(f"{message} (start it, or run with CI=true to make this a failure)")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
-    """Poll *predicate* until it returns something truthy, and return that; fail after *timeout* seconds."""
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "",
+) -> T:
+    """Poll *predicate* until it returns something truthy, and return that; fail after *timeout* seconds.
+
+    *what* describes the wait in the failure message; a callable is asked only on timeout (e.g. a worker log).
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what or predicate!r}")
+            description = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {description or predicate!r}")
         time.sleep(interval)
 
 
@@ -225,9 +240,9 @@ def mysql_query(statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any,
     try:
         cursor = conn.cursor()
         cursor.execute(statement, params)
-        rows = list(cursor.fetchall()) if cursor.description else []
+        fetched: Any = cursor.fetchall() if cursor.description else []
         cursor.close()
-        return rows  # type: ignore[return-value]
+        return [tuple(row) for row in fetched]
     finally:
         conn.close()
 
@@ -287,10 +302,18 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 # -- local HTTP servers -------------------------------------------------------------------------
 
 
+def start_server(server: S) -> S:
+    """Start a devservers server that checks for shutdown every 50 ms (the default 0.5 s slows each teardown)."""
+    server.thread = threading.Thread(
+        target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, name=type(server).__name__, daemon=True
+    )
+    server.start()
+    return server
+
+
 @pytest.fixture
 def origin(tmp_path: Path) -> Iterator[ContentOrigin]:
-    server = ContentOrigin(tmp_path / "origin-root")
-    server.start()
+    server = start_server(ContentOrigin(tmp_path / "origin-root"))
     yield server
     server.stop()
 
@@ -298,8 +321,7 @@ def origin(tmp_path: Path) -> Iterator[ContentOrigin]:
 @pytest.fixture
 def other_origin(tmp_path: Path) -> Iterator[ContentOrigin]:
     """A second origin, on a port ALLOWED_HOSTS does not list."""
-    server = ContentOrigin(tmp_path / "other-root")
-    server.start()
+    server = start_server(ContentOrigin(tmp_path / "other-root"))
     yield server
     server.stop()
 
@@ -311,13 +333,43 @@ def webhook_secret() -> str:
 
 @pytest.fixture
 def receiver(webhook_secret: str) -> Iterator[WebhookReceiver]:
-    server = WebhookReceiver(webhook_secret)
-    server.start()
+    server = start_server(WebhookReceiver(webhook_secret))
     yield server
     server.stop()
 
 
 # -- worker processes ---------------------------------------------------------------------------
+
+
+def child_pids(pid: int) -> list[int]:
+    """PIDs whose parent is *pid*, read from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+def pid_alive(pid: int) -> bool:
+    """True while *pid* exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by *pid* (a work horse and anything it ran), or *pid* alone."""
+    for kill, target in ((os.killpg, pid), (os.kill, pid)):
+        try:
+            kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @dataclass
@@ -336,6 +388,23 @@ class WorkerProcess:
         """Wait for a burst worker to finish; return its exit code."""
         return self.process.wait(timeout=timeout)
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def children(self) -> list[int]:
+        """PIDs of the worker's live children: its work horse (own process group) and its scheduler."""
+        return child_pids(self.process.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started (horses run in their own process groups)."""
+        children = self.children()
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+        for child in children:
+            kill_group(child)
+
     def stop(self, timeout: float = 15.0) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL to its process group if it does not go."""
         if self.process.poll() is None:
@@ -343,8 +412,7 @@ class WorkerProcess:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=timeout)
+                self.kill()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -358,7 +426,7 @@ def start_worker(tmp_path: Path, redis_conn: Redis) -> Iterator[Callable[..., Wo
     def start(burst: bool = False) -> WorkerProcess:
         name = f"test-{uuid.uuid4().hex[:8]}"
         log_path = tmp_path / f"{name}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - closed by WorkerProcess.stop
+        log = open(log_path, "wb")  # closed by WorkerProcess.stop
         command = [*cli_command(), "--log-level", "DEBUG", "worker", "--name", name]
         if burst:
             command.append("--burst")

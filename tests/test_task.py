@@ -90,11 +90,6 @@ def test_bad_task_id_in_a_payload_is_refused_naming_the_value(value: object) -> 
     assert repr(value) in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_task_id accepts any str.isdigit() string, and int('²') raises ValueError instead of "
-    "InvalidTaskError (task.py parse_task_id, `value.strip().isdigit()`)",
-)
 @pytest.mark.parametrize("value", ["²", "1²"])
 def test_unicode_digit_task_id_is_refused_as_invalid_task(value: str) -> None:
     """A taskId of non-ASCII 'digits' is bad input (InvalidTaskError), not an unexpected ValueError."""

@@ -33,7 +33,7 @@ def _producer(settings: Settings) -> Any:
 def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     producer = _producer(settings)
     outcome = producer.add_download_job({"taskId": args.task_id, "email": args.email, "courseUrl": args.course_url})
-    state = "enqueued" if outcome.created else f"already {outcome.job.get_status()}"
+    state = "enqueued" if outcome.created else f"already {outcome.job.get_status().value}"
     print(f"task {args.task_id}: job {outcome.job.id} {state}")
     return RET_OK
 

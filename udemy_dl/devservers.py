@@ -93,7 +93,8 @@ def write_sample_file(path: Path, size: int, seed: str) -> str:
 class ContentOrigin(_Background):
     """Serves files from *root* and JSON manifests registered with add_course().
 
-    Faults for tests: fail_next(path, n) answers 500 n times; corrupt(path) serves wrong bytes.
+    Faults for tests: fail_next(path, n) answers 500 n times; see the attributes set in __init__
+    for cut connections, ignored Range requests, redirects, padding and throttling.
     """
 
     def __init__(self, root: Path, token: str | None = None, port: int = 0) -> None:

@@ -93,8 +93,11 @@ class _Cancelled(Exception):
 class _Progress:
     """Thread-safe task-wide progress, handed to the reporter under a lock."""
 
-    def __init__(self, on_progress: ProgressCallback | None, total: int | None, files_total: int) -> None:
+    def __init__(
+        self, on_progress: ProgressCallback | None, total: int | None, files_total: int, limit: int = 0
+    ) -> None:
         self.on_progress = on_progress
+        self.limit = limit
         self.total = total
         self.files_total = files_total
         self.done = 0
@@ -103,8 +106,11 @@ class _Progress:
         self.lock = threading.Lock()
 
     def add(self, count: int, transferred: bool = True) -> None:
+        """Count bytes; raises TooLargeError once the task as a whole passes MAX_TASK_BYTES."""
         with self.lock:
             self.done += count
+            if self.limit and self.done > self.limit:
+                raise TooLargeError(f"course holds more than MAX_TASK_BYTES={self.limit} bytes")
             if transferred:
                 self.transferred += count
             self._report()
@@ -262,7 +268,7 @@ class Fetcher:
         if total is not None and self.max_task_bytes and total > self.max_task_bytes:
             raise TooLargeError(f"course is {total} bytes, more than MAX_TASK_BYTES={self.max_task_bytes}")
         self._check_disk(staging, specs, total)
-        progress = _Progress(on_progress, total, len(specs))
+        progress = _Progress(on_progress, total, len(specs), limit=self.max_task_bytes)
         cancel = threading.Event()
         results: dict[int, FetchedFile] = {}
 
@@ -402,8 +408,6 @@ class Fetcher:
                     size += len(chunk)
                     if expected_total is not None and size > expected_total:
                         raise IntegrityError(f"{spec.path}: more bytes than the expected {expected_total}")
-                    if self.max_task_bytes and size > self.max_task_bytes:
-                        raise TooLargeError(f"{spec.path}: more than MAX_TASK_BYTES={self.max_task_bytes}")
                     digest.update(chunk)
                     out.write(chunk)
                     progress.add(len(chunk))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import subprocess
+import threading
 from collections.abc import Collection
 from pathlib import Path
+from typing import IO
 
 from . import defaults
 from .errors import CommandError, UnsafePathError
@@ -42,14 +44,17 @@ class CommandFetcher:
         except OSError as exc:
             raise CommandError(f"FETCH_COMMAND {argv[0]!r} could not start: {exc}") from exc
         assert process.stdout is not None
+        output = process.stdout
+        reader = threading.Thread(target=_log_lines, args=(output,), daemon=True)
+        reader.start()
         try:
-            for line in process.stdout:
-                log.info("FETCH_COMMAND: %s", line.rstrip())
             code = process.wait(timeout=self.timeout)
         except subprocess.TimeoutExpired as exc:
             process.kill()
             process.wait()
             raise CommandError(f"FETCH_COMMAND timed out after {self.timeout}s") from exc
+        finally:
+            reader.join(timeout=5)
         if code != 0:
             raise CommandError(f"FETCH_COMMAND exited with status {code}")
         files = tuple(_describe(staging))
@@ -59,6 +64,12 @@ class CommandFetcher:
             total = sum(item.size for item in files)
             on_progress(total, total, len(files), len(files))
         return FetchResult(title=course_url.rsplit("/", 1)[-1] or "course", files=files, bytes_transferred=0)
+
+
+def _log_lines(stream: IO[str]) -> None:
+    """Copy the command's output into the worker log, line by line, as it comes."""
+    for line in stream:
+        log.info("FETCH_COMMAND: %s", line.rstrip())
 
 
 def _describe(staging: Path) -> list[FetchedFile]:

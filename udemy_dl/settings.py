@@ -38,7 +38,7 @@ class Settings:
     database_url: str | None = field(default=None, repr=False)
     api_secret_key: str | None = field(default=None, repr=False)
     content_token: str | None = field(default=None, repr=False)
-    webhook_url: str | None = None
+    webhook_url: str | None = field(default=None, repr=False)
     allowed_hosts: frozenset[str] = frozenset()
     download_dir: Path = Path(defaults.DOWNLOAD_DIR)
     failed_dir: Path = Path(defaults.FAILED_DIR)
@@ -160,7 +160,7 @@ def _allowed_hosts(env: Mapping[str, str | None]) -> frozenset[str]:
 def _webhook_url(env: Mapping[str, str | None]) -> str | None:
     url = _get(env, "WEBHOOK_URL")
     if url and urlsplit(url).scheme not in ("http", "https"):
-        raise ConfigError("WEBHOOK_URL", f"must be an http:// or https:// URL, got {url!r}")
+        raise ConfigError("WEBHOOK_URL", f"must be an http:// or https:// URL, got {redact_url(url)!r}")
     return url
 
 

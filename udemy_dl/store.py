@@ -343,6 +343,13 @@ class MySQLStore(TaskStore):
             if column not in present:
                 log.info("adding column download_tasks.%s", column)
                 self._execute(f"ALTER TABLE download_tasks ADD COLUMN {column} {definition}")
+        _, rows = self._execute(
+            "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() "
+            "AND table_name = 'download_tasks' AND index_name = 'idx_download_tasks_status'"
+        )
+        if not int(rows[0][0]):
+            log.info("adding index idx_download_tasks_status")
+            self._execute("CREATE INDEX idx_download_tasks_status ON download_tasks (status, updated_at)")
 
 
 class SQLiteStore(TaskStore):

@@ -32,7 +32,7 @@ def parse_task_id(value: object) -> int:
         raise InvalidTaskError(f"taskId must be a positive integer, got {value!r}")
     if isinstance(value, int):
         task_id = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip()):
         task_id = int(value.strip())
     else:
         raise InvalidTaskError(f"taskId must be a positive integer, got {value!r}")

@@ -49,6 +49,8 @@ def build_event(event_type: str, data: dict[str, Any], at: datetime) -> dict[str
 def sign_headers(secret: str, msg_id: str, body: str, now: datetime | None = None) -> dict[str, str]:
     """The three Standard Webhooks headers for *body*, signed now."""
     timestamp = now or datetime.now(UTC)
+    if timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)  # naive times are UTC throughout this package
     signature = Webhook(secret).sign(msg_id=msg_id, timestamp=timestamp, data=body)
     return {
         "webhook-id": msg_id,

@@ -2,19 +2,51 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import signal
 import socket
+import sys
 
 from redis import Redis
-from rq import Worker
+from rq import Queue, Worker
+from rq.job import Job
 from rq.worker_pool import WorkerPool
 
 from .connection import redis_connection, worker_queues
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere).
+
+    A work horse outliving its worker (kill -9, OOM killer) would go on writing a staging folder
+    while the task is handed to another worker; with this, it cannot.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
+        return
+    if parent == 1 or os.getppid() != parent:  # the parent died before the request took hold
+        os._exit(1)
+
+
+class DownloadWorker(Worker):
+    """RQ's forking worker, except that its work horse dies with it."""
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        die_with_parent()
+        super().main_work_horse(job, queue)
 
 
 def default_worker_name(index: int) -> str:
@@ -72,7 +104,7 @@ def run_worker(settings: Settings, name: str, burst: bool = False, logging_level
     preload_job_modules()
     connection = redis_connection(settings)
     clear_stale_registration(connection, name)
-    worker = Worker(worker_queues(settings, connection), connection=connection, name=name)
+    worker = DownloadWorker(worker_queues(settings, connection), connection=connection, name=name)
     return worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)
 
 
@@ -81,5 +113,7 @@ def run_pool(settings: Settings, count: int, logging_level: str = "INFO") -> Non
     settings.require_worker_ready()
     preload_job_modules()
     connection = redis_connection(settings)
-    pool = WorkerPool(worker_queues(settings, connection), connection=connection, num_workers=count)
+    pool = WorkerPool(
+        worker_queues(settings, connection), connection=connection, num_workers=count, worker_class=DownloadWorker
+    )
     pool.start(logging_level=logging_level)

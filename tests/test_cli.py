@@ -1,0 +1,368 @@
+"""The command line, run as a real process (`python -m udemy_dl` / `udemy-dl`) against real Redis and databases."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq import Queue, Worker
+
+from udemy_dl import __version__
+from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser
+from udemy_dl.producer import job_id_for
+from udemy_dl.settings import Settings, load_settings
+from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, open_store, utcnow
+
+from .conftest import MYSQL_TEST_URL, Backend, WorkerProcess, cli_command, drop_tasks_table, wait_for
+
+EMAIL = "buyer@shop.example"
+URL = "https://cdn.example/courses/1"
+CLOSED_REDIS = "redis://127.0.0.1:1/0"
+"""Nothing listens on port 1: connecting fails at once."""
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `udemy-dl ARGS` with this test's environment plus *env*, in this test's working directory."""
+    return subprocess.run(
+        [*cli_command(), *args],
+        env={**os.environ, **env},
+        cwd=os.getcwd(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    """Every subcommand the parser defines, nested ones as `db init`."""
+    names: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = subcommands(sub)
+                names += [f"{name} {child}" for child in nested] if nested else [name]
+    return names
+
+
+SUBCOMMANDS = subcommands(build_parser())
+
+
+def explain(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+# -- help and version -----------------------------------------------------------------------------
+
+
+def test_module_help_exits_zero() -> None:
+    """`python -m udemy_dl --help` prints usage listing the subcommands and exits 0."""
+    result = subprocess.run(
+        [sys.executable, "-m", "udemy_dl", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, explain(result)
+    assert "usage:" in result.stdout and "confirm-payment" in result.stdout
+
+
+def test_spec_subcommands_exist() -> None:
+    """Every subcommand the spec names is there."""
+    required = {"enqueue", "confirm-payment", "stats", "health", "reconcile", "requeue-failed", "db init", "gen-secret"}
+    assert required <= set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help_exits_zero(command: str) -> None:
+    """`udemy-dl <subcommand> --help` prints its usage and exits 0."""
+    result = cli(*command.split(), "--help")
+    assert result.returncode == 0, explain(result)
+    assert f"usage: udemy-dl {command}" in " ".join(result.stdout.split())
+
+
+def test_version_is_printed() -> None:
+    """`udemy-dl --version` shows the package version."""
+    result = cli("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"udemy-dl {__version__}")
+
+
+# -- configuration errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("WORKER_COUNT", "abc"),
+        ("MAX_ATTEMPTS", "0"),
+        ("REDIS_URL", "http://x"),
+        ("DATABASE_URL", "postgres://u@h/db"),
+        ("API_SECRET_KEY", "not-a-whsec"),
+        ("WEBHOOK_URL", "ftp://pay.example/hook"),
+    ],
+)
+def test_bad_setting_exits_3_naming_the_variable(variable: str, value: str) -> None:
+    """A malformed setting stops any command with exit 3 and the variable's name on stderr."""
+    result = cli("stats", **{variable: value})
+    assert result.returncode == RET_CONFIG == 3, explain(result)
+    assert variable in result.stderr
+
+
+def test_bad_setting_in_dotenv_exits_3(tmp_path: Path) -> None:
+    """A malformed value in `.env` (in the working directory) is caught the same way."""
+    (tmp_path / ".env").write_text("RETRY_DELAY=soon\n", encoding="utf-8")
+    result = cli("stats")
+    assert result.returncode == RET_CONFIG, explain(result)
+    assert "RETRY_DELAY" in result.stderr
+
+
+# -- database -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("back_end", ["mysql", "sqlite"])
+def test_db_init_twice_creates_a_usable_table(back_end: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`db init` creates download_tasks; running it again succeeds and keeps the rows."""
+    if back_end == "mysql":
+        request.getfixturevalue("mysql_url")
+        drop_tasks_table()
+        request.addfinalizer(drop_tasks_table)
+        url = MYSQL_TEST_URL
+    else:
+        url = f"sqlite:///{tmp_path}/fresh/tasks.db"
+    first = cli("db", "init", DATABASE_URL=url)
+    assert first.returncode == 0, explain(first)
+    store = open_store(url)
+    task_id = store.insert_task(EMAIL, URL)
+    second = cli("db", "init", DATABASE_URL=url)
+    assert second.returncode == 0, explain(second)
+    row = store.get(task_id)
+    store.close()
+    assert row is not None and row.status == PENDING
+
+
+def test_db_init_without_database_names_the_variable() -> None:
+    """`db init` with no DATABASE_URL/DB_* exits 3 naming DATABASE_URL."""
+    result = cli("db", "init")
+    assert result.returncode == RET_CONFIG, explain(result)
+    assert "DATABASE_URL" in result.stderr
+
+
+def test_unreachable_database_exits_4() -> None:
+    """A database that does not answer is a connection error (exit 4), not a traceback."""
+    result = cli("db", "init", DATABASE_URL="mysql://root@127.0.0.1:1/udemy_dl_test")
+    assert result.returncode == RET_CONNECT, explain(result)
+    assert "Traceback" not in result.stderr
+
+
+# -- secrets and settings -------------------------------------------------------------------------
+
+
+def test_gen_secret_output_is_accepted_by_settings() -> None:
+    """`gen-secret` prints one whsec_ key that settings accept as API_SECRET_KEY."""
+    result = cli("gen-secret")
+    assert result.returncode == 0, explain(result)
+    secret = result.stdout.strip()
+    assert load_settings(environ={"API_SECRET_KEY": secret}, env_file=None).api_secret_key == secret
+
+
+def test_shell_settings_prints_what_the_scripts_need(tmp_path: Path) -> None:
+    """`shell-settings` prints shell assignments that a shell evaluates back to the configured values."""
+    result = cli("shell-settings", WORKER_COUNT="7", STOP_TIMEOUT="12", PID_DIR=str(tmp_path / "my run"))
+    assert result.returncode == 0, explain(result)
+    values = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert (values["WORKER_COUNT"], values["STOP_TIMEOUT"]) == ("7", "12")
+    assert shlex.split(values["PID_DIR"]) == [str(tmp_path / "my run")]
+
+
+# -- producer commands ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_backend(configure: Callable[..., Settings], redis_conn: Redis, backend: Backend) -> Backend:
+    """Environment pointing the CLI at Redis DB 15 and each store back end."""
+    configure(DATABASE_URL=backend.url)
+    return backend
+
+
+def queued(redis_conn: Redis) -> list[str]:
+    return list(Queue("downloads", connection=redis_conn).job_ids)
+
+
+def test_confirm_payment_enqueues_and_reports_json(cli_backend: Backend, redis_conn: Redis) -> None:
+    """`confirm-payment ID --json` marks the task processing, enqueues it, and prints the result as JSON."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PENDING)
+    result = cli("confirm-payment", str(task_id), "--json")
+    assert result.returncode == RET_OK, explain(result)
+    assert json.loads(result.stdout) == {"enqueued": [task_id], "alreadyQueued": [], "refused": []}
+    assert queued(redis_conn) == [job_id_for(task_id)]
+    row = cli_backend.store.get(task_id)
+    assert row is not None and row.status == PROCESSING
+
+
+def test_confirm_payment_twice_reports_already_queued(cli_backend: Backend, redis_conn: Redis) -> None:
+    """A repeated `confirm-payment` changes nothing and says the task is already queued."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PENDING)
+    cli("confirm-payment", str(task_id), "--json")
+    result = cli("confirm-payment", str(task_id), "--json")
+    assert result.returncode == RET_OK, explain(result)
+    assert json.loads(result.stdout) == {"enqueued": [], "alreadyQueued": [task_id], "refused": []}
+    assert queued(redis_conn) == [job_id_for(task_id)]
+
+
+def test_confirm_payment_of_unknown_task_exits_non_zero(cli_backend: Backend, redis_conn: Redis) -> None:
+    """A refused task makes `confirm-payment` exit non-zero with the reason."""
+    result = cli("confirm-payment", "424242", "abc")
+    assert result.returncode != 0, explain(result)
+    assert "424242: no such task" in result.stdout and "'abc'" in result.stdout
+    assert queued(redis_conn) == []
+
+
+def test_enqueue_queues_one_job(configure: Callable[..., Settings], redis_conn: Redis) -> None:
+    """`enqueue` queues download-<id> once; a second call says it is already queued."""
+    configure()
+    args = ("enqueue", "--task-id", "77", "--email", EMAIL, "--course-url", URL)
+    first, second = cli(*args), cli(*args)
+    assert (first.returncode, second.returncode) == (0, 0), explain(second)
+    assert "download-77 enqueued" in first.stdout
+    assert queued(redis_conn) == ["download-77"]
+
+
+def test_enqueue_again_says_already_queued(configure: Callable[..., Settings], redis_conn: Redis) -> None:
+    """A second `enqueue` of a queued task says, in words, that it is already queued."""
+    configure()
+    args = ("enqueue", "--task-id", "79", "--email", EMAIL, "--course-url", URL)
+    cli(*args)
+    second = cli(*args)
+    assert second.returncode == 0, explain(second)
+    assert "already queued" in second.stdout
+
+
+def test_enqueue_refuses_bad_task_data(configure: Callable[..., Settings], redis_conn: Redis) -> None:
+    """`enqueue` with an invalid email exits non-zero naming it and queues nothing."""
+    configure()
+    result = cli("enqueue", "--task-id", "78", "--email", "nope", "--course-url", URL)
+    assert result.returncode != 0, explain(result)
+    assert "nope" in result.stderr
+    assert queued(redis_conn) == []
+
+
+def test_stats_json_reports_queue_and_tasks(cli_backend: Backend, redis_conn: Redis) -> None:
+    """`stats --json` prints parseable JSON with queue counts, task counts per status and running tasks."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PENDING)
+    cli_backend.store.insert_task(EMAIL, URL, COMPLETED)
+    cli("confirm-payment", str(task_id))
+    result = cli("stats", "--json")
+    assert result.returncode == RET_OK, explain(result)
+    stats = json.loads(result.stdout)
+    assert stats["queue"]["waiting"] == 1 and stats["queue"]["workers"] == 0
+    assert stats["tasks"] == {PROCESSING: 1, COMPLETED: 1}
+    assert [item["taskId"] for item in stats["running"]] == [task_id]
+
+
+def test_stats_table_is_printed(cli_backend: Backend, redis_conn: Redis) -> None:
+    """Plain `stats` prints the queue counts and one line per task status."""
+    cli_backend.store.insert_task(EMAIL, URL, FAILED)
+    result = cli("stats")
+    assert result.returncode == RET_OK, explain(result)
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert ["waiting", "0"] in lines and ["failed", "1"] in lines and ["pending", "0"] in lines
+
+
+def test_stats_never_prints_the_redis_password(cli_backend: Backend) -> None:
+    """Whatever happens, `stats` output and errors do not contain the Redis password."""
+    result = cli("stats", REDIS_URL="redis://:stats-pw-xyz@127.0.0.1:6379/15")
+    assert "stats-pw-xyz" not in result.stdout + result.stderr, explain(result)
+
+
+def test_watch_refreshes_the_stats(cli_backend: Backend, redis_conn: Redis) -> None:
+    """`watch --count 2 --interval 0` shows the stats twice and exits 0."""
+    result = cli("watch", "--count", "2", "--interval", "0")
+    assert result.returncode == RET_OK, explain(result)
+    assert result.stdout.count("queue 'downloads'") == 2
+
+
+def test_stats_with_redis_down_exits_4(cli_backend: Backend) -> None:
+    """`stats` with Redis unreachable exits 4 (connection) naming redis, without a traceback."""
+    result = cli("stats", REDIS_URL=CLOSED_REDIS)
+    assert result.returncode == RET_CONNECT, explain(result)
+    assert "redis" in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+def test_reconcile_requeues_lost_tasks(cli_backend: Backend, redis_conn: Redis) -> None:
+    """`reconcile` enqueues processing tasks that have no job and reports them."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PROCESSING)
+    result = cli("reconcile")
+    assert result.returncode == RET_OK, explain(result)
+    assert f"1 re-enqueued: [{task_id}]" in result.stdout
+    assert queued(redis_conn) == [job_id_for(task_id)]
+
+
+def test_requeue_failed_puts_failed_tasks_back(cli_backend: Backend, redis_conn: Redis) -> None:
+    """`requeue-failed` moves failed tasks back to processing and enqueues them."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PROCESSING)
+    cli_backend.store.mark_failed(task_id, "boom", None, utcnow())
+    result = cli("requeue-failed")
+    assert result.returncode == RET_OK, explain(result)
+    assert queued(redis_conn) == [job_id_for(task_id)]
+    row = cli_backend.store.get(task_id)
+    assert row is not None and row.status == PROCESSING
+
+
+def test_requeue_failed_refusal_exits_non_zero(cli_backend: Backend, redis_conn: Redis) -> None:
+    """Naming a task that is not failed (here: completed) is refused with a non-zero exit."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, COMPLETED)
+    result = cli("requeue-failed", str(task_id))
+    assert result.returncode != 0, explain(result)
+    assert f"task {task_id}: task is completed" in result.stdout
+
+
+# -- health ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def healthy_env(configure: Callable[..., Settings], redis_conn: Redis, mysql_store: object) -> Settings:
+    """Everything a worker needs, so that only what a test breaks can be unhealthy."""
+    return configure(DATABASE_URL=MYSQL_TEST_URL, ALLOWED_HOSTS="cdn.example")
+
+
+def unhealthy_checks(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line.split()[1].rstrip(":") for line in result.stdout.splitlines() if line.startswith("UNHEALTHY")]
+
+
+def test_health_without_workers_names_workers(healthy_env: Settings) -> None:
+    """With Redis and the database up but no worker listening, `health` fails naming only `workers`."""
+    result = cli("health")
+    assert result.returncode == RET_UNHEALTHY != 0, explain(result)
+    assert unhealthy_checks(result) == ["workers"]
+
+
+def test_health_with_redis_down_names_redis(healthy_env: Settings) -> None:
+    """With REDIS_URL on a closed port, `health` fails naming `redis`."""
+    result = cli("health", REDIS_URL=CLOSED_REDIS)
+    assert result.returncode != 0, explain(result)
+    assert "redis" in unhealthy_checks(result)
+
+
+def test_health_with_database_down_names_database(healthy_env: Settings) -> None:
+    """With the database unreachable, `health` fails naming `database`."""
+    result = cli("health", DATABASE_URL="mysql://root@127.0.0.1:1/udemy_dl_test")
+    assert result.returncode != 0, explain(result)
+    assert "database" in unhealthy_checks(result)
+
+
+def test_health_with_a_worker_running_is_healthy(
+    healthy_env: Settings, redis_conn: Redis, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """With a worker listening on the queue, `health` exits 0."""
+    worker = start_worker()
+    downloads = Queue("downloads", connection=redis_conn)
+    wait_for(lambda: Worker.count(connection=redis_conn, queue=downloads) > 0, timeout=20, what=worker.log)
+    result = cli("health")
+    assert result.returncode == RET_OK, explain(result)
+    assert "healthy" in result.stdout
