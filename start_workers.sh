@@ -47,7 +47,13 @@ for ((n = 1; n <= WORKER_COUNT; n++)); do
       echo "worker $n already running (pid $old_pid)"
       continue
     fi
-    rm -f "$pid_file"  # stale: its process is gone
+    # Stale: the worker is gone. Its scheduler may linger in its process group (setsid: pgid = pid).
+    if [[ "$old_pid" =~ ^[0-9]+$ ]]; then
+      for member in $(pgrep -g "$old_pid" || true); do
+        tr '\0' ' ' <"/proc/$member/cmdline" 2>/dev/null | grep -q 'udemy[-_]dl' && { kill -KILL "$member" 2>/dev/null || true; }
+      done
+    fi
+    rm -f "$pid_file"
   fi
   # setsid: the worker outlives this shell and its terminal; SIGTERM reaches it alone.
   setsid "$UDEMY_DL" worker --name "udemy-dl.$host.$n" >>"$log_file" 2>&1 </dev/null &

@@ -36,6 +36,14 @@ is_our_worker() {  # is_our_worker PID: a live process running udemy-dl (not a r
     && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'udemy[-_]dl'
 }
 
+kill_leftovers() {  # kill_leftovers PGID: SIGKILL what remains of a worker's process group (its scheduler)
+  local member
+  for member in $(pgrep -g "$1" || true); do
+    tr '\0' ' ' <"/proc/$member/cmdline" 2>/dev/null | grep -q 'udemy[-_]dl' && { kill -KILL "$member" 2>/dev/null || true; }
+  done
+  return 0
+}
+
 pids=()
 for pid_file in "${pid_files[@]}"; do
   pid="$(cat "$pid_file" 2>/dev/null || true)"
@@ -78,6 +86,12 @@ for pid in "${pids[@]}"; do
 done
 for pid in "${pids[@]}"; do
   while running "$pid"; do sleep 0.05; done
+done
+# A worker killed earlier (kill -9, OOM) may have left its scheduler behind: start_workers.sh
+# ran each worker with setsid, so its process group id is its PID.
+for pid_file in "${pid_files[@]}"; do
+  pid="$(cat "$pid_file" 2>/dev/null || true)"
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill_leftovers "$pid"
 done
 rm -f "${pid_files[@]}"
 echo "all workers stopped"

@@ -13,6 +13,8 @@ import sys
 from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job
+from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
+from rq.scripts import release_lock
 from rq.worker_pool import WorkerPool
 
 from .connection import redis_connection, worker_queues
@@ -54,11 +56,18 @@ def default_worker_name(index: int) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True if *pid* runs; a zombie (dead, not yet reaped by a slow PID 1) counts as dead."""
     try:
         os.kill(pid, 0)
     except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
+        if exc.errno != errno.EPERM:
+            return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): kill(0) is all we can know
+    return state not in ("Z", "X")
 
 
 def worker_is_running(connection: Redis, name: str | None, job_id: str) -> bool:
@@ -93,6 +102,31 @@ def clear_stale_registration(connection: Redis, name: str) -> bool:
     return True
 
 
+def release_dead_scheduler_locks(connection: Redis, queue_names: list[str]) -> list[str]:
+    """Free scheduler locks held by a dead scheduler process of this host.
+
+    RQ's scheduler lock outlives a killed worker for a minute, and a worker that cannot take it at
+    start only tries again at its next maintenance pass (about 10 minutes): until then retries
+    scheduled before the crash would not fire. Returns the queue names whose lock was freed.
+    """
+    freed = []
+    for queue_name in queue_names:
+        lock_key = RQScheduler.get_locking_key(queue_name)
+        owner = connection.get(lock_key)
+        if owner is None:
+            continue
+        owner_name = owner.decode() if isinstance(owner, bytes) else str(owner)
+        data: dict[bytes, bytes] = connection.hgetall(SCHEDULER_KEY_TEMPLATE % owner_name)  # type: ignore[assignment]
+        hostname = (data.get(b"hostname") or b"").decode()
+        pid = int(data.get(b"pid") or 0)
+        if hostname != socket.gethostname() or not pid or _pid_alive(pid):
+            continue
+        if release_lock(connection, lock_key, owner_name):
+            log.warning("queue %s: freed the scheduler lock of dead scheduler pid %s", queue_name, pid)
+            freed.append(queue_name)
+    return freed
+
+
 def preload_job_modules() -> None:
     """Import the job modules in the parent, so forked work horses do not import them per job."""
     from . import webhooks, worker_rq  # noqa: F401
@@ -104,7 +138,9 @@ def run_worker(settings: Settings, name: str, burst: bool = False, logging_level
     preload_job_modules()
     connection = redis_connection(settings)
     clear_stale_registration(connection, name)
-    worker = DownloadWorker(worker_queues(settings, connection), connection=connection, name=name)
+    queues = worker_queues(settings, connection)
+    release_dead_scheduler_locks(connection, [queue.name for queue in queues])
+    worker = DownloadWorker(queues, connection=connection, name=name)
     return worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)
 
 
@@ -113,7 +149,7 @@ def run_pool(settings: Settings, count: int, logging_level: str = "INFO") -> Non
     settings.require_worker_ready()
     preload_job_modules()
     connection = redis_connection(settings)
-    pool = WorkerPool(
-        worker_queues(settings, connection), connection=connection, num_workers=count, worker_class=DownloadWorker
-    )
+    queues = worker_queues(settings, connection)
+    release_dead_scheduler_locks(connection, [queue.name for queue in queues])
+    pool = WorkerPool(queues, connection=connection, num_workers=count, worker_class=DownloadWorker)
     pool.start(logging_level=logging_level)

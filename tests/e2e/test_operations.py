@@ -1,0 +1,186 @@
+"""Operating the service: the scripts refuse bad config and never start a worker twice; the unit verifies."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from udemy_dl.devservers import WebhookReceiver, write_sample_file
+from udemy_dl.store import COMPLETED, PROCESSING, MySQLStore
+
+from .conftest import (
+    E2E_HOSTNAME,
+    REPO_ROOT,
+    UNIT_FILE,
+    E2EEnv,
+    E2EOrigin,
+    E2EScripts,
+    e2e_bin,
+    e2e_completed_ids,
+    e2e_parent,
+    e2e_pid_running,
+    e2e_rq_info_workers,
+    e2e_sha256,
+    e2e_unavailable,
+    e2e_wait_for,
+    e2e_worker_pids_by_name,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def test_start_twice_does_not_duplicate(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> None:
+    first = e2e_scripts.start(WORKER_COUNT="2")
+    assert first.returncode == 0, first.stdout + first.stderr + e2e_env.logs()
+    pids = e2e_scripts.pids()
+    assert sorted(pids) == [1, 2]
+    expected = {f"udemy-dl.{E2E_HOSTNAME}.{n}": pid for n, pid in pids.items()}
+    assert e2e_rq_info_workers(e2e_env.rq_info()) == expected
+
+    second = e2e_scripts.start(WORKER_COUNT="2")
+    assert second.returncode == 0, second.stdout + second.stderr
+    for number, pid in pids.items():
+        assert f"worker {number} already running (pid {pid})" in second.stdout
+    assert "started (pid" not in second.stdout
+    assert e2e_scripts.pids() == pids, "the PID files must still name the first workers"
+    assert all(e2e_pid_running(pid) for pid in pids.values())
+
+    # Exactly two worker processes (their RQ scheduler children share the command line) and two registrations.
+    running = e2e_worker_pids_by_name(e2e_env.run_id)
+    assert set(running) == set(expected)
+    ours = {pid for found in running.values() for pid in found}
+    assert {pid for pid in ours if e2e_parent(pid) not in ours} == set(pids.values())
+    info = e2e_env.rq_info()
+    assert e2e_rq_info_workers(info) == expected, "still the same two workers"
+    assert re.search(r"^2 workers, ", info, re.MULTILINE), info
+
+    stopped = e2e_scripts.stop()
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not e2e_scripts.pid_files()
+    assert not any(e2e_pid_running(pid) for pid in pids.values())
+    assert e2e_env.leftover_processes() == []
+
+
+def test_bad_config_stops_startup(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> None:
+    done = e2e_scripts.start(WORKER_COUNT="abc")
+    assert done.returncode != 0
+    assert "WORKER_COUNT" in done.stderr
+    assert "abc" in done.stderr
+    assert "started" not in done.stdout
+    assert e2e_scripts.pid_files() == []
+    assert e2e_env.leftover_processes() == []
+
+
+def _unit_settings(text: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def _seconds(value: str) -> float:
+    """A systemd time span (e.g. 40, 40s, 1min 30s) in seconds."""
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value):
+        total += float(number) * units[unit]
+    return total
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    shipped = UNIT_FILE.read_text()
+    settings = _unit_settings(shipped)
+
+    # What the operator relies on, as shipped.
+    assert settings.get("User") and settings["User"][0] not in ("root", "0")
+    assert settings.get("KillMode") == ["mixed"]
+    assert settings.get("Restart") == ["always"]
+    assert settings.get("TimeoutStopSec") and _seconds(settings["TimeoutStopSec"][0]) >= 30
+    assert any(value.endswith("udemy-dl pool") for value in settings["ExecStart"])
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        e2e_unavailable("systemd-analyze", "not on PATH")
+
+    env_file = tmp_path / "udemy_dl.env"
+    env_file.write_text("REDIS_URL=redis://127.0.0.1:6379/14\n")
+    udemy_dl = str(e2e_bin("udemy-dl"))
+    lines = []
+    for line in shipped.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.startswith("Exec"):
+            value = re.sub(r"/opt/udemy_dl/\.venv/bin/udemy-dl", udemy_dl, value)
+        elif sep and key == "EnvironmentFile":
+            value = ("-" if value.startswith("-") else "") + str(env_file)
+        if sep:
+            value = value.replace("/opt/udemy_dl", str(REPO_ROOT))
+            line = f"{key}={value}"
+        lines.append(line)
+    unit = tmp_path / UNIT_FILE.name
+    unit.write_text("\n".join(lines) + "\n")
+    assert "/opt/udemy_dl" not in unit.read_text()
+
+    done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, f"systemd-analyze verify failed:\n{done.stdout}{done.stderr}"
+    assert "is not executable" not in done.stderr
+
+    # The check has teeth: the same unit with a missing binary does not verify.
+    broken = tmp_path / "broken-udemy-worker-rq.service"
+    broken.write_text(unit.read_text().replace(f"ExecStart={udemy_dl}", "ExecStart=/nonexistent/udemy-dl"))
+    failed = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True, timeout=60)
+    assert failed.returncode != 0
+
+
+def test_stop_lets_a_running_download_finish(
+    e2e_env: E2EEnv,
+    e2e_scripts: E2EScripts,
+    e2e_store: MySQLStore,
+    e2e_origin: E2EOrigin,
+    e2e_receiver: WebhookReceiver,
+) -> None:
+    """SIGTERM is a warm shutdown: the download under way completes; its webhook goes out after the next start."""
+    size = 20 * 1024 * 1024
+    url_path = "/files/finishing/lecture.mp4"
+    sha = write_sample_file(e2e_origin.file_path(url_path), size, "finishing")
+    e2e_origin.throttle = 8 * 1024 * 1024  # about 2.5 s for the file
+    task_id = e2e_store.insert_task("buyer@example.com", f"{e2e_origin.base_url}{url_path}")
+    e2e_env.vars.update(WORKER_COUNT="1", STOP_TIMEOUT="20")
+    started = e2e_scripts.start()
+    assert started.returncode == 0, started.stdout + started.stderr + e2e_env.logs()
+    assert e2e_env.cli("confirm-payment", str(task_id)).returncode == 0
+
+    def under_way() -> bool:
+        row = e2e_store.get(task_id)
+        return bool(row and row.progress > 0)
+
+    e2e_wait_for(under_way, timeout=30, what="the download to be under way", interval=0.05)
+    row = e2e_store.get(task_id)
+    assert row is not None and row.status == PROCESSING
+
+    began = time.monotonic()
+    stopped = e2e_scripts.stop()
+    elapsed = time.monotonic() - began
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "killed" not in stopped.stdout and elapsed < 20
+    assert e2e_scripts.pid_files() == [] and e2e_env.leftover_processes() == []
+
+    row = e2e_store.get(task_id)
+    assert row is not None and row.status == COMPLETED and row.attempts == 1, e2e_env.logs()
+    assert e2e_sha256(e2e_env.download_dir / str(task_id) / "lecture.mp4") == sha
+    assert e2e_origin.count(url_path) == 1
+
+    # The webhook queued as the worker finished is delivered once workers run again.
+    restarted = e2e_scripts.start()
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    e2e_wait_for(lambda: task_id in e2e_completed_ids(e2e_receiver), timeout=20, what="the completed webhook")
+    assert len(e2e_completed_ids(e2e_receiver)[task_id]) == 1
+    assert e2e_origin.count(url_path) == 1, "a finished task is not fetched again"
