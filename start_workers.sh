@@ -60,6 +60,17 @@ for ((n = 1; n <= WORKER_COUNT; n++)); do
   echo "$!" >"$pid_file"
   started+=("$n")
 done
+# One reconciler per server: it re-enqueues work whose worker died and repairs drift from the database.
+reconciler_pid_file="$PID_DIR/reconciler.pid"
+reconciler_pid="$(cat "$reconciler_pid_file" 2>/dev/null || true)"
+if is_our_worker "$reconciler_pid"; then
+  echo "reconciler already running (pid $reconciler_pid)"
+  reconciler_pid=""
+else
+  setsid "$UDEMY_DL" reconciler >>"$LOG_DIR/reconciler.log" 2>&1 </dev/null &
+  reconciler_pid="$!"
+  echo "$reconciler_pid" >"$reconciler_pid_file"
+fi
 trap - INT TERM
 
 failed=0
@@ -81,6 +92,15 @@ for n in "${started[@]}"; do
   done
   ((failed)) || echo "worker $n started (pid $pid, log $log_file)"
 done
+if [[ -n "$reconciler_pid" ]]; then
+  if kill -0 "$reconciler_pid" 2>/dev/null; then
+    echo "reconciler started (pid $reconciler_pid, log $LOG_DIR/reconciler.log)"
+  else
+    echo "reconciler failed to start; see $LOG_DIR/reconciler.log" >&2
+    rm -f "$reconciler_pid_file"
+    failed=1
+  fi
+fi
 ((failed)) && exit "$RET_START_FAILED"
 
 # Tasks a previous run left 'processing' with no live job (e.g. a worker killed mid-download)

@@ -24,7 +24,7 @@ fi
 eval "$settings"
 
 shopt -s nullglob
-pid_files=("$PID_DIR"/rq_worker_*.pid)
+pid_files=("$PID_DIR"/rq_worker_*.pid "$PID_DIR"/reconciler*.pid)
 if ((${#pid_files[@]} == 0)); then
   echo "no workers running (no PID files in $PID_DIR)"
   exit "$RET_OK"
@@ -52,7 +52,7 @@ for pid_file in "${pid_files[@]}"; do
     pids+=("$pid")
   fi
 done
-echo "sent SIGTERM to ${#pids[@]} worker(s), waiting up to ${STOP_TIMEOUT}s"
+echo "sent SIGTERM to ${#pids[@]} process(es) (workers and reconciler), waiting up to ${STOP_TIMEOUT}s"
 
 running() {  # running PID: the process exists and is not a zombie waiting to be reaped
   local state

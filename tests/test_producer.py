@@ -251,21 +251,6 @@ def test_killed_worker_takes_its_horse_down_and_frees_the_task(
             kill_group(pid)
 
 
-def test_reconcile_requeues_processing_tasks_without_a_live_job(
-    configure: Callable[..., Settings], redis_conn: Redis, backend: Backend
-) -> None:
-    """The reconciler enqueues processing rows whose push was lost, and leaves queued and settled ones alone."""
-    settings = configure(DATABASE_URL=backend.url)
-    lost = backend.store.insert_task(EMAIL, URL, PROCESSING)
-    queued = backend.store.insert_task(EMAIL, URL, PROCESSING)
-    backend.store.insert_task(EMAIL, URL, COMPLETED)
-    backend.store.insert_task(EMAIL, URL, PENDING)
-    producer = Producer(settings, connection=redis_conn, store=backend.store)
-    producer.add_download_job(payload(queued))
-    assert producer.reconcile() == (2, [lost])
-    assert sorted(queued_ids(redis_conn, settings)) == sorted([job_id_for(lost), job_id_for(queued)])
-
-
 # -- confirm_payment ------------------------------------------------------------------------------
 
 

@@ -162,8 +162,15 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    processing, requeued = _producer(settings).reconcile()
-    print(f"{processing} task(s) processing, {len(requeued)} re-enqueued: {requeued or '-'}")
+    from .reconciler import Reconciler
+
+    reconciler = Reconciler(settings)
+    recovered = reconciler.recover_started()
+    result = reconciler.sweep()
+    requeued = sorted(set(result.requeued) | set(recovered))
+    print(f"{result.processing} task(s) processing, {len(requeued)} re-enqueued: {requeued or '-'}")
+    if result.failed:
+        print(f"failed (no attempts left): {result.failed}")
     return RET_OK
 
 
@@ -204,6 +211,13 @@ def cmd_shell_settings(settings: Settings, args: argparse.Namespace) -> int:
     }
     for key, value in values.items():
         print(f"{key}={shlex.quote(str(value))}")
+    return RET_OK
+
+
+def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
+    from .reconciler import run_reconciler
+
+    run_reconciler(settings)
     return RET_OK
 
 
@@ -252,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconcile", help="re-enqueue processing tasks that have no live job")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("reconciler", help="run the reconciler loop (start_workers.sh and the pool run it)")
+    p.set_defaults(func=cmd_reconciler)
 
     p = sub.add_parser("requeue-failed", help="put failed tasks (all, or those named) back on the queue")
     p.add_argument("task_ids", nargs="*", type=int, metavar="TASK_ID")

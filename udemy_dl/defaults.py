@@ -79,3 +79,20 @@ DISK_HEADROOM = 256 * 1024 * 1024
 
 RECONCILE_INTERVAL = 300
 """Seconds between reconciler sweeps while workers run."""
+
+RECOVERY_INTERVAL = 10
+"""Seconds between the reconciler's Redis-only checks for jobs whose worker died."""
+
+WORKER_TTL = 60
+"""Seconds a worker's registration lives without a heartbeat (RQ's worker_ttl; its default is 420).
+Idle workers heartbeat every WORKER_TTL - 15 s, busy ones every 30 s, so a dead worker on another
+host is noticed within about 90 s."""
+
+LEASE_TTL = 60
+"""Seconds a task's lease lives unless its run renews it (every LEASE_TTL / 3 seconds)."""
+
+STORE_RETRY_SECONDS = 120
+"""How long a worker keeps retrying a status update while the database is unreachable."""
+
+HAND_BACK_SIGNAL_NAME = "SIGUSR1"
+"""Signal a stopping worker sends its work horse: hand the task back to the queue now."""

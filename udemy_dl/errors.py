@@ -71,6 +71,18 @@ class WebhookDeliveryError(TransientError):
     """Raised when the webhook receiver does not answer 2xx; the delivery is retried."""
 
 
+class LeaseBusyError(TransientError):
+    """Raised when another run holds the task's lease: this run steps aside and is retried later."""
+
+
+class LeaseLostError(TransientError):
+    """Raised when a run's lease could not be renewed: another run may take over, so this one stops."""
+
+
+class Interrupted(UdemyDlError):
+    """Raised inside a fetch when its run was asked to stop (worker stopping, lease lost)."""
+
+
 class TaskLostError(UdemyDlError):
     """Raised when a conditional status change finds the row in an unexpected state."""
 

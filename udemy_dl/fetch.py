@@ -33,6 +33,7 @@ from .errors import (
     BadManifestError,
     FetchError,
     IntegrityError,
+    Interrupted,
     NoSpaceError,
     OriginRefusedError,
     TooLargeError,
@@ -88,6 +89,11 @@ class FetchResult:
 
 class _Cancelled(Exception):
     """Raised inside a transfer thread when a sibling transfer has failed."""
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Interrupted("fetch stopped on request; the bytes so far are kept")
 
 
 class _Progress:
@@ -189,6 +195,7 @@ class Fetcher:
         self.session = session or new_session(allowed_hosts, self.concurrency)
         self.timeout = timeout
         self.max_task_bytes = max_task_bytes
+        self._stop: threading.Event | None = None
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -223,8 +230,18 @@ class Fetcher:
 
     # -- the course -------------------------------------------------------------------------
 
-    def fetch(self, course_url: str, staging: Path, on_progress: ProgressCallback | None = None) -> FetchResult:
-        """Fetch the course at *course_url* into *staging* and return what was fetched."""
+    def fetch(
+        self,
+        course_url: str,
+        staging: Path,
+        on_progress: ProgressCallback | None = None,
+        stop: threading.Event | None = None,
+    ) -> FetchResult:
+        """Fetch the course at *course_url* into *staging* and return what was fetched.
+
+        Setting *stop* makes the fetch raise Interrupted within a chunk, keeping its bytes.
+        """
+        self._stop = stop
         staging.mkdir(parents=True, exist_ok=True)
         if staging.is_symlink():
             raise UnsafePathError(f"staging folder is a symlink: {staging}")
@@ -273,6 +290,7 @@ class Fetcher:
         results: dict[int, FetchedFile] = {}
 
         def run(index: int) -> None:
+            _check_stop(self._stop)
             results[index] = self._fetch_file(specs[index], staging, progress, cancel, opened if index == 0 else None)
             progress.file_done()
 
@@ -288,7 +306,8 @@ class Fetcher:
                     for future in futures:
                         future.cancel()
                     wait(futures)
-                    first = next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+                    first = next((e for e in errors if not isinstance(e, _Cancelled | Interrupted)), None)
+                    first = first or next((e for e in errors if isinstance(e, Interrupted)), errors[0])
                     assert first is not None
                     raise first
         fetched = tuple(results[index] for index in range(len(specs)))
@@ -403,6 +422,7 @@ class Fetcher:
                 for chunk in response.iter_content(chunk_size=defaults.CHUNK_SIZE):
                     if cancel.is_set():
                         raise _Cancelled()
+                    _check_stop(self._stop)
                     if not chunk:
                         continue
                     size += len(chunk)

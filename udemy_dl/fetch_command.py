@@ -6,12 +6,13 @@ import hashlib
 import logging
 import subprocess
 import threading
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import IO
 
 from . import defaults
-from .errors import CommandError, UnsafePathError
+from .errors import CommandError, Interrupted, UnsafePathError
 from .fetch import PARTS_DIRNAME, FetchedFile, FetchResult, ProgressCallback
 from .safety import check_url_allowed
 from .storage import RECORD_NAME
@@ -32,7 +33,13 @@ class CommandFetcher:
         self.allowed_hosts = allowed_hosts
         self.timeout = timeout
 
-    def fetch(self, course_url: str, staging: Path, on_progress: ProgressCallback | None = None) -> FetchResult:
+    def fetch(
+        self,
+        course_url: str,
+        staging: Path,
+        on_progress: ProgressCallback | None = None,
+        stop: threading.Event | None = None,
+    ) -> FetchResult:
         check_url_allowed(course_url, self.allowed_hosts)
         staging.mkdir(parents=True, exist_ok=True)
         argv = [part.replace("{url}", course_url).replace("{dest}", str(staging)) for part in self.argv]
@@ -47,12 +54,21 @@ class CommandFetcher:
         output = process.stdout
         reader = threading.Thread(target=_log_lines, args=(output,), daemon=True)
         reader.start()
+        deadline = time.monotonic() + self.timeout
         try:
-            code = process.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired as exc:
-            process.kill()
-            process.wait()
-            raise CommandError(f"FETCH_COMMAND timed out after {self.timeout}s") from exc
+            while True:
+                try:
+                    code = process.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop is not None and stop.is_set():
+                        process.terminate()
+                        process.wait()
+                        raise Interrupted("FETCH_COMMAND stopped on request") from None
+                    if time.monotonic() >= deadline:
+                        process.kill()
+                        process.wait()
+                        raise CommandError(f"FETCH_COMMAND timed out after {self.timeout}s") from None
         finally:
             reader.join(timeout=5)
         if code != 0:

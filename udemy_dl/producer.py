@@ -107,7 +107,7 @@ class Producer:
         job = self.fetch_job(job_id_for(task_id))
         return job if job is not None and self.job_is_live(job) else None
 
-    def add_download_job(self, task_data: Mapping[str, Any] | TaskData) -> EnqueueResult:
+    def add_download_job(self, task_data: Mapping[str, Any] | TaskData, at_front: bool = False) -> EnqueueResult:
         """Enqueue *task_data* once: an existing live job for the same taskId is returned instead."""
         task = task_data if isinstance(task_data, TaskData) else parse_task(task_data)
         job_id = job_id_for(task.task_id)
@@ -140,6 +140,7 @@ class Producer:
                     result_ttl=self.settings.result_ttl,
                     failure_ttl=self.settings.failure_ttl,
                     description=f"download task {task.task_id}",
+                    at_front=at_front,
                 )
         except LockError as exc:
             raise TransientError(f"task {task.task_id}: enqueue lock busy: {exc}") from exc
@@ -195,21 +196,6 @@ class Producer:
                 event_id(row.id, EVENT_FAILED, finished_at),
                 build_event(EVENT_FAILED, data, finished_at),
             )
-
-    def reconcile(self) -> tuple[int, list[int]]:
-        """Re-enqueue every `processing` task that has no live job (lost push, Redis restart, dead worker).
-
-        One SELECT per sweep; safe to run on several hosts at once (enqueue is deduplicated).
-        Returns (tasks processing, task ids re-enqueued).
-        """
-        rows = self.store.rows_with_status(PROCESSING)
-        requeued = []
-        for row in rows:
-            if self.live_job(row.id) is None:
-                outcome = self.add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
-                if outcome.created:
-                    requeued.append(row.id)
-        return len(rows), requeued
 
     def requeue_failed(self, task_ids: Iterable[int] | None = None) -> ConfirmResult:
         """Operator's retry: `failed` rows (all, or those named) go back to `processing` and are enqueued."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -141,9 +142,15 @@ class TaskStore:
     def init_schema(self) -> None:
         raise NotImplementedError
 
-    def __init__(self) -> None:
+    def __init__(self, retry_for: float = 0) -> None:
         self._conn: Any = None
         self._pid = 0
+        self.retry_for = retry_for
+        """Seconds to keep retrying a statement while the database is unreachable (0: fail at once)."""
+
+    def _is_unreachable(self, exc: Exception) -> bool:
+        """True for errors that mean "could not talk to the database", worth retrying."""
+        return False
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -157,22 +164,34 @@ class TaskStore:
     def _sql(self, statement: str) -> str:
         return statement if self.placeholder == "%s" else statement.replace("%s", self.placeholder)
 
-    def _execute(self, statement: str, params: Sequence[Any] = ()) -> tuple[int, list[tuple[Any, ...]]]:
-        """Run one statement; return (rows matched, rows fetched). Raises StoreError on failure."""
-        try:
-            conn = self._connection()
-            cursor = conn.cursor()
+    def _execute(
+        self, statement: str, params: Sequence[Any] = (), retry: bool = True
+    ) -> tuple[int, list[tuple[Any, ...]]]:
+        """Run one statement; return (rows matched, rows fetched). Raises StoreError on failure.
+
+        While the database is unreachable the statement is retried with backoff for `retry_for`
+        seconds, so a status change survives a database restart instead of being lost.
+        """
+        deadline = time.monotonic() + (self.retry_for if retry else 0)
+        delay = 0.5
+        while True:
             try:
-                cursor.execute(self._sql(statement), tuple(params))
-                rows = cursor.fetchall() if cursor.description else []
-                return cursor.rowcount, rows
-            finally:
-                cursor.close()
-        except StoreError:
-            raise
-        except Exception as exc:  # driver errors differ per back end; all mean "not recorded"
-            self.close()
-            raise StoreError(f"status store: {type(exc).__name__}: {exc}") from exc
+                conn = self._connection()
+                cursor = conn.cursor()
+                try:
+                    cursor.execute(self._sql(statement), tuple(params))
+                    rows = cursor.fetchall() if cursor.description else []
+                    return cursor.rowcount, rows
+                finally:
+                    cursor.close()
+            except Exception as exc:  # driver errors differ per back end; all mean "not recorded"
+                self.close()
+                if self._is_unreachable(exc) and time.monotonic() + delay < deadline:
+                    log.warning("status store unreachable (%s); retrying in %.1fs", exc, delay)
+                    time.sleep(delay)  # backoff between reconnection attempts
+                    delay = min(delay * 2, 10.0)
+                    continue
+                raise StoreError(f"status store: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _in(ids: Sequence[int]) -> str:
@@ -248,9 +267,20 @@ class TaskStore:
         return count == 1
 
     def set_progress(self, task_id: int, percent: int) -> bool:
+        """Best effort, never retried: a lost progress update is replaced by the next one."""
         count, _ = self._execute(
             "UPDATE download_tasks SET progress = %s, updated_at = %s WHERE id = %s AND status = %s",
             (max(0, min(100, percent)), utcnow(), task_id, PROCESSING),
+            retry=False,
+        )
+        return count == 1
+
+    def undo_attempt(self, task_id: int) -> bool:
+        """Give back the attempt a run counted, when the run was stopped through no fault of its own."""
+        count, _ = self._execute(
+            "UPDATE download_tasks SET attempts = attempts - 1, updated_at = %s "
+            "WHERE id = %s AND status = %s AND attempts > 0",
+            (utcnow(), task_id, PROCESSING),
         )
         return count == 1
 
@@ -302,8 +332,8 @@ class TaskStore:
 class MySQLStore(TaskStore):
     """MySQL or MariaDB through mysql-connector-python."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__()
+    def __init__(self, url: str, retry_for: float = 0) -> None:
+        super().__init__(retry_for)
         parts = urlsplit(url)
         database = unquote(parts.path.lstrip("/"))
         if not parts.hostname or not database:
@@ -315,6 +345,11 @@ class MySQLStore(TaskStore):
             "password": unquote(parts.password or ""),
             "database": database,
         }
+
+    def _is_unreachable(self, exc: Exception) -> bool:
+        from mysql.connector import errors
+
+        return isinstance(exc, errors.OperationalError | errors.InterfaceError)
 
     def __repr__(self) -> str:
         return f"MySQLStore(host={self._params['host']!r}, database={self._params['database']!r})"
@@ -357,8 +392,8 @@ class SQLiteStore(TaskStore):
 
     placeholder = "?"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__()
+    def __init__(self, path: Path, retry_for: float = 0) -> None:
+        super().__init__(retry_for)
         self.path = path
 
     def __repr__(self) -> str:
@@ -380,18 +415,18 @@ class SQLiteStore(TaskStore):
             raise StoreError(f"status store: {exc}") from exc
 
 
-def open_store(database_url: str) -> TaskStore:
+def open_store(database_url: str, retry_for: float = 0) -> TaskStore:
     """Return the store that *database_url* names (mysql://… or sqlite:///path)."""
     parts = urlsplit(database_url)
     if parts.scheme == "mysql":
-        return MySQLStore(database_url)
+        return MySQLStore(database_url, retry_for)
     if parts.scheme == "sqlite":
         # sqlite:///relative/path or sqlite:////absolute/path, as SQLAlchemy spells them.
         raw = unquote(parts.path)
         path = raw[1:] if raw.startswith("/") else raw
         if not path:
             raise ConfigError("DATABASE_URL", "sqlite:/// needs a file path, e.g. sqlite:///./udemy_dl.sqlite3")
-        return SQLiteStore(Path(path))
+        return SQLiteStore(Path(path), retry_for)
     raise ConfigError("DATABASE_URL", f"unsupported scheme {parts.scheme!r}")
 
 

@@ -2,72 +2,84 @@
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 import signal
 import socket
-import sys
+from multiprocessing import get_context
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue, Worker
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.scripts import release_lock
 from rq.worker_pool import WorkerPool
 
+from . import defaults
 from .connection import redis_connection, worker_queues
+from .process import die_with_parent, install_hand_back_handler, pid_alive
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere).
-
-    A work horse outliving its worker (kill -9, OOM killer) would go on writing a staging folder
-    while the task is handed to another worker; with this, it cannot.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
-        return
-    if parent == 1 or os.getppid() != parent:  # the parent died before the request took hold
-        os._exit(1)
+HAND_BACK_SIGNAL = getattr(signal, defaults.HAND_BACK_SIGNAL_NAME)
 
 
 class DownloadWorker(Worker):
-    """RQ's forking worker, except that its work horse dies with it."""
+    """RQ's forking worker, with what a download service needs on top:
+
+    - its work horse dies with it (no orphan keeps writing a staging folder);
+    - a short worker TTL, so a dead worker on another host is noticed within about 90 s;
+    - on a warm shutdown (SIGTERM/SIGINT) it asks the horse to hand its task back to the queue
+      at once, instead of waiting for a download that may take an hour;
+    - after Redis has lost its data, its next heartbeat registers it again (rq info shows it).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("worker_ttl", defaults.WORKER_TTL)
+        super().__init__(*args, **kwargs)
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
+        install_hand_back_handler(HAND_BACK_SIGNAL)
         die_with_parent()
         super().main_work_horse(job, queue)
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()  # type: ignore[no-untyped-call]
+        if self.horse_pid:
+            self.log.info("Worker %s: asking horse %s to hand its task back", self.name, self.horse_pid)
+            try:
+                os.kill(self.horse_pid, HAND_BACK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
+        super().handle_job_success(job, queue, started_job_registry)
+        if job.meta.get("handed_back") and job.args:
+            # Only now is the job finished, so the enqueue below makes a fresh job rather than
+            # finding this one live. At the front: it was already running once.
+            from .producer import Producer
+            from .settings import get_settings
+
+            outcome = Producer(get_settings(), connection=self.connection).add_download_job(job.args[0], at_front=True)
+            self.log.info("Worker %s: task handed back as job %s", self.name, outcome.job.id)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        if pipeline is None and self.birth_date is not None and not self.connection.hexists(self.key, "birth"):
+            # Redis restarted without our registration: announce ourselves again.
+            self.log.warning("Worker %s: registration lost (Redis restarted?); registering again", self.name)
+            self.connection.delete(self.key)
+            self.register_birth()  # type: ignore[no-untyped-call]
+        super().heartbeat(timeout, pipeline)
 
 
 def default_worker_name(index: int) -> str:
     return f"udemy-dl.{socket.gethostname()}.{index}"
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if *pid* runs; a zombie (dead, not yet reaped by a slow PID 1) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        if exc.errno != errno.EPERM:
-            return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux): kill(0) is all we can know
-    return state not in ("Z", "X")
 
 
 def worker_is_running(connection: Redis, name: str | None, job_id: str) -> bool:
@@ -82,7 +94,7 @@ def worker_is_running(connection: Redis, name: str | None, job_id: str) -> bool:
     worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=connection)
     if worker is None or worker.death_date is not None:
         return False
-    if worker.hostname == socket.gethostname() and worker.pid and not _pid_alive(worker.pid):
+    if worker.hostname == socket.gethostname() and worker.pid and not pid_alive(worker.pid):
         return False
     return worker.get_current_job_id() == job_id
 
@@ -95,7 +107,7 @@ def clear_stale_registration(connection: Redis, name: str) -> bool:
     is retired; a live worker elsewhere keeps its name.
     """
     old = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=connection)
-    if old is None or old.hostname != socket.gethostname() or not old.pid or _pid_alive(old.pid):
+    if old is None or old.hostname != socket.gethostname() or not old.pid or pid_alive(old.pid):
         return False
     log.warning("worker %s: retiring the registration of dead pid %s", name, old.pid)
     old.register_death()
@@ -119,7 +131,7 @@ def release_dead_scheduler_locks(connection: Redis, queue_names: list[str]) -> l
         data: dict[bytes, bytes] = connection.hgetall(SCHEDULER_KEY_TEMPLATE % owner_name)  # type: ignore[assignment]
         hostname = (data.get(b"hostname") or b"").decode()
         pid = int(data.get(b"pid") or 0)
-        if hostname != socket.gethostname() or not pid or _pid_alive(pid):
+        if hostname != socket.gethostname() or not pid or pid_alive(pid):
             continue
         if release_lock(connection, lock_key, owner_name):
             log.warning("queue %s: freed the scheduler lock of dead scheduler pid %s", queue_name, pid)
@@ -144,12 +156,47 @@ def run_worker(settings: Settings, name: str, burst: bool = False, logging_level
     return worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)
 
 
+class DownloadPool(WorkerPool):
+    """RQ's worker pool plus one reconciler process, each replaced if it dies."""
+
+    def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self.reconciler: BaseProcess | None = None
+
+    def _ensure_reconciler(self) -> None:
+        if self.reconciler is not None and self.reconciler.is_alive():
+            return
+        if self.reconciler is not None:
+            self.log.warning("reconciler (pid %s) died; starting another", self.reconciler.pid)
+        from .reconciler import run_reconciler
+
+        self.reconciler = get_context("fork").Process(target=run_reconciler, args=(self.settings,), name="reconciler")
+        self.reconciler.start()
+
+    def check_workers(self, respawn: bool = True) -> None:
+        super().check_workers(respawn)
+        if respawn and self.status != self.Status.STOPPED:
+            self._ensure_reconciler()
+
+    def stop_workers(self) -> None:
+        super().stop_workers()  # type: ignore[no-untyped-call]
+        if self.reconciler is not None and self.reconciler.is_alive():
+            self.reconciler.terminate()
+
+
 def run_pool(settings: Settings, count: int, logging_level: str = "INFO") -> None:
-    """Run RQ's worker pool: *count* workers, each replaced if it dies; SIGTERM stops them warmly."""
+    """Run RQ's worker pool: *count* workers and a reconciler, each replaced if it dies;
+    SIGTERM stops them warmly (a running download is handed back to the queue)."""
     settings.require_worker_ready()
     preload_job_modules()
     connection = redis_connection(settings)
     queues = worker_queues(settings, connection)
     release_dead_scheduler_locks(connection, [queue.name for queue in queues])
-    pool = WorkerPool(queues, connection=connection, num_workers=count, worker_class=DownloadWorker)
-    pool.start(logging_level=logging_level)
+    pool = DownloadPool(settings, queues, connection=connection, num_workers=count, worker_class=DownloadWorker)
+    try:
+        pool.start(logging_level=logging_level)
+    finally:
+        if pool.reconciler is not None:
+            pool.reconciler.terminate()
+            pool.reconciler.join(5)

@@ -20,9 +20,11 @@ from rq.job import Job
 
 from . import defaults
 from .connection import redis_connection
-from .errors import InvalidTaskError, PermanentError
+from .errors import Interrupted, InvalidTaskError, PermanentError, StoreError
 from .fetch import Fetcher
 from .fetch_command import CommandFetcher
+from .lease import TaskLease
+from .process import HAND_BACK
 from .settings import Settings, get_settings
 from .storage import final_path, keep_failed, promote, read_record, staging_path, write_record
 from .store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
@@ -53,7 +55,7 @@ def get_context() -> Context:
         settings = get_settings()
         _context = Context(
             settings=settings,
-            store=open_store(settings.require_database()),
+            store=open_store(settings.require_database(), retry_for=defaults.STORE_RETRY_SECONDS),
             redis=redis_connection(settings),
             fetcher=_fetcher(settings),
         )
@@ -113,7 +115,10 @@ class ProgressReporter:
             self.job.save_meta()
         if percent != self._last_percent:
             self._last_percent = percent
-            self.store.set_progress(self.task_id, percent)
+            try:
+                self.store.set_progress(self.task_id, percent)
+            except StoreError as exc:  # progress is best effort; the outcome is what must be recorded
+                log.warning("task %s: progress not recorded: %s", self.task_id, exc)
         log.info(
             "task %s: %s%% %s/%s bytes, %s/%s files, %.1f MB/s",
             self.task_id,
@@ -149,11 +154,38 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
         log.warning("task %s: status is %s (not paid), not fetching", task.task_id, row.status)
         return {"success": False, "taskId": task.task_id, "error": f"task is {row.status}, not processing"}
 
+    if row.attempts >= ctx.settings.max_attempts:
+        # Earlier runs used every attempt without a result: each died (killed, out of memory).
+        reason = f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
+        log.error("task %s: %s", task.task_id, reason)
+        settle_failure(ctx, task, reason)
+        return {"success": False, "taskId": task.task_id, "error": reason}
+
+    lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=HAND_BACK)
+    lease.acquire()  # LeaseBusyError: another run is at it; this one steps aside and is retried later
+    try:
+        return _attempt(ctx, task, row, job, lease)
+    finally:
+        lease.release()
+
+
+def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease: TaskLease) -> dict[str, Any]:
     ctx.store.begin_attempt(task.task_id)
     attempt = row.attempts + 1
     log.info("task %s: attempt %s of %s: %s", task.task_id, attempt, ctx.settings.max_attempts, task.course_url)
     try:
         return _download(ctx, task, job)
+    except Interrupted:
+        # Not this attempt's fault: give the attempt back. The bytes so far stay in staging.
+        ctx.store.undo_attempt(task.task_id)
+        if lease.lost.is_set():
+            log.warning("task %s: lease lost mid-run; leaving the task to the run that holds it", task.task_id)
+            return {"success": False, "taskId": task.task_id, "leaseLost": True}
+        log.info("task %s: worker stopping; handing the task back to the queue", task.task_id)
+        if job is not None:
+            job.meta["handed_back"] = True
+            job.save_meta()
+        return {"success": False, "taskId": task.task_id, "handedBack": True}
     except PermanentError as exc:
         log.error("task %s: permanent error: %s", task.task_id, exc)
         settle_failure(ctx, task, str(exc))
@@ -174,7 +206,7 @@ def _download(ctx: Context, task: TaskData, job: Job | None) -> dict[str, Any]:
     if record is None:
         staging = staging_path(settings, task.task_id)
         reporter = ProgressReporter(task.task_id, ctx.store, job)
-        result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter)
+        result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=HAND_BACK)
         record = result.record(task.course_url)
         write_record(staging, record)
         promote(staging, final)
@@ -182,7 +214,13 @@ def _download(ctx: Context, task: TaskData, job: Job | None) -> dict[str, Any]:
         log.info("task %s: files already in place at %s, recording them", task.task_id, final)
     finished_at = utcnow()
     total = int(record.get("bytes", 0))
-    if ctx.store.mark_completed(task.task_id, str(final), total, finished_at):
+    if _settle(
+        ctx,
+        task.task_id,
+        COMPLETED,
+        finished_at,
+        ctx.store.mark_completed(task.task_id, str(final), total, finished_at),
+    ):
         log.info("task %s: completed, %s files, %s bytes in %s", task.task_id, len(record["files"]), total, final)
         data = {
             **task.to_payload(),
@@ -208,11 +246,23 @@ def settle_failure(ctx: Context, task: TaskData, reason: str) -> None:
     """Last word on a task that cannot succeed: keep its files aside, mark it failed, tell the payment service."""
     kept = keep_failed(ctx.settings, task.task_id, staging_path(ctx.settings, task.task_id), reason)
     finished_at = utcnow()
-    if ctx.store.mark_failed(task.task_id, reason, str(kept), finished_at):
+    if _settle(
+        ctx, task.task_id, FAILED, finished_at, ctx.store.mark_failed(task.task_id, reason, str(kept), finished_at)
+    ):
         data = {**task.to_payload(), "status": FAILED, "error": reason, "failedPath": str(kept)}
         _send(ctx, task.task_id, EVENT_FAILED, data, finished_at)
     else:
         log.warning("task %s: row was no longer processing; failure not recorded", task.task_id)
+
+
+def _settle(ctx: Context, task_id: int, status: str, finished_at: datetime, changed: bool) -> bool:
+    """Did our status change take effect? Also true when the update was applied but its answer
+    was lost (the store retried a statement that had in fact committed): the row then carries
+    our status and our finish time."""
+    if changed:
+        return True
+    row = ctx.store.get(task_id)
+    return row is not None and row.status == status and row.finished_at == finished_at
 
 
 def _reject_bad_input(ctx: Context, task_data: object, exc: InvalidTaskError) -> dict[str, Any]:

@@ -169,11 +169,12 @@ def test_killed_worker_task_is_recovered_on_restart(
     assert row.attempts == 1
     assert 0 < e2e_origin.bytes_sent.get(url_path, 0) < size, "killed mid-way"
 
-    # The next start finds the stale PID file, starts a fresh worker and hands the task back.
+    # The next start finds the stale PID file and starts a fresh worker. The task goes back on the
+    # queue through the reconciler (still running, it notices the dead worker) or the start's own
+    # reconcile pass, whichever comes first.
     restarted = e2e_scripts.start()
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr + e2e_env.logs()
-    assert "already running" not in restarted.stdout
-    assert f"re-enqueued: [{task_id}]" in restarted.stdout, restarted.stdout + restarted.stderr
+    assert "worker 1 already running" not in restarted.stdout
 
     def completed() -> bool:
         current = e2e_store.get(task_id)

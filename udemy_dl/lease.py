@@ -1,0 +1,116 @@
+"""Per-task leases in Redis: at most one run of a task at a time, renewed while it runs.
+
+The lease value names its holder (host, PID, job). A holder that is gone (its PID dead on this
+host) can be replaced at once; elsewhere the lease simply expires LEASE_TTL seconds after its
+holder's last renewal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from types import TracebackType
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from . import defaults
+from .errors import LeaseBusyError
+from .process import pid_alive
+
+log = logging.getLogger(__name__)
+
+# Compare-and-set scripts: only the holder named by the token may renew or release.
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def lease_key(task_id: int) -> str:
+    return f"udemy_dl:lease:{task_id}"
+
+
+class TaskLease:
+    """Hold `udemy_dl:lease:<taskId>` for one run; `with lease:` acquires, renews and releases it."""
+
+    def __init__(
+        self,
+        connection: Redis,
+        task_id: int,
+        job_id: str = "",
+        ttl: int = defaults.LEASE_TTL,
+        also_set: threading.Event | None = None,
+    ) -> None:
+        self.connection = connection
+        self.task_id = task_id
+        self.key = lease_key(task_id)
+        self.ttl_ms = ttl * 1000
+        self.token = f"{socket.gethostname()}|{os.getpid()}|{job_id}|{uuid.uuid4().hex}"
+        self.lost = threading.Event()
+        """Set when a renewal finds the lease gone or taken: the run must stop."""
+        self._also_set = also_set
+        """Another event to set when the lease is lost (the fetch's stop event)."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> str | None:
+        value = self.connection.get(self.key)
+        return value.decode() if isinstance(value, bytes) else None
+
+    def acquire(self) -> None:
+        """Take the lease, replacing a dead holder on this host; raise LeaseBusyError otherwise."""
+        if self.connection.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            self._start_renewing()
+            return
+        current = self.holder()
+        if current and _holder_is_dead_here(current):
+            if self.connection.eval(_RELEASE, 1, self.key, current) and self.connection.set(
+                self.key, self.token, nx=True, px=self.ttl_ms
+            ):
+                log.warning("task %s: took over the lease of a dead run (%s)", self.task_id, current)
+                self._start_renewing()
+                return
+        raise LeaseBusyError(f"task {self.task_id}: another run holds the lease ({current})")
+
+    def _start_renewing(self) -> None:
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.task_id}", daemon=True)
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        interval = self.ttl_ms / 3000
+        while not self._stop.wait(interval):
+            try:
+                renewed = self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+            except RedisError as exc:
+                log.warning("task %s: lease renewal failed: %s", self.task_id, exc)
+                continue  # Redis away for a moment: the lease lasts LEASE_TTL; try again next beat
+            if not renewed:
+                log.error("task %s: lease lost; stopping this run", self.task_id)
+                self.lost.set()
+                if self._also_set is not None:
+                    self._also_set.set()
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.connection.eval(_RELEASE, 1, self.key, self.token)
+        except RedisError as exc:  # it expires by itself
+            log.warning("task %s: lease release failed: %s", self.task_id, exc)
+
+    def __enter__(self) -> TaskLease:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+def _holder_is_dead_here(token: str) -> bool:
+    host, _, rest = token.partition("|")
+    pid_text = rest.split("|", 1)[0]
+    return host == socket.gethostname() and pid_text.isdigit() and not pid_alive(int(pid_text))

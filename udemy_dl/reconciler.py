@@ -1,0 +1,163 @@
+"""The reconciler: MySQL is the record, Redis the transport; this repairs the drift between them.
+
+Two cadences, both safe on several hosts at once (a Redis lock elects one sweeper per period,
+and every enqueue is deduplicated anyway):
+
+- every RECOVERY_INTERVAL seconds, Redis only: a started download whose worker no longer runs it
+  (killed, out of memory, host gone) is enqueued again, so crashed work resumes within about
+  90 s at worst and at once on the same host; dead workers of this host leave `rq info`;
+- every RECONCILE_INTERVAL seconds (and at once after Redis lost its data), one SELECT: each
+  task `processing` with no live job is enqueued again, or settled `failed` when its attempts
+  are used up.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Worker
+from rq.registry import StartedJobRegistry
+
+from . import defaults
+from .errors import StoreError, UdemyDlError
+from .process import pid_alive
+from .producer import Producer
+from .settings import Settings
+from .store import PROCESSING, TaskRow
+from .task import TaskData
+from .worker import worker_is_running
+
+log = logging.getLogger(__name__)
+
+SWEEP_LOCK = "udemy_dl:reconciler:sweep"
+RECOVER_LOCK = "udemy_dl:reconciler:recover"
+
+
+@dataclass
+class SweepResult:
+    processing: int = 0
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, producer: Producer | None = None) -> None:
+        self.settings = settings
+        self.producer = producer or Producer(settings)
+        self.connection: Redis = self.producer.connection
+        self._redis_run_id: str | None = None
+
+    # -- Redis only -------------------------------------------------------------------------
+
+    def recover_started(self) -> list[int]:
+        """Enqueue again every started download whose worker is gone. Returns the task ids."""
+        registry = StartedJobRegistry(queue=self.producer.queue)
+        recovered = []
+        for job_id in registry.get_job_ids():
+            job = self.producer.fetch_job(job_id)
+            if job is None or not job.args or worker_is_running(self.connection, job.worker_name, job.id):
+                continue
+            task_data = job.args[0]
+            outcome = self.producer.add_download_job(task_data, at_front=True)
+            if outcome.created:
+                log.warning("job %s: its worker %s is gone; enqueued again", job_id, job.worker_name)
+                recovered.append(int(task_data.get("taskId", 0)) if isinstance(task_data, dict) else 0)
+        return recovered
+
+    def retire_dead_local_workers(self) -> list[str]:
+        """Remove registrations of this host's workers whose process is dead, so rq info lists the live ones."""
+        retired = []
+        for worker in Worker.all(connection=self.connection):
+            if worker.hostname == socket.gethostname() and worker.pid and not pid_alive(worker.pid):
+                worker.register_death()
+                retired.append(worker.name)
+                log.warning("worker %s (pid %s) is dead; registration retired", worker.name, worker.pid)
+        return retired
+
+    def redis_lost_data(self) -> bool:
+        """True once per Redis restart (its run_id changed since the last look)."""
+        info: dict[str, Any] = self.connection.info("server")  # type: ignore[assignment]
+        run_id = str(info.get("run_id", ""))
+        changed = self._redis_run_id is not None and run_id != self._redis_run_id
+        self._redis_run_id = run_id
+        return changed
+
+    # -- one SELECT -------------------------------------------------------------------------
+
+    def sweep(self) -> SweepResult:
+        """Re-enqueue `processing` tasks without a live job; fail those whose attempts are used up."""
+        result = SweepResult()
+        rows = self.producer.store.rows_with_status(PROCESSING)
+        result.processing = len(rows)
+        for row in rows:
+            if self.producer.live_job(row.id) is not None:
+                continue
+            if row.attempts >= self.settings.max_attempts:
+                self._fail(row)
+                result.failed.append(row.id)
+                continue
+            outcome = self.producer.add_download_job(
+                {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}
+            )
+            if outcome.created:
+                result.requeued.append(row.id)
+        if result.requeued or result.failed:
+            log.warning(
+                "sweep: %s processing, re-enqueued %s, failed %s", result.processing, result.requeued, result.failed
+            )
+        return result
+
+    def _fail(self, row: TaskRow) -> None:
+        from .worker_rq import get_context, settle_failure
+
+        reason = f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
+        settle_failure(get_context(), TaskData(task_id=row.id, email=row.email, course_url=row.course_url), reason)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _take(self, lock: str, seconds: int) -> bool:
+        return bool(self.connection.set(lock, socket.gethostname(), nx=True, ex=max(seconds, 1)))
+
+    def run_once(self, force_sweep: bool = False) -> dict[str, Any]:
+        """One tick of the loop; the locks make each step happen once per period across hosts."""
+        report: dict[str, Any] = {"retired": self.retire_dead_local_workers()}
+        if self._take(RECOVER_LOCK, defaults.RECOVERY_INTERVAL - 1):
+            report["recovered"] = self.recover_started()
+        lost = self.redis_lost_data()
+        interval = self.settings.reconcile_interval
+        if force_sweep or lost or (interval and self._take(SWEEP_LOCK, interval)):
+            if lost:
+                log.warning("Redis lost its data (restarted); sweeping the database now")
+            report["sweep"] = self.sweep()
+        return report
+
+    def run_forever(self, stop: threading.Event) -> None:
+        log.info(
+            "reconciler started: recovery every %ss, sweep every %ss",
+            defaults.RECOVERY_INTERVAL,
+            self.settings.reconcile_interval or "(off)",
+        )
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except (RedisError, StoreError, UdemyDlError) as exc:
+                log.warning("reconciler: %s: %s (trying again next round)", type(exc).__name__, exc)
+            except Exception:
+                log.exception("reconciler: unexpected error (trying again next round)")
+            stop.wait(defaults.RECOVERY_INTERVAL)
+        log.info("reconciler stopped")
+
+
+def run_reconciler(settings: Settings) -> None:
+    """Run the reconciler loop until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, frame: stop.set())
+    Reconciler(settings).run_forever(stop)
