@@ -176,12 +176,17 @@ def test_stop_hands_a_running_download_back(
 
     row = e2e_store.get(task_id)
     assert row is not None and row.status == PROCESSING and row.attempts == 0, e2e_env.logs()
-    queued = [job_id.decode() for job_id in e2e_redis.lrange("rq:queue:downloads", 0, -1)]
+    queued = [job_id.decode() for job_id in e2e_redis.lrange("rq:queue:downloads", 0, -1)]  # type: ignore[union-attr]
     assert queued == [f"download-{task_id}"], e2e_env.logs()
 
     restarted = e2e_scripts.start()
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
-    e2e_wait_for(lambda: (e2e_store.get(task_id) or row).status == COMPLETED, timeout=30, what="the task to complete")
+
+    def completed() -> bool:
+        current = e2e_store.get(task_id)
+        return current is not None and current.status == COMPLETED
+
+    e2e_wait_for(completed, timeout=30, what="the task to complete")
     row = e2e_store.get(task_id)
     assert row is not None and row.attempts == 1
     assert e2e_sha256(e2e_env.download_dir / str(task_id) / "lecture.mp4") == sha
