@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-faults lint bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Fault injection (tests/faults/): killed workers, Redis and MySQL outages, a receiver that is down.
+test-faults: install
+	UDEMY_DL_FAULTS=1 $(BIN)/python -m pytest -q tests/faults
 
 lint: install
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,13 @@ def test_event_body_has_type_utc_timestamp_and_data() -> None:
     assert event == {"type": "download.failed", "timestamp": "2026-03-04T05:06:07.890123Z", "data": DATA}
 
 
+def test_webhook_retry_intervals_setting_is_parsed(configure: Callable[..., Settings]) -> None:
+    """WEBHOOK_RETRY_INTERVALS=2,4,8 sets the delivery retry schedule; garbage names the variable."""
+    assert configure(WEBHOOK_RETRY_INTERVALS="2,4,8").webhook_retry_intervals == (2, 4, 8)
+    with pytest.raises(ConfigError, match="WEBHOOK_RETRY_INTERVALS"):
+        configure(WEBHOOK_RETRY_INTERVALS="2,soon")
+
+
 def test_retry_schedule_lasts_at_least_an_hour() -> None:
     """Webhook delivery is retried with backoff for at least an hour in all."""
     intervals = defaults.WEBHOOK_RETRY_INTERVALS
@@ -256,7 +264,7 @@ def test_failing_receiver_gets_the_event_later_exactly_once(
 ) -> None:
     """A receiver answering 500 twice: a real worker with its scheduler retries, the third attempt lands,
     and the receiver accepts the event once under one webhook-id."""
-    monkeypatch.setattr(defaults, "WEBHOOK_RETRY_INTERVALS", (1, 1, 1, 1))
+    hook_settings = replace(hook_settings, webhook_retry_intervals=(1, 1, 1, 1))
     receiver.status_for = lambda attempt: 500 if attempt <= 2 else 204
     event = build_event(FAILED, DATA, FINISHED_AT)
     msg_id = event_id(42, FAILED, FINISHED_AT)

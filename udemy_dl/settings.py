@@ -57,6 +57,7 @@ class Settings:
     max_task_bytes: int = defaults.MAX_TASK_BYTES
     fetch_command: tuple[str, ...] | None = None
     reconcile_interval: int = defaults.RECONCILE_INTERVAL
+    webhook_retry_intervals: tuple[int, ...] = defaults.WEBHOOK_RETRY_INTERVALS
 
     @property
     def redis_url_redacted(self) -> str:
@@ -184,6 +185,20 @@ def _path(env: Mapping[str, str | None], variable: str, default: str) -> Path:
     return Path(_get(env, variable) or default).expanduser().absolute()
 
 
+def _intervals(env: Mapping[str, str | None], variable: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """Comma-separated seconds between delivery attempts, e.g. `10,30,60`."""
+    raw = _get(env, variable)
+    if raw is None:
+        return default
+    try:
+        values = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(variable, f"expected comma-separated whole seconds, got {raw!r}") from None
+    if not values or any(value < 0 for value in values):
+        raise ConfigError(variable, f"expected comma-separated whole seconds, got {raw!r}")
+    return values
+
+
 def _command(env: Mapping[str, str | None], variable: str) -> tuple[str, ...] | None:
     """An argument list (shell-style quoting, never run through a shell) with {url} and {dest}."""
     raw = _get(env, variable)
@@ -237,6 +252,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         max_task_bytes=_int(env, "MAX_TASK_BYTES", defaults.MAX_TASK_BYTES),
         fetch_command=_command(env, "FETCH_COMMAND"),
         reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.RECONCILE_INTERVAL, minimum=0),
+        webhook_retry_intervals=_intervals(env, "WEBHOOK_RETRY_INTERVALS", defaults.WEBHOOK_RETRY_INTERVALS),
     )
 
 

@@ -76,7 +76,7 @@ def enqueue_webhook(settings: Settings, connection: Redis, msg_id: str, event: d
             body,
             job_id=f"webhook-{msg_id}",
             unique=True,
-            retry=Retry(max=len(defaults.WEBHOOK_RETRY_INTERVALS), interval=list(defaults.WEBHOOK_RETRY_INTERVALS)),
+            retry=Retry(max=len(settings.webhook_retry_intervals), interval=list(settings.webhook_retry_intervals)),
             job_timeout=defaults.WEBHOOK_JOB_TIMEOUT,
             result_ttl=settings.result_ttl,
             failure_ttl=settings.failure_ttl,
