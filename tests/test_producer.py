@@ -418,6 +418,7 @@ def test_queue_stats_report_every_documented_count(producer: Producer) -> None:
     stats = producer.get_queue_stats()
     assert set(stats) == {
         "waiting",
+        "waiting_high",
         "active",
         "scheduled",
         "deferred",

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, defaults
 from .errors import ConfigError, StoreError, UdemyDlError
 from .logs import setup_logging
 from .settings import Settings, load_settings
@@ -32,14 +32,16 @@ def _producer(settings: Settings) -> Any:
 
 def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     producer = _producer(settings)
-    outcome = producer.add_download_job({"taskId": args.task_id, "email": args.email, "courseUrl": args.course_url})
+    outcome = producer.add_download_job(
+        {"taskId": args.task_id, "email": args.email, "courseUrl": args.course_url}, priority=args.priority
+    )
     state = "enqueued" if outcome.created else f"already {outcome.job.get_status().value}"
     print(f"task {args.task_id}: job {outcome.job.id} {state}")
     return RET_OK
 
 
 def cmd_confirm_payment(settings: Settings, args: argparse.Namespace) -> int:
-    result = _producer(settings).confirm_payment(args.task_ids)
+    result = _producer(settings).confirm_payment(args.task_ids, priority=args.priority)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -245,11 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-id", required=True)
     p.add_argument("--email", required=True)
     p.add_argument("--course-url", required=True)
+    p.add_argument("--priority", choices=defaults.PRIORITIES, default="normal", help="high: VIP queue")
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("confirm-payment", help="mark paid tasks processing and enqueue them")
     p.add_argument("task_ids", nargs="+", metavar="TASK_ID")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--priority", choices=defaults.PRIORITIES, default="normal", help="high: VIP orders go first")
     p.set_defaults(func=cmd_confirm_payment)
 
     p = sub.add_parser("stats", help="queue counts, task counts and running tasks")

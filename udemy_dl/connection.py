@@ -19,8 +19,13 @@ def redis_connection(settings: Settings) -> Redis:
     )
 
 
-def download_queue(settings: Settings, connection: Redis) -> Queue:
-    return Queue(settings.queue_name, connection=connection)
+def download_queue(settings: Settings, connection: Redis, priority: str = "normal") -> Queue:
+    return Queue(settings.queue_for(priority), connection=connection)
+
+
+def download_queues(settings: Settings, connection: Redis) -> list[Queue]:
+    """The VIP queue, then the normal one."""
+    return [download_queue(settings, connection, "high"), download_queue(settings, connection)]
 
 
 def webhook_queue(settings: Settings, connection: Redis) -> Queue:
@@ -28,5 +33,6 @@ def webhook_queue(settings: Settings, connection: Redis) -> Queue:
 
 
 def worker_queues(settings: Settings, connection: Redis) -> list[Queue]:
-    """Queues a worker listens to, in order: webhook deliveries are short, so they go first."""
-    return [webhook_queue(settings, connection), download_queue(settings, connection)]
+    """Queues a worker listens to, in order: webhook deliveries are short, so they go first; then
+    VIP downloads, then normal ones (DownloadWorker bounds the VIP run so normal ones still move)."""
+    return [webhook_queue(settings, connection), *download_queues(settings, connection)]

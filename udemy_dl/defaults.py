@@ -96,3 +96,12 @@ STORE_RETRY_SECONDS = 120
 
 HAND_BACK_SIGNAL_NAME = "SIGUSR1"
 """Signal a stopping worker sends its work horse: hand the task back to the queue now."""
+
+PRIORITIES = ("normal", "high")
+"""Order priorities: `high` (VIP) tasks go on their own queue, served first."""
+
+HIGH_QUEUE_SUFFIX = "-high"
+"""The VIP queue is QUEUE_NAME + this suffix (`downloads-high`)."""
+
+HIGH_PICKUPS_BEFORE_NORMAL = 4
+"""A worker takes at most this many VIP tasks in a row while normal ones wait: 1 pickup in 5 stays normal."""

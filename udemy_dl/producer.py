@@ -16,10 +16,11 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import LockError
-from rq import Retry, Worker
+from rq import Queue, Retry, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import (
+    BaseRegistry,
     DeferredJobRegistry,
     FailedJobRegistry,
     FinishedJobRegistry,
@@ -28,7 +29,7 @@ from rq.registry import (
 )
 
 from . import defaults
-from .connection import download_queue, redis_connection, webhook_queue
+from .connection import download_queue, download_queues, redis_connection, webhook_queue
 from .errors import InvalidTaskError, TransientError
 from .settings import Settings, get_settings
 from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
@@ -40,7 +41,21 @@ from .worker import worker_is_running
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "udemy_dl.worker_rq.process_download"
-WAITING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
+WAITING_STATUSES = frozenset({JobStatus.SCHEDULED, JobStatus.DEFERRED})
+
+
+def parse_priority(value: object) -> str:
+    """`normal` or `high`; anything else is bad input named in the error."""
+    if value is None:
+        return "normal"
+    if value not in defaults.PRIORITIES:
+        raise InvalidTaskError(f"priority must be one of {', '.join(defaults.PRIORITIES)}, got {value!r}")
+    return str(value)
+
+
+def priority_of(job: Job) -> str:
+    """The priority a job was enqueued with, read from the queue it came from."""
+    return "high" if job.origin.endswith(defaults.HIGH_QUEUE_SUFFIX) else "normal"
 
 
 def job_id_for(task_id: int) -> str:
@@ -90,8 +105,18 @@ class Producer:
         return self._store
 
     def job_is_live(self, job: Job) -> bool:
-        """Queued, scheduled or deferred; or started by a worker that is still alive."""
+        """Waiting where a worker will find it (queued in its queue, scheduled, deferred), or
+        started by a worker that is still running it.
+
+        A job whose status says queued but which sits in no queue list was popped by a worker that
+        died before registering it (RQ's multi-queue dequeue pops without a safety copy): not live.
+        """
         status = job.get_status(refresh=False)
+        if status == JobStatus.QUEUED:
+            queue = Queue(job.origin, connection=self.connection)
+            return any(
+                self.connection.lpos(key, job.id) is not None for key in (queue.key, queue.intermediate_queue_key)
+            )
         if status in WAITING_STATUSES:
             return True
         return status == JobStatus.STARTED and worker_is_running(self.connection, job.worker_name, job.id)
@@ -107,9 +132,15 @@ class Producer:
         job = self.fetch_job(job_id_for(task_id))
         return job if job is not None and self.job_is_live(job) else None
 
-    def add_download_job(self, task_data: Mapping[str, Any] | TaskData, at_front: bool = False) -> EnqueueResult:
-        """Enqueue *task_data* once: an existing live job for the same taskId is returned instead."""
+    def add_download_job(
+        self, task_data: Mapping[str, Any] | TaskData, priority: str = "normal", at_front: bool = False
+    ) -> EnqueueResult:
+        """Enqueue *task_data* once: an existing live job for the same taskId is returned instead.
+
+        *priority* `high` puts it on the VIP queue, served before the normal one.
+        """
         task = task_data if isinstance(task_data, TaskData) else parse_task(task_data)
+        queue = download_queue(self.settings, self.connection, parse_priority(priority))
         job_id = job_id_for(task.task_id)
         lock = self.connection.lock(
             f"udemy_dl:lock:enqueue:{task.task_id}",
@@ -131,7 +162,7 @@ class Producer:
                     log.info("task %s: job %s was %s, enqueuing anew", task.task_id, job_id, status)
                     existing.delete(remove_from_queue=True)
                 retries = retry_intervals(self.settings)
-                job = self.queue.enqueue(
+                job = queue.enqueue(
                     JOB_FUNCTION,
                     task.to_payload(),
                     job_id=job_id,
@@ -144,11 +175,15 @@ class Producer:
                 )
         except LockError as exc:
             raise TransientError(f"task {task.task_id}: enqueue lock busy: {exc}") from exc
-        log.info("task %s: enqueued job %s on %s", task.task_id, job_id, self.queue.name)
+        log.info("task %s: enqueued job %s on %s", task.task_id, job_id, queue.name)
         return EnqueueResult(job, created=True)
 
-    def confirm_payment(self, task_ids: Iterable[object]) -> ConfirmResult:
-        """Paid: move the rows to `processing`, then enqueue each. Calling it twice changes nothing."""
+    def confirm_payment(self, task_ids: Iterable[object], priority: str = "normal") -> ConfirmResult:
+        """Paid: move the rows to `processing`, then enqueue each. Calling it twice changes nothing.
+
+        A bad *priority* raises InvalidTaskError before anything changes.
+        """
+        priority = parse_priority(priority)
         result = ConfirmResult()
         ids: list[int] = []
         for raw in task_ids:
@@ -161,7 +196,7 @@ class Producer:
                 ids.append(task_id)
         if not ids:
             return result
-        self.store.mark_processing(ids)
+        self.store.mark_processing(ids, priority)
         rows = {row.id: row for row in self.store.get_many(ids)}
         for task_id in ids:
             row = rows.get(task_id)
@@ -171,7 +206,9 @@ class Producer:
                 result.refused.append({"taskId": task_id, "reason": f"task is {row.status}"})
             else:
                 try:
-                    outcome = self.add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
+                    outcome = self.add_download_job(
+                        {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
+                    )
                 except InvalidTaskError as exc:
                     # A job would fail the same way: record the failure now and tell the payment service.
                     self._fail_unrunnable(row, f"bad task data: {exc}")
@@ -201,20 +238,37 @@ class Producer:
         """Operator's retry: `failed` rows (all, or those named) go back to `processing` and are enqueued."""
         ids = list(task_ids) if task_ids is not None else self.store.ids_with_status(FAILED)
         self.store.reopen_failed(ids)
-        return self.confirm_payment(ids)
+        result = ConfirmResult()
+        for row in self.store.get_many(ids):
+            if row.status != PROCESSING:
+                result.refused.append({"taskId": row.id, "reason": f"task is {row.status}"})
+                continue
+            outcome = self.add_download_job(
+                {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
+            )
+            (result.enqueued if outcome.created else result.already_queued).append(row.id)
+        known = {row.id for row in self.store.get_many(ids)}
+        result.refused += [{"taskId": task_id, "reason": "no such task"} for task_id in ids if task_id not in known]
+        return result
 
     def get_queue_stats(self) -> dict[str, int]:
-        """Counts the old producer reported: waiting, active, scheduled, completed, failed, workers."""
-        queue = self.queue
+        """Counts the old producer reported: waiting, active, scheduled, completed, failed, workers
+        (download queues: VIP and normal together, with the VIP share of waiting shown apart)."""
         conn = self.connection
+        queues = download_queues(self.settings, conn)
+
+        def total(registry: type[BaseRegistry]) -> int:
+            return sum(registry(queue=queue).count for queue in queues)
+
         return {
-            "waiting": queue.count,
-            "active": StartedJobRegistry(queue=queue).count,
-            "scheduled": ScheduledJobRegistry(queue=queue).count,
-            "deferred": DeferredJobRegistry(queue=queue).count,
-            "completed": FinishedJobRegistry(queue=queue).count,
-            "failed": FailedJobRegistry(queue=queue).count,
-            "workers": Worker.count(connection=conn, queue=queue),
+            "waiting": sum(queue.count for queue in queues),
+            "waiting_high": queues[0].count,
+            "active": total(StartedJobRegistry),
+            "scheduled": total(ScheduledJobRegistry),
+            "deferred": total(DeferredJobRegistry),
+            "completed": total(FinishedJobRegistry),
+            "failed": total(FailedJobRegistry),
+            "workers": Worker.count(connection=conn, queue=self.queue),
             "webhooks_waiting": webhook_queue(self.settings, conn).count,
             "webhooks_failed": FailedJobRegistry(queue=webhook_queue(self.settings, conn)).count,
         }
@@ -235,13 +289,14 @@ def _producer() -> Producer:
     return _default
 
 
-def add_download_job(task_data: Mapping[str, Any]) -> Job:
-    """Enqueue one download (idempotent per taskId); returns the task's job."""
-    return _producer().add_download_job(task_data).job
+def add_download_job(task_data: Mapping[str, Any], priority: str = "normal") -> Job:
+    """Enqueue one download (idempotent per taskId); returns the task's job. `priority="high"`: VIP."""
+    return _producer().add_download_job(task_data, priority=priority).job
 
 
-def confirm_payment(task_ids: Iterable[object]) -> ConfirmResult:
-    return _producer().confirm_payment(task_ids)
+def confirm_payment(task_ids: Iterable[object], priority: str = "normal") -> ConfirmResult:
+    """Mark the paid tasks `processing` and enqueue them (idempotent)."""
+    return _producer().confirm_payment(task_ids, priority=priority)
 
 
 def get_queue_stats() -> dict[str, int]:

@@ -26,9 +26,10 @@ from rq import Worker
 from rq.registry import StartedJobRegistry
 
 from . import defaults
+from .connection import download_queues
 from .errors import StoreError, UdemyDlError
 from .process import pid_alive
-from .producer import Producer
+from .producer import Producer, priority_of
 from .settings import Settings
 from .store import PROCESSING, TaskRow
 from .task import TaskData
@@ -58,14 +59,18 @@ class Reconciler:
 
     def recover_started(self) -> list[int]:
         """Enqueue again every started download whose worker is gone. Returns the task ids."""
-        registry = StartedJobRegistry(queue=self.producer.queue)
+        job_ids = [
+            job_id
+            for queue in download_queues(self.settings, self.connection)
+            for job_id in StartedJobRegistry(queue=queue).get_job_ids()
+        ]
         recovered = []
-        for job_id in registry.get_job_ids():
+        for job_id in job_ids:
             job = self.producer.fetch_job(job_id)
             if job is None or not job.args or worker_is_running(self.connection, job.worker_name, job.id):
                 continue
             task_data = job.args[0]
-            outcome = self.producer.add_download_job(task_data, at_front=True)
+            outcome = self.producer.add_download_job(task_data, priority=priority_of(job), at_front=True)
             if outcome.created:
                 log.warning("job %s: its worker %s is gone; enqueued again", job_id, job.worker_name)
                 recovered.append(int(task_data.get("taskId", 0)) if isinstance(task_data, dict) else 0)
@@ -104,7 +109,7 @@ class Reconciler:
                 result.failed.append(row.id)
                 continue
             outcome = self.producer.add_download_job(
-                {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}
+                {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
             )
             if outcome.created:
                 result.requeued.append(row.id)

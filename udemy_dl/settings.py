@@ -68,6 +68,13 @@ class Settings:
         return redact_url(self.database_url) if self.database_url else "(not set)"
 
     @property
+    def high_queue_name(self) -> str:
+        return self.queue_name + defaults.HIGH_QUEUE_SUFFIX
+
+    def queue_for(self, priority: str) -> str:
+        return self.high_queue_name if priority == "high" else self.queue_name
+
+    @property
     def staging_dir(self) -> Path:
         return self.download_dir / defaults.STAGING_DIRNAME
 

@@ -32,7 +32,7 @@ STATUSES = (PENDING, ENROLLED, PROCESSING, COMPLETED, FAILED)
 
 COLUMNS = (
     "id, email, course_url, status, attempts, progress, error_message, output_path, bytes, "
-    "started_at, finished_at, updated_at"
+    "started_at, finished_at, updated_at, priority"
 )
 
 MYSQL_SCHEMA = """
@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS download_tasks (
     started_at DATETIME(6) NULL,
     finished_at DATETIME(6) NULL,
     updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+    priority VARCHAR(10) NOT NULL DEFAULT 'normal',
     KEY idx_download_tasks_status (status, updated_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4
 """
@@ -64,6 +65,7 @@ MYSQL_WORKER_COLUMNS = {
     "started_at": "DATETIME(6) NULL",
     "finished_at": "DATETIME(6) NULL",
     "updated_at": "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)",
+    "priority": "VARCHAR(10) NOT NULL DEFAULT 'normal'",
 }
 
 SQLITE_SCHEMA = """
@@ -80,10 +82,15 @@ CREATE TABLE IF NOT EXISTS download_tasks (
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
     started_at TEXT NULL,
     finished_at TEXT NULL,
-    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    priority TEXT NOT NULL DEFAULT 'normal'
 );
 CREATE INDEX IF NOT EXISTS idx_download_tasks_status ON download_tasks (status, updated_at);
 """
+
+
+SQLITE_ADDED_COLUMNS = {"priority": "TEXT NOT NULL DEFAULT 'normal'"}
+"""Columns added after the first release, added to an existing SQLite file by `db init`."""
 
 
 def utcnow() -> datetime:
@@ -107,6 +114,7 @@ class TaskRow:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime | None
+    priority: str = "normal"
 
     @classmethod
     def from_db(cls, row: Sequence[Any]) -> TaskRow:
@@ -128,6 +136,7 @@ class TaskRow:
             started_at=as_time(row[9]),
             finished_at=as_time(row[10]),
             updated_at=as_time(row[11]),
+            priority=str(row[12]) if len(row) > 12 and row[12] else "normal",
         )
 
 
@@ -243,14 +252,14 @@ class TaskStore:
         )
         return [TaskRow.from_db(row) for row in rows]
 
-    def mark_processing(self, task_ids: Sequence[int]) -> int:
-        """Paid: unpaid rows become `processing`. Returns how many rows changed."""
+    def mark_processing(self, task_ids: Sequence[int], priority: str = "normal") -> int:
+        """Paid: unpaid rows become `processing` (with their priority). Returns how many rows changed."""
         if not task_ids:
             return 0
         count, _ = self._execute(
-            f"UPDATE download_tasks SET status = %s, progress = 0, error_message = NULL "
+            f"UPDATE download_tasks SET status = %s, priority = %s, progress = 0, error_message = NULL "
             f"WHERE id IN ({self._in(task_ids)}) AND status IN (%s, %s)",
-            (PROCESSING, *task_ids, *UNPAID),
+            (PROCESSING, priority, *task_ids, *UNPAID),
         )
         return count
 
@@ -411,6 +420,11 @@ class SQLiteStore(TaskStore):
         conn = self._connection()
         try:
             conn.executescript(SQLITE_SCHEMA)
+            present = {str(row[1]) for row in conn.execute("PRAGMA table_info(download_tasks)")}
+            for column, definition in SQLITE_ADDED_COLUMNS.items():
+                if column not in present:
+                    log.info("adding column download_tasks.%s", column)
+                    conn.execute(f"ALTER TABLE download_tasks ADD COLUMN {column} {definition}")
         except sqlite3.Error as exc:
             raise StoreError(f"status store: {exc}") from exc
 

@@ -43,6 +43,26 @@ class DownloadWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("worker_ttl", defaults.WORKER_TTL)
         super().__init__(*args, **kwargs)
+        self._high_in_a_row = 0
+        self._preferred_order = list(self._ordered_queues)
+
+    def reorder_queues(self, reference_queue: Queue) -> None:
+        """VIP first, but never more than HIGH_PICKUPS_BEFORE_NORMAL VIP tasks in a row while
+        normal ones wait: after that run the normal queue is asked first, once."""
+        high = [q for q in self._preferred_order if q.name.endswith(defaults.HIGH_QUEUE_SUFFIX)]
+        if not high:
+            return
+        if reference_queue.name == high[0].name:
+            self._high_in_a_row += 1
+        elif reference_queue.name + defaults.HIGH_QUEUE_SUFFIX == high[0].name:
+            self._high_in_a_row = 0
+        if self._high_in_a_row >= defaults.HIGH_PICKUPS_BEFORE_NORMAL:
+            normal = [q for q in self._preferred_order if q.name + defaults.HIGH_QUEUE_SUFFIX == high[0].name]
+            others = [q for q in self._preferred_order if q not in normal and q is not high[0]]
+            self._ordered_queues = [*others, *normal, high[0]]
+            self._high_in_a_row = 0
+        else:
+            self._ordered_queues = list(self._preferred_order)
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         install_hand_back_handler(HAND_BACK_SIGNAL)
@@ -63,10 +83,12 @@ class DownloadWorker(Worker):
         if job.meta.get("handed_back") and job.args:
             # Only now is the job finished, so the enqueue below makes a fresh job rather than
             # finding this one live. At the front: it was already running once.
-            from .producer import Producer
+            from .producer import Producer, priority_of
             from .settings import get_settings
 
-            outcome = Producer(get_settings(), connection=self.connection).add_download_job(job.args[0], at_front=True)
+            outcome = Producer(get_settings(), connection=self.connection).add_download_job(
+                job.args[0], priority=priority_of(job), at_front=True
+            )
             self.log.info("Worker %s: task handed back as job %s", self.name, outcome.job.id)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
