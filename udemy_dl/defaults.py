@@ -1,5 +1,8 @@
 """Named defaults: queue names, TTLs, timeouts and limits, in one place."""
 
+DOWNLOAD_JOB_FUNCTION = "udemy_dl.worker_rq.process_download"
+"""The download job, named as RQ stores it (producers need not import the worker code)."""
+
 DOWNLOAD_QUEUE = "downloads"
 """RQ queue that download jobs go on."""
 
@@ -46,7 +49,11 @@ READ_TIMEOUT = 60
 """Seconds the content origin may stay silent mid-download."""
 
 CHUNK_SIZE = 1024 * 1024
-"""Bytes read per chunk when streaming a file to disk."""
+"""Bytes read per chunk when hashing files on disk, or streaming a compressed body."""
+
+READ_BUFFER_SIZE = 256 * 1024
+"""Bytes of the one buffer a download is read into: large enough to be cheap per byte, small
+enough that an interrupted transfer loses little of what had arrived."""
 
 MANIFEST_MAX_BYTES = 8 * 1024 * 1024
 """Largest manifest document accepted (bytes)."""
@@ -105,3 +112,9 @@ HIGH_QUEUE_SUFFIX = "-high"
 
 HIGH_PICKUPS_BEFORE_NORMAL = 4
 """A worker takes at most this many VIP tasks in a row while normal ones wait: 1 pickup in 5 stays normal."""
+
+PROGRESS_EVENT_STEP = 10
+"""A download.progress webhook goes out every this many percent..."""
+
+PROGRESS_EVENT_INTERVAL = 30
+"""...or after this many seconds without one, whichever comes first."""

@@ -707,7 +707,7 @@ def follow_tasks(store: TaskStore, orders: Sequence[Order], pid_dir: Path, log_d
 
 def webhooks_by_task(receiver: WebhookReceiver) -> dict[int, list[ReceivedWebhook]]:
     grouped: dict[int, list[ReceivedWebhook]] = {}
-    for item in receiver.accepted():
+    for item in receiver.outcomes():
         data = item.body.get("data")
         task_id = data.get("taskId") if isinstance(data, dict) else None
         if isinstance(task_id, int):
@@ -800,6 +800,11 @@ def check_webhooks(receiver: WebhookReceiver, orders: Sequence[Order]) -> list[s
             problems.append(f"task {order.task_id}: {len(received)} verified webhook(s), expected exactly 1")
         elif received[0].event_type != order.expected_event:
             problems.append(f"task {order.task_id}: webhook {received[0].event_type}, expected {order.expected_event}")
+    live = [item for item in receiver.accepted() if item.event_type in ("download.started", "download.progress")]
+    say(
+        f"  plus {len(live)} live event(s) (download.started / download.progress) the shop can show as it goes,"
+        " signed the same way"
+    )
     with receiver.lock:
         rejected = [item for item in receiver.received if not item.verified]
     if rejected:
@@ -939,7 +944,7 @@ def run_demo(paths: Paths, cleanup: Cleanup, highlights: list[str]) -> list[str]
     highlights += [
         f"{good} paid orders completed, every file verified against the origin's size and sha256",
         f"{len(orders) - good} order with a disallowed host failed at once, its reason recorded (no retries)",
-        f"each of the {len(orders)} tasks got exactly one webhook, its signature verified",
+        f"each of the {len(orders)} tasks got exactly one outcome webhook, its signature verified",
         f"{WORKER_COUNT} named workers shown by rq info, started and stopped by the real shell scripts",
     ]
     return problems

@@ -283,6 +283,13 @@ class WebhookReceiver(_Background):
     def unique_ids(self) -> set[str]:
         return {item.webhook_id for item in self.accepted()}
 
+    def outcomes(self) -> list[ReceivedWebhook]:
+        """Verified download.completed / download.failed events (not the live started/progress ones)."""
+        return [item for item in self.accepted() if item.event_type in ("download.completed", "download.failed")]
+
+    def of_type(self, event_type: str) -> list[ReceivedWebhook]:
+        return [item for item in self.accepted() if item.event_type == event_type]
+
 
 class _ReceiverHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

@@ -16,9 +16,10 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
@@ -419,7 +420,7 @@ class Fetcher:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(part, "ab" if resumed else "wb") as out:
-                for chunk in response.iter_content(chunk_size=defaults.CHUNK_SIZE):
+                for chunk in _body_chunks(response):
                     if cancel.is_set():
                         raise _Cancelled()
                     _check_stop(self._stop)
@@ -431,7 +432,7 @@ class Fetcher:
                     digest.update(chunk)
                     out.write(chunk)
                     progress.add(len(chunk))
-        except requests.RequestException as exc:
+        except (requests.RequestException, HTTPException, ConnectionError, TimeoutError) as exc:
             # The bytes so far stay in the part file: the next attempt continues from them.
             raise FetchError(f"{spec.path}: transfer broke after {size} bytes: {exc}") from exc
         except (IntegrityError, TooLargeError):
@@ -451,6 +452,30 @@ class Fetcher:
         os.replace(part, target)
         _write_json(state_file, {"url": spec.url, "done": True, "size": size, "sha256": actual_sha})
         return FetchedFile(path=str(spec.path), size=size, sha256=actual_sha)
+
+
+def _body_chunks(response: requests.Response) -> Iterator[bytes | memoryview]:
+    """The body, chunk by chunk, as it arrives.
+
+    An uncompressed body is read straight into one reusable buffer (no allocation per chunk, and
+    every byte received is handed on at once, so an interruption loses at most one buffer); the
+    connection then goes back to the pool for the next file. Anything else goes through requests.
+    """
+    fp = getattr(response.raw, "_fp", None)
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity") or not hasattr(fp, "readinto"):
+        yield from response.iter_content(chunk_size=defaults.CHUNK_SIZE)
+        return
+    buffer = bytearray(defaults.READ_BUFFER_SIZE)
+    view = memoryview(buffer)
+    while True:
+        count = fp.readinto(buffer)  # type: ignore[union-attr]
+        if not count:
+            break
+        yield view[:count]
+    if fp.isclosed():  # type: ignore[union-attr]
+        # http.client read the whole body (it closes its side at Content-Length or the last chunk).
+        response.raw.release_conn()
 
 
 def parse_manifest(document: bytes, manifest_url: str) -> tuple[str, list[FileSpec]]:

@@ -40,7 +40,7 @@ from .worker import worker_is_running
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTION = "udemy_dl.worker_rq.process_download"
+JOB_FUNCTION = defaults.DOWNLOAD_JOB_FUNCTION
 WAITING_STATUSES = frozenset({JobStatus.SCHEDULED, JobStatus.DEFERRED})
 
 

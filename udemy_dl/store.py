@@ -163,12 +163,25 @@ class TaskStore:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    share_across_fork = False
+    """May a forked child go on using the connection its parent opened? (Only where the protocol
+    allows it: one statement at a time, parent idle meanwhile. SQLite never.)"""
+
     def _connection(self) -> Any:
-        # A forked work horse must never share its parent's socket: reconnect per process.
-        if self._conn is None or self._pid != os.getpid():
+        if self._conn is None or (self._pid != os.getpid() and not self.share_across_fork):
             self._conn = self._connect()
             self._pid = os.getpid()
         return self._conn
+
+    def _is_alive(self, conn: Any) -> bool:
+        return True
+
+    def ensure_connected(self) -> None:
+        """Open the connection now, or open it anew if it no longer answers (no SQL statement is sent)."""
+        if self._conn is not None and self._pid == os.getpid() and self._is_alive(self._conn):
+            return
+        self.close()
+        self._connection()
 
     def _sql(self, statement: str) -> str:
         return statement if self.placeholder == "%s" else statement.replace("%s", self.placeholder)
@@ -207,6 +220,7 @@ class TaskStore:
         return ", ".join(["%s"] * len(ids))
 
     def close(self) -> None:
+        # A child drops an inherited connection without closing it: the socket is its parent's.
         if self._conn is not None and self._pid == os.getpid():
             try:
                 self._conn.close()
@@ -354,6 +368,17 @@ class MySQLStore(TaskStore):
             "password": unquote(parts.password or ""),
             "database": database,
         }
+
+    share_across_fork = True
+    """Each work horse runs one task on the connection its worker opened (and checks between jobs):
+    connecting costs four statements, a task three, so a connection per task would double the
+    database's load."""
+
+    def _is_alive(self, conn: Any) -> bool:
+        try:
+            return bool(conn.is_connected())  # COM_PING: no SQL statement
+        except Exception:
+            return False
 
     def _is_unreachable(self, exc: Exception) -> bool:
         from mysql.connector import errors

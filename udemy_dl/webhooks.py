@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 COMPLETED = "download.completed"
 FAILED = "download.failed"
+STARTED = "download.started"
+PROGRESS = "download.progress"
 DELIVER_FUNCTION = "udemy_dl.webhooks.deliver_webhook"
 
 

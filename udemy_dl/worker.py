@@ -64,6 +64,11 @@ class DownloadWorker(Worker):
         else:
             self._ordered_queues = list(self._preferred_order)
 
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if job.func_name == defaults.DOWNLOAD_JOB_FUNCTION:
+            prepare_download_context()
+        super().execute_job(job, queue)
+
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         install_hand_back_handler(HAND_BACK_SIGNAL)
         die_with_parent()
@@ -162,8 +167,22 @@ def release_dead_scheduler_locks(connection: Redis, queue_names: list[str]) -> l
 
 
 def preload_job_modules() -> None:
-    """Import the job modules in the parent, so forked work horses do not import them per job."""
+    """Import the job modules (and the database driver) in the parent, so forked work horses do not
+    import them per job."""
+    import mysql.connector  # noqa: F401
+
     from . import webhooks, worker_rq  # noqa: F401
+
+
+def prepare_download_context() -> None:
+    """In the worker, before it forks a horse for a download: settings parsed, database connection
+    open and answering. The horse inherits both instead of setting them up again."""
+    from .worker_rq import get_context
+
+    try:
+        get_context().store.ensure_connected()
+    except Exception as exc:  # the horse will try again, with retries, and report properly
+        log.warning("could not prepare the database connection: %s", exc)
 
 
 def run_worker(settings: Settings, name: str, burst: bool = False, logging_level: str = "INFO") -> bool:

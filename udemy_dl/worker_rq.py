@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,6 +32,8 @@ from .store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore, open_store
 from .task import TaskData, parse_task, parse_task_id
 from .webhooks import COMPLETED as EVENT_COMPLETED
 from .webhooks import FAILED as EVENT_FAILED
+from .webhooks import PROGRESS as EVENT_PROGRESS
+from .webhooks import STARTED as EVENT_STARTED
 from .webhooks import build_event, enqueue_webhook, event_id
 
 log = logging.getLogger(__name__)
@@ -84,20 +87,23 @@ def reset_context() -> None:
 
 @dataclass
 class ProgressReporter:
-    """Throttled progress: job.meta, download_tasks.progress and the log, about once a second."""
+    """Throttled progress: job.meta, download_tasks.progress and the log, about once a second;
+    and a `download.progress` webhook every PROGRESS_EVENT_STEP percent or PROGRESS_EVENT_INTERVAL s."""
 
     task_id: int
     store: TaskStore
     job: Job | None
-    interval: float = defaults.PROGRESS_INTERVAL
     started: float = field(default_factory=time.monotonic)
-    _last: float = 0.0
+    notify: Callable[[dict[str, Any]], None] | None = None
+    _last: float = field(default_factory=time.monotonic)  # first report after one interval: short tasks send none
     _last_percent: int = -1
+    _event_percent: int = 0
+    _event_time: float = field(default_factory=time.monotonic)
 
     def __call__(self, done: int, total: int | None, files_done: int, files_total: int) -> None:
         now = time.monotonic()
         finished = files_done == files_total
-        if not finished and now - self._last < self.interval:
+        if not finished and now - self._last < defaults.PROGRESS_INTERVAL:
             return
         self._last = now
         rate = done / max(now - self.started, 1e-6)
@@ -113,7 +119,18 @@ class ProgressReporter:
                 "rate": round(rate),
             }
             self.job.save_meta()
-        if percent != self._last_percent:
+        step_due = percent >= self._event_percent + defaults.PROGRESS_EVENT_STEP
+        if (
+            self.notify is not None
+            and not finished
+            and (step_due or now - self._event_time >= defaults.PROGRESS_EVENT_INTERVAL)
+        ):
+            self._event_percent = percent - percent % defaults.PROGRESS_EVENT_STEP
+            self._event_time = now
+            self.notify(
+                {"progress": percent, "bytes": done, "total": total, "files": files_done, "filesTotal": files_total}
+            )
+        if percent != self._last_percent and not finished:  # the final state is written by mark_completed
             self._last_percent = percent
             try:
                 self.store.set_progress(self.task_id, percent)
@@ -174,6 +191,11 @@ def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease:
     attempt = row.attempts + 1
     log.info("task %s: attempt %s of %s: %s", task.task_id, attempt, ctx.settings.max_attempts, task.course_url)
     try:
+        started = {**task.to_payload(), "status": PROCESSING, "attempt": attempt}
+        _send(ctx, task.task_id, EVENT_STARTED, started, utcnow())
+    except Exception as exc:  # informative only: the download goes ahead
+        log.warning("task %s: started event not queued: %s", task.task_id, exc)
+    try:
         return _download(ctx, task, job)
     except Interrupted:
         # Not this attempt's fault: give the attempt back. The bytes so far stay in staging.
@@ -205,7 +227,7 @@ def _download(ctx: Context, task: TaskData, job: Job | None) -> dict[str, Any]:
     record = read_record(final) if final.is_dir() else None
     if record is None:
         staging = staging_path(settings, task.task_id)
-        reporter = ProgressReporter(task.task_id, ctx.store, job)
+        reporter = ProgressReporter(task.task_id, ctx.store, job, notify=_progress_notifier(ctx, task))
         result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=HAND_BACK)
         record = result.record(task.course_url)
         write_record(staging, record)
@@ -240,6 +262,18 @@ def _download(ctx: Context, task: TaskData, job: Job | None) -> dict[str, Any]:
         "bytes": total,
         "files": len(record["files"]),
     }
+
+
+def _progress_notifier(ctx: Context, task: TaskData) -> Callable[[dict[str, Any]], None]:
+    def notify(progress: dict[str, Any]) -> None:
+        at = utcnow()
+        data = {**task.to_payload(), "status": PROCESSING, **progress}
+        try:
+            _send(ctx, task.task_id, EVENT_PROGRESS, data, at)
+        except Exception as exc:  # a progress event is informative; losing one must not stop the download
+            log.warning("task %s: progress event not queued: %s", task.task_id, exc)
+
+    return notify
 
 
 def settle_failure(ctx: Context, task: TaskData, reason: str) -> None:

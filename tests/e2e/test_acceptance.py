@@ -178,7 +178,7 @@ def test_twenty_paid_tasks_end_to_end(
     assert all(len(completed[task_id]) == 1 for task_id in ids), completed
     assert all(item.verified for item in e2e_receiver.received), "every delivery carries a valid signature"
     assert not [item for item in e2e_receiver.received if item.event_type == EVENT_FAILED]
-    for item in e2e_receiver.accepted():
+    for item in e2e_receiver.outcomes():
         data = item.body["data"]
         course = assigned[int(data["taskId"])]
         assert data["status"] == COMPLETED
