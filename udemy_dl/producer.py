@@ -36,7 +36,7 @@ from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
 from .task import TaskData, parse_task, parse_task_id
 from .webhooks import FAILED as EVENT_FAILED
 from .webhooks import build_event, enqueue_webhook, event_id
-from .worker import worker_is_running
+from .worker import job_is_running
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +105,21 @@ class Producer:
         return self._store
 
     def job_is_live(self, job: Job) -> bool:
-        """Waiting where a worker will find it (queued in its queue, scheduled, deferred), or
-        started by a worker that is still running it.
+        """Waiting where a worker will find it (queued in its queue, scheduled, deferred), or in
+        the hands of a live worker (see worker.job_is_running).
 
-        A job whose status says queued but which sits in no queue list was popped by a worker that
-        died before registering it (RQ's multi-queue dequeue pops without a safety copy): not live.
+        A job whose status says queued but which sits in no queue list and no live worker's hands
+        was popped by a worker that died at once (RQ's multi-queue dequeue keeps no safety copy).
         """
         status = job.get_status(refresh=False)
         if status == JobStatus.QUEUED:
             queue = Queue(job.origin, connection=self.connection)
-            return any(
-                self.connection.lpos(key, job.id) is not None for key in (queue.key, queue.intermediate_queue_key)
-            )
+            if any(self.connection.lpos(key, job.id) is not None for key in (queue.key, queue.intermediate_queue_key)):
+                return True
+            return job_is_running(self.connection, job)
         if status in WAITING_STATUSES:
             return True
-        return status == JobStatus.STARTED and worker_is_running(self.connection, job.worker_name, job.id)
+        return status == JobStatus.STARTED and job_is_running(self.connection, job)
 
     def fetch_job(self, job_id: str) -> Job | None:
         try:

@@ -33,7 +33,7 @@ from .producer import Producer, priority_of
 from .settings import Settings
 from .store import PROCESSING, TaskRow
 from .task import TaskData
-from .worker import worker_is_running
+from .worker import job_is_running
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Reconciler:
         recovered = []
         for job_id in job_ids:
             job = self.producer.fetch_job(job_id)
-            if job is None or not job.args or worker_is_running(self.connection, job.worker_name, job.id):
+            if job is None or not job.args or job_is_running(self.connection, job):
                 continue
             task_data = job.args[0]
             outcome = self.producer.add_download_job(task_data, priority=priority_of(job), at_front=True)

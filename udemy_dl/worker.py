@@ -13,10 +13,12 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, Worker
+from rq.executions import Execution
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.scripts import release_lock
+from rq.worker import BaseWorker
 from rq.worker_pool import WorkerPool
 
 from . import defaults
@@ -109,21 +111,42 @@ def default_worker_name(index: int) -> str:
     return f"udemy-dl.{socket.gethostname()}.{index}"
 
 
-def worker_is_running(connection: Redis, name: str | None, job_id: str) -> bool:
-    """True while worker *name* is registered, alive, and busy with *job_id*.
+def live_worker(connection: Redis, name: str | None) -> BaseWorker | None:
+    """Worker *name* if it is registered and alive, else None.
 
     A worker killed with SIGKILL keeps its key until the TTL runs out; on its own host the PID
-    check sees through that at once. On other hosts the key's TTL (heartbeat) decides. A new
-    worker that reuses a dead one's name is not busy with the dead one's job.
+    check sees through that at once. On other hosts the key's TTL (heartbeat) decides.
     """
     if not name:
-        return False
+        return None
     worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=connection)
     if worker is None or worker.death_date is not None:
-        return False
+        return None
     if worker.hostname == socket.gethostname() and worker.pid and not pid_alive(worker.pid):
-        return False
-    return worker.get_current_job_id() == job_id
+        return None
+    return worker
+
+
+def job_is_running(connection: Redis, job: Job) -> bool:
+    """True while a live worker has *job* in hand: some execution of it in the started registry
+    belongs to a worker that is alive and was born before the execution began (a new worker that
+    took a dead one's name is not running the dead one's job).
+
+    RQ records the execution before the work horse marks the job started, so this also sees a
+    job in the moment between its dequeue and its start.
+    """
+    registry = StartedJobRegistry(job.origin, connection=connection)
+    for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
+        if job_id != job.id:
+            continue
+        try:
+            execution = Execution.fetch(execution_id, job_id, connection)
+        except ValueError:  # the execution ended meanwhile
+            continue
+        worker = live_worker(connection, execution.worker_name)
+        if worker is not None and (worker.birth_date is None or worker.birth_date <= execution.created_at):
+            return True
+    return False
 
 
 def clear_stale_registration(connection: Redis, name: str) -> bool:

@@ -156,6 +156,17 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
         task = parse_task(task_data)
     except InvalidTaskError as exc:
         return _reject_bad_input(ctx, task_data, exc)
+    # The lease comes first: everything below, the "attempts used up" verdict included, is
+    # decided by the one run that holds it, never by a duplicate beside a run in progress.
+    lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=HAND_BACK)
+    lease.acquire()  # LeaseBusyError: another run is at it; this one steps aside and is retried later
+    try:
+        return _run_leased(ctx, task, job, lease)
+    finally:
+        lease.release()
+
+
+def _run_leased(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease) -> dict[str, Any]:
     row = ctx.store.get(task.task_id)
     if row is None:
         log.error("task %s: no such row in download_tasks", task.task_id)
@@ -170,20 +181,13 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
     if row.status != PROCESSING:
         log.warning("task %s: status is %s (not paid), not fetching", task.task_id, row.status)
         return {"success": False, "taskId": task.task_id, "error": f"task is {row.status}, not processing"}
-
     if row.attempts >= ctx.settings.max_attempts:
         # Earlier runs used every attempt without a result: each died (killed, out of memory).
         reason = f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
         log.error("task %s: %s", task.task_id, reason)
         settle_failure(ctx, task, reason)
         return {"success": False, "taskId": task.task_id, "error": reason}
-
-    lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=HAND_BACK)
-    lease.acquire()  # LeaseBusyError: another run is at it; this one steps aside and is retried later
-    try:
-        return _attempt(ctx, task, row, job, lease)
-    finally:
-        lease.release()
+    return _attempt(ctx, task, row, job, lease)
 
 
 def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease: TaskLease) -> dict[str, Any]:

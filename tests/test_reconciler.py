@@ -1,0 +1,476 @@
+"""The reconciler on real Redis and MariaDB/SQLite: MySQL is the record, Redis the transport, drift repaired.
+
+`udemy-dl reconcile` (the CLI) is covered in test_cli.py; the long outage scenarios are in tests/faults/.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Worker
+from rq.job import Job, JobStatus
+
+from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from udemy_dl.producer import Producer, job_id_for
+from udemy_dl.reconciler import SWEEP_LOCK, Reconciler, SweepResult
+from udemy_dl.settings import Settings
+from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore, TaskRow, TaskStore, utcnow
+from udemy_dl.webhooks import FAILED as EVENT_FAILED
+
+from .conftest import (
+    MYSQL_TEST_URL,
+    Backend,
+    WorkerProcess,
+    run_burst_worker,
+    service_unavailable,
+    wait_for,
+)
+
+EMAIL = "buyer@shop.example"
+
+# A worker (or its work horse) that registers, starts a job and then vanishes without any cleanup,
+# as after kill -9 or the OOM killer: its registration and the job's `started` state stay behind.
+VANISHING_WORKER = """
+import sys
+from redis import Redis
+from rq import Queue, Worker
+from rq.job import Job
+
+url, queue_name, name, hostname, job_id = sys.argv[1:6]
+connection = Redis.from_url(url)
+queue = Queue(queue_name, connection=connection)
+worker = Worker([queue], connection=connection, name=name)
+if hostname:
+    worker.hostname = hostname
+worker.register_birth()
+if job_id:
+    job = Job.fetch(job_id, connection=connection)
+    queue.remove(job)
+    worker.prepare_execution(job)  # the worker's bookkeeping (started registry), then the horse's
+    worker.prepare_job_execution(job)
+"""
+
+
+@dataclass
+class Rig:
+    """Settings, store and Redis for one test, and a way to build reconcilers (one per simulated host)."""
+
+    settings: Settings
+    store: TaskStore
+    redis: Redis
+
+    def producer(self) -> Producer:
+        return Producer(self.settings, connection=self.redis, store=self.store)
+
+    def reconciler(self) -> Reconciler:
+        return Reconciler(self.settings, self.producer())
+
+    def task(self, status: str = PROCESSING, attempts: int = 0) -> int:
+        """A task row in *status* that has used *attempts* attempts."""
+        paid = status in (PROCESSING, COMPLETED, FAILED)
+        task_id = self.store.insert_task(EMAIL, "https://cdn.example/courses/c", PROCESSING if paid else status)
+        for _ in range(attempts):
+            assert self.store.begin_attempt(task_id)
+        if status == COMPLETED:
+            assert self.store.mark_completed(task_id, "/done", 1, utcnow())
+        elif status == FAILED:
+            assert self.store.mark_failed(task_id, "earlier failure", None, utcnow())
+        return task_id
+
+    def enqueue(self, task_id: int) -> Job:
+        row = self.row(task_id)
+        return self.producer().add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url}).job
+
+    def row(self, task_id: int) -> TaskRow:
+        row = self.store.get(task_id)
+        assert row is not None
+        return row
+
+    @property
+    def queue(self) -> Queue:
+        return Queue(self.settings.queue_name, connection=self.redis)
+
+
+@pytest.fixture
+def rig(configure: Callable[..., Settings], redis_conn: Redis, backend: Backend) -> Rig:
+    """The reconciler's world on each store back end in turn."""
+    return Rig(configure(DATABASE_URL=backend.url, ALLOWED_HOSTS="cdn.example"), backend.store, redis_conn)
+
+
+@pytest.fixture
+def redis_rig(configure: Callable[..., Settings], redis_conn: Redis, sqlite_store: SQLiteStore) -> Rig:
+    """For the Redis-only steps: one store is enough."""
+    return Rig(configure(DATABASE_URL=f"sqlite:///{sqlite_store.path}"), sqlite_store, redis_conn)
+
+
+@pytest.fixture
+def live_workers(redis_conn: Redis) -> Iterator[list[Worker]]:
+    """Workers registered by this (live) test process; their deaths are registered at teardown."""
+    workers: list[Worker] = []
+    yield workers
+    for worker in workers:
+        worker.register_death()
+
+
+def live_worker(
+    redis_conn: Redis, queue: Queue, workers: list[Worker], job: Job | None = None, horse_started: bool = True
+) -> Worker:
+    """Register a worker in this process (so its PID is alive) and, if given, have it take *job*: RQ's worker pops it
+    and records the execution (started registry) before it forks; the horse then marks the job started."""
+    worker = Worker([queue], connection=redis_conn, name=f"test-live-{uuid.uuid4().hex[:8]}")
+    worker.register_birth()
+    workers.append(worker)
+    if job is not None:
+        queue.remove(job)
+        worker.prepare_execution(job)
+        if horse_started:
+            worker.prepare_job_execution(job)
+    return worker
+
+
+def vanished_worker(redis_url: str, queue: Queue, job: Job | None = None, hostname: str = "") -> str:
+    """Run VANISHING_WORKER in a child process that exits at once; return the dead worker's name."""
+    name = f"test-gone-{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [sys.executable, "-c", VANISHING_WORKER, redis_url, queue.name, name, hostname, job.id if job else ""],
+        check=True,
+        timeout=60,
+    )
+    return name
+
+
+def status_of(redis_conn: Redis, task_id: int) -> JobStatus | None:
+    return Job.fetch(job_id_for(task_id), connection=redis_conn).get_status(refresh=True)
+
+
+# -- sweep ----------------------------------------------------------------------------------------
+
+
+def test_sweep_requeues_only_processing_rows_without_a_live_job(
+    rig: Rig, redis_url: str, live_workers: list[Worker]
+) -> None:
+    """Processing with no job, or with a job its dead worker left `started`: enqueued again. Queued, started by a
+    live worker, settled or unpaid: left alone."""
+    lost = rig.task()
+    queued = rig.task()
+    queued_job = rig.enqueue(queued)
+    running = rig.task(attempts=1)
+    running_worker = live_worker(rig.redis, rig.queue, live_workers, rig.enqueue(running))
+    orphaned = rig.task(attempts=1)
+    vanished_worker(redis_url, rig.queue, rig.enqueue(orphaned))
+    settled = [rig.task(COMPLETED, attempts=1), rig.task(FAILED, attempts=1), rig.task(PENDING)]
+    rows_before = {task_id: rig.row(task_id) for task_id in settled}
+
+    result = rig.reconciler().sweep()
+
+    assert (result.processing, sorted(result.requeued), result.failed) == (4, sorted([lost, orphaned]), [])
+    assert sorted(rig.queue.job_ids) == sorted(job_id_for(t) for t in (queued, lost, orphaned))
+    assert Job.fetch(job_id_for(queued), connection=rig.redis).enqueued_at == queued_job.enqueued_at
+    running_job = Job.fetch(job_id_for(running), connection=rig.redis)
+    assert (running_job.get_status(), running_job.worker_name) == (JobStatus.STARTED, running_worker.name)
+    assert {task_id: rig.row(task_id) for task_id in settled} == rows_before
+    assert all(rig.row(t).status == PROCESSING for t in (lost, queued, running, orphaned))
+
+
+def test_second_sweep_finds_nothing_to_do(rig: Rig) -> None:
+    """Right after a sweep every processing row has a live job: sweeping again enqueues nothing."""
+    lost = rig.task()
+    assert rig.reconciler().sweep().requeued == [lost]
+    again = rig.reconciler().sweep()
+    assert (again.processing, again.requeued, again.failed) == (1, [], [])
+    assert rig.queue.job_ids == [job_id_for(lost)]
+
+
+@pytest.fixture
+def notified(
+    configure: Callable[..., Settings], rig: Rig, receiver: WebhookReceiver, webhook_secret: str, backend: Backend
+) -> Rig:
+    """The rig with webhooks going to a local receiver."""
+    rig.settings = configure(
+        DATABASE_URL=backend.url, ALLOWED_HOSTS="cdn.example", WEBHOOK_URL=receiver.url, API_SECRET_KEY=webhook_secret
+    )
+    return rig
+
+
+def test_sweep_fails_a_row_whose_attempts_are_used_up(notified: Rig, receiver: WebhookReceiver) -> None:
+    """Processing, no live job, attempts >= MAX_ATTEMPTS (3): failed with a reason saying so, not enqueued, and the
+    payment service gets one download.failed event."""
+    spent = notified.task(attempts=3)
+
+    result = notified.reconciler().sweep()
+
+    assert (result.failed, result.requeued) == ([spent], [])
+    row = notified.row(spent)
+    assert row.status == FAILED
+    assert "no attempts left" in (row.error_message or "") and "3 attempts" in (row.error_message or "")
+    assert notified.queue.job_ids == []
+    run_burst_worker(notified.redis, notified.settings)  # delivers the queued webhook
+    hooks = [h for h in receiver.accepted() if h.event_type == EVENT_FAILED]
+    assert [(h.event_type, h.body["data"]["taskId"], h.body["data"]["status"]) for h in hooks] == [
+        (EVENT_FAILED, spent, FAILED)
+    ]
+    assert "no attempts left" in hooks[0].body["data"]["error"]
+
+
+def test_sweep_leaves_a_used_up_row_alone_while_its_job_is_live(notified: Rig) -> None:
+    """A row at MAX_ATTEMPTS whose job is still queued is not failed by the sweep: the job itself will settle it."""
+    spent = notified.task(attempts=3)
+    notified.enqueue(spent)
+
+    result = notified.reconciler().sweep()
+
+    assert (result.processing, result.failed, result.requeued) == (1, [], [])
+    assert (notified.row(spent).status, notified.row(spent).attempts) == (PROCESSING, 3)
+    assert notified.queue.job_ids == [job_id_for(spent)]
+
+
+def test_sweep_settles_a_job_rq_failed_while_its_row_says_processing(
+    configure: Callable[..., Settings], redis_conn: Redis, mysql_store: MySQLStore
+) -> None:
+    """A task whose run kills its work horse (as the OOM killer would) leaves RQ's job failed and the row processing
+    with its one attempt used; the sweep settles the row failed."""
+    killer = "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"
+    settings = configure(
+        DATABASE_URL=MYSQL_TEST_URL,
+        ALLOWED_HOSTS="cdn.example",
+        MAX_ATTEMPTS="1",
+        FETCH_COMMAND=shlex.join([sys.executable, "-c", killer, "{url}", "{dest}"]),
+    )
+    rig = Rig(settings, mysql_store, redis_conn)
+    task_id = rig.task()
+    rig.enqueue(task_id)
+    run_burst_worker(redis_conn, settings)
+    assert status_of(redis_conn, task_id) == JobStatus.FAILED
+    assert (rig.row(task_id).status, rig.row(task_id).attempts) == (PROCESSING, 1)
+
+    result = rig.reconciler().sweep()
+
+    assert result.failed == [task_id]
+    row = rig.row(task_id)
+    assert row.status == FAILED and "no attempts left" in (row.error_message or "")
+
+
+# -- recover_started (Redis only) -----------------------------------------------------------------
+
+
+def test_recover_started_requeues_the_job_of_a_killed_worker_at_the_front(
+    configure: Callable[..., Settings],
+    redis_conn: Redis,
+    mysql_store: MySQLStore,
+    origin: ContentOrigin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """While its worker runs, a started download is left alone; after kill -9 of the worker, recover_started
+    enqueues it again at the front of the queue, once."""
+    settings = configure(DATABASE_URL=MYSQL_TEST_URL, ALLOWED_HOSTS=origin.host_port)
+    rig = Rig(settings, mysql_store, redis_conn)
+    origin.throttle = 50_000  # bytes/s: the 2 MB file keeps the job busy until the worker is killed
+    url = origin.add_course("slow", {"a.bin": 2_000_000})
+    busy = mysql_store.insert_task(EMAIL, url, PROCESSING)
+    rig.enqueue(busy)
+    worker = start_worker()
+    wait_for(lambda: status_of(redis_conn, busy) == JobStatus.STARTED, timeout=20, what=worker.log)
+    waiting = rig.task()
+    rig.enqueue(waiting)  # queued behind while the only worker is busy
+    reconciler = rig.reconciler()
+
+    assert reconciler.recover_started() == []
+    assert status_of(redis_conn, busy) == JobStatus.STARTED
+
+    worker.kill()
+    assert reconciler.recover_started() == [busy]
+    assert rig.queue.job_ids == [job_id_for(busy), job_id_for(waiting)]
+    assert status_of(redis_conn, busy) == JobStatus.QUEUED
+    assert reconciler.recover_started() == []
+
+
+def test_recover_started_leaves_a_job_its_live_worker_is_just_starting(
+    redis_rig: Rig, live_workers: list[Worker]
+) -> None:
+    """A job a live worker has taken but whose horse has not yet marked it started is not orphaned: recover_started
+    enqueues nothing."""
+    task_id = redis_rig.task()
+    job = redis_rig.enqueue(task_id)
+    live_worker(redis_rig.redis, redis_rig.queue, live_workers, job, horse_started=False)
+
+    assert redis_rig.reconciler().recover_started() == []
+    assert redis_rig.queue.job_ids == []
+
+
+# -- worker registrations -------------------------------------------------------------------------
+
+
+def test_retire_dead_local_workers_removes_only_dead_registrations_of_this_host(
+    redis_rig: Rig, redis_url: str, live_workers: list[Worker]
+) -> None:
+    """A registration of this host whose PID is dead is retired (rq info stops listing it); a live worker of this
+    host and a worker of another host (whose PID cannot be checked here) stay."""
+    dead = vanished_worker(redis_url, redis_rig.queue)
+    elsewhere = vanished_worker(redis_url, redis_rig.queue, hostname="another-host.example")
+    alive = live_worker(redis_rig.redis, redis_rig.queue, live_workers)
+    assert {w.name for w in Worker.all(connection=redis_rig.redis)} == {dead, elsewhere, alive.name}
+
+    assert redis_rig.reconciler().retire_dead_local_workers() == [dead]
+
+    assert {w.name for w in Worker.all(connection=redis_rig.redis)} == {elsewhere, alive.name}
+    assert redis_rig.reconciler().retire_dead_local_workers() == []
+
+
+# -- Redis restarts -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of this test's own (no persistence), so it can be restarted without disturbing anyone."""
+
+    binary: str
+    port: int
+    folder: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        probe = Redis.from_url(self.url, socket_connect_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(probe.ping())
+            except RedisError:
+                return False
+
+        try:
+            wait_for(answers, timeout=10, what=f"redis-server on port {self.port}")
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        service_unavailable("redis-server", "not on PATH (needed to restart a Redis of the test's own)")
+    server = PrivateRedis(binary, free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_lost_data_is_reported_once_per_restart(
+    configure: Callable[..., Settings], private_redis: PrivateRedis
+) -> None:
+    """redis_lost_data() is False at first look and while Redis runs on; True once after a restart; then False."""
+    connection = Redis.from_url(private_redis.url)
+    reconciler = Reconciler(configure(), Producer(configure(), connection=connection))
+    try:
+        assert reconciler.redis_lost_data() is False
+        assert reconciler.redis_lost_data() is False
+        private_redis.restart()
+        assert reconciler.redis_lost_data() is True
+        assert reconciler.redis_lost_data() is False
+    finally:
+        connection.close()
+
+
+def test_run_once_sweeps_at_once_after_a_redis_restart(
+    configure: Callable[..., Settings], private_redis: PrivateRedis, backend: Backend
+) -> None:
+    """With periodic sweeps off (RECONCILE_INTERVAL=0), run_once does not sweep; after Redis restarted without its
+    data, the next run_once sweeps and enqueues the processing tasks again."""
+    settings = configure(DATABASE_URL=backend.url, RECONCILE_INTERVAL="0")
+    connection = Redis.from_url(private_redis.url)
+    try:
+        rig = Rig(settings, backend.store, connection)
+        reconciler = rig.reconciler()
+        task_id = rig.task()
+        rig.enqueue(task_id)
+        assert "sweep" not in reconciler.run_once()
+
+        private_redis.restart()  # no persistence: the queued job is gone
+        assert rig.queue.job_ids == []
+        report = reconciler.run_once()
+
+        assert report["sweep"].requeued == [task_id]
+        assert rig.queue.job_ids == [job_id_for(task_id)]
+        assert "sweep" not in reconciler.run_once()
+    finally:
+        connection.close()
+
+
+# -- run_once ---------------------------------------------------------------------------------------
+
+
+def test_run_once_sweeps_once_per_interval_across_reconcilers(configure: Callable[..., Settings], rig: Rig) -> None:
+    """Reconcilers on several hosts share one sweep per RECONCILE_INTERVAL: the first run_once sweeps, the next
+    (another reconciler) does not, until the interval has passed; force_sweep always sweeps."""
+    rig.settings = configure(DATABASE_URL=rig.settings.database_url or "", RECONCILE_INTERVAL="300")
+    first, second = rig.reconciler(), rig.reconciler()
+    assert "sweep" in first.run_once()
+    lock_ttl = rig.redis.ttl(SWEEP_LOCK)
+    assert isinstance(lock_ttl, int) and 0 < lock_ttl <= 300
+
+    lost = rig.task()
+    assert "sweep" not in second.run_once()
+    assert "sweep" not in first.run_once()
+    assert rig.queue.job_ids == []
+
+    assert second.run_once(force_sweep=True)["sweep"].requeued == [lost]
+    assert rig.queue.job_ids == [job_id_for(lost)]
+
+
+def test_run_once_sweeps_again_when_the_interval_has_passed(configure: Callable[..., Settings], rig: Rig) -> None:
+    """With RECONCILE_INTERVAL=1 the sweep lock lapses after a second and the next run_once sweeps again."""
+    rig.settings = configure(DATABASE_URL=rig.settings.database_url or "", RECONCILE_INTERVAL="1")
+    first, second = rig.reconciler(), rig.reconciler()
+    assert "sweep" in first.run_once()
+    lost = rig.task()
+    assert "sweep" not in second.run_once()
+
+    report = wait_for(lambda: second.run_once().get("sweep"), timeout=5, interval=0.1, what="the next sweep")
+    assert isinstance(report, SweepResult) and report.requeued == [lost]
+
+
+def test_run_once_recovers_started_jobs_once_per_recovery_interval(redis_rig: Rig, redis_url: str) -> None:
+    """The Redis-only recovery step runs in the first reconciler's run_once and is skipped by the next one within
+    RECOVERY_INTERVAL."""
+    orphaned = redis_rig.task(attempts=1)
+    vanished_worker(redis_url, redis_rig.queue, redis_rig.enqueue(orphaned))
+    first, second = redis_rig.reconciler(), redis_rig.reconciler()
+    assert first.run_once()["recovered"] == [orphaned]
+    assert "recovered" not in second.run_once()
+    assert redis_rig.queue.job_ids == [job_id_for(orphaned)]

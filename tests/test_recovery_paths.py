@@ -1,0 +1,558 @@
+"""Recovery paths, each on its own: store retries through a database outage, used-up attempts, hand-back on stop,
+the per-task lease inside a run, dead schedulers' locks, re-registration after Redis lost a worker.
+
+Fast and focused; the long scenarios with real outages are in tests/faults/.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from redis import Redis
+from rq import Queue, Worker
+from rq.job import Job, JobStatus
+from rq.scheduler import RQScheduler
+
+from udemy_dl import worker_rq
+from udemy_dl.connection import worker_queues
+from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from udemy_dl.errors import LeaseBusyError, StoreError
+from udemy_dl.fetch import PARTS_DIRNAME
+from udemy_dl.lease import TaskLease, lease_key
+from udemy_dl.process import HAND_BACK
+from udemy_dl.producer import Producer, job_id_for
+from udemy_dl.settings import Settings
+from udemy_dl.store import COMPLETED, FAILED, PROCESSING, MySQLStore, TaskRow, TaskStore, utcnow
+from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
+from udemy_dl.webhooks import FAILED as EVENT_FAILED
+from udemy_dl.worker import DownloadWorker, release_dead_scheduler_locks
+from udemy_dl.worker_rq import process_download
+
+from .conftest import (
+    MYSQL_HOST,
+    MYSQL_PORT,
+    MYSQL_TEST_DB,
+    MYSQL_TEST_URL,
+    MYSQL_USER,
+    Backend,
+    WorkerProcess,
+    run_burst_worker,
+    wait_for,
+)
+
+EMAIL = "buyer@shop.example"
+URL = "https://cdn.example/courses/1"
+
+
+def free_port() -> int:
+    """A local port nothing listens on (until someone binds it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def mysql_url_on(port: int) -> str:
+    return f"mysql://{MYSQL_USER}@{MYSQL_HOST}:{port}/{MYSQL_TEST_DB}"
+
+
+# -- the store's retry window ---------------------------------------------------------------------
+
+
+class TcpProxy:
+    """Forwards a local port to MariaDB; cut() closes every connection and stops listening (connections are
+    refused, as while the database restarts), restore() listens on the same port again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), name="proxy-accept", daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _close(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(source, sink), name="proxy-pipe", daemon=True).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        _close(source)
+        _close(sink)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+@pytest.fixture
+def proxy(mysql_url: str) -> Iterator[TcpProxy]:
+    server = TcpProxy((MYSQL_HOST, MYSQL_PORT))
+    server.restore()
+    yield server
+    server.cut()
+
+
+def timed(action: Callable[[], object]) -> tuple[float, BaseException | None]:
+    """Run *action*; return the seconds it took and what it raised (None if it returned)."""
+    started = time.monotonic()
+    try:
+        action()
+    except Exception as exc:
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+def test_unreachable_database_is_retried_for_about_retry_for_seconds() -> None:
+    """With retry_for=2 and nothing listening, a statement keeps reconnecting for about 2 s, then raises StoreError."""
+    store = MySQLStore(mysql_url_on(free_port()), retry_for=2)
+    elapsed, error = timed(store.ping)
+    assert isinstance(error, StoreError)
+    assert 1.0 <= elapsed <= 3.0, elapsed
+
+
+def test_retry_for_zero_fails_at_once() -> None:
+    """With retry_for=0 (the default), an unreachable database raises StoreError at once."""
+    store = MySQLStore(mysql_url_on(free_port()), retry_for=0)
+    elapsed, error = timed(store.ping)
+    assert isinstance(error, StoreError)
+    assert elapsed < 0.5, elapsed
+
+
+def test_set_progress_never_retries(mysql_url: str) -> None:
+    """set_progress is best effort: even with retry_for set, an unreachable database fails it at once."""
+    store = MySQLStore(mysql_url_on(free_port()), retry_for=10)
+    elapsed, error = timed(lambda: store.set_progress(1, 50))
+    assert isinstance(error, StoreError)
+    assert elapsed < 0.5, elapsed
+
+
+def test_statement_succeeds_when_the_database_returns_within_the_window(
+    proxy: TcpProxy, mysql_store: MySQLStore
+) -> None:
+    """The database goes away (connections cut and refused) and comes back 1 s later: a status change issued during
+    the outage waits and is applied, exactly once."""
+    task_id = mysql_store.insert_task(EMAIL, URL, PROCESSING)
+    store = MySQLStore(mysql_url_on(proxy.port), retry_for=15)
+    try:
+        assert store.get(task_id) is not None  # connected through the proxy
+        proxy.cut()
+        back = threading.Timer(1.0, proxy.restore)  # the outage lasts one second
+        back.start()
+        elapsed, error = timed(lambda: store.begin_attempt(task_id))
+        back.join()
+        assert error is None
+        assert elapsed >= 0.9, elapsed
+        row = mysql_store.get(task_id)
+        assert row is not None and row.attempts == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "attempts", "given_back", "left"),
+    [(PROCESSING, 2, True, 1), (PROCESSING, 0, False, 0), (COMPLETED, 1, False, 1), (FAILED, 1, False, 1)],
+    ids=["processing", "no-attempt-counted", "completed", "failed"],
+)
+def test_undo_attempt_only_gives_back_a_counted_attempt_of_a_processing_row(
+    backend: Backend, status: str, attempts: int, given_back: bool, left: int
+) -> None:
+    """undo_attempt decrements attempts only on a processing row that has counted one; never below 0, never on a
+    settled row."""
+    task_id = backend.store.insert_task(EMAIL, URL, PROCESSING)
+    for _ in range(attempts):
+        backend.store.begin_attempt(task_id)
+    if status == COMPLETED:
+        backend.store.mark_completed(task_id, "/done", 1, utcnow())
+    elif status == FAILED:
+        backend.store.mark_failed(task_id, "boom", None, utcnow())
+    assert backend.store.undo_attempt(task_id) is given_back
+    row = backend.store.get(task_id)
+    assert row is not None and (row.status, row.attempts) == (status, left)
+
+
+# -- process_download's recovery paths --------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """The job's world for one test: settings, MariaDB store, Redis, origin and webhook receiver."""
+
+    settings: Settings
+    store: TaskStore
+    redis: Redis
+    origin: ContentOrigin
+    receiver: WebhookReceiver
+
+    def paid_task(self, course_url: str) -> int:
+        return self.store.insert_task(EMAIL, course_url, PROCESSING)
+
+    def payload(self, task_id: int) -> dict[str, Any]:
+        row = self.row(task_id)
+        return {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}
+
+    def row(self, task_id: int) -> TaskRow:
+        row = self.store.get(task_id)
+        assert row is not None
+        return row
+
+    def enqueue(self, task_id: int) -> Job:
+        producer = Producer(self.settings, connection=self.redis, store=self.store)
+        return producer.add_download_job(self.payload(task_id)).job
+
+    def queued(self) -> list[str]:
+        return list(Queue(self.settings.queue_name, connection=self.redis).job_ids)
+
+    def partial_bytes(self, task_id: int) -> int:
+        """Bytes kept in the task's staging folder for files not finished yet."""
+        parts = self.settings.staging_dir / str(task_id) / PARTS_DIRNAME
+        return sum(p.stat().st_size for p in parts.glob("*.part")) if parts.is_dir() else 0
+
+    def file_requests(self, path: str) -> list[dict[str, str]]:
+        """Headers (lower-cased names) of each GET of *path* the origin saw."""
+        return [
+            {name.lower(): value for name, value in headers.items()}
+            for _, seen, headers in self.origin.requests.entries
+            if seen == path
+        ]
+
+
+def outcome_events(receiver: WebhookReceiver) -> list[tuple[str, int]]:
+    """(type, taskId) of each verified download.completed / download.failed event the receiver accepted."""
+    return [
+        (hook.event_type, hook.body["data"]["taskId"])
+        for hook in receiver.accepted()
+        if hook.event_type in (EVENT_COMPLETED, EVENT_FAILED)
+    ]
+
+
+@pytest.fixture
+def svc(
+    configure: Callable[..., Settings],
+    redis_conn: Redis,
+    origin: ContentOrigin,
+    receiver: WebhookReceiver,
+    webhook_secret: str,
+    mysql_store: MySQLStore,
+) -> Service:
+    settings = configure(
+        DATABASE_URL=MYSQL_TEST_URL,
+        ALLOWED_HOSTS=origin.host_port,
+        API_SECRET_KEY=webhook_secret,
+        WEBHOOK_URL=receiver.url,
+    )
+    return Service(settings, mysql_store, redis_conn, origin, receiver)
+
+
+@pytest.fixture(autouse=True)
+def hand_back_cleared() -> Iterator[None]:
+    """HAND_BACK is process-wide (a work horse's flag); in-process runs must not leak it to the next test."""
+    HAND_BACK.clear()
+    yield
+    HAND_BACK.clear()
+
+
+def set_hand_back_once_bytes_arrive(svc: Service, task_id: int) -> threading.Thread:
+    """From a thread: wait until the download has written bytes to staging, then ask it to hand the task back."""
+
+    def watch() -> None:
+        try:
+            wait_for(lambda: svc.partial_bytes(task_id) > 0, timeout=30, what="the first bytes in staging")
+        finally:
+            HAND_BACK.set()
+
+    thread = threading.Thread(target=watch, name="hand-back", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_task_with_attempts_used_up_is_failed_without_fetching(svc: Service) -> None:
+    """A row already at MAX_ATTEMPTS (every earlier run died) is settled failed at once: nothing is fetched, the
+    reason says why, the payment service gets download.failed."""
+    url = svc.origin.add_course("poison", {"a.bin": 100})
+    task_id = svc.paid_task(url)
+    for _ in range(svc.settings.max_attempts):
+        svc.store.begin_attempt(task_id)
+
+    result = process_download(svc.payload(task_id))
+
+    assert (result["success"], result["taskId"]) == (False, task_id)
+    assert "no attempts left" in result["error"]
+    assert svc.origin.requests.paths() == []
+    row = svc.row(task_id)
+    assert (row.status, row.attempts) == (FAILED, svc.settings.max_attempts)
+    assert "no attempts left" in (row.error_message or "")
+    run_burst_worker(svc.redis, svc.settings)
+    assert outcome_events(svc.receiver) == [(EVENT_FAILED, task_id)]
+
+
+def test_interrupted_download_is_handed_back_and_resumes_from_its_bytes(svc: Service) -> None:
+    """HAND_BACK set mid-download: the run returns handedBack, gives its attempt back and keeps its bytes in
+    staging; the next run continues the file with a Range request from there and completes in one attempt."""
+    svc.origin.throttle = 2_000_000  # bytes/s: 8 MB take 4 s, ample time to interrupt after the first chunk
+    url = svc.origin.add_course("handback", {"a.bin": 8_000_000})
+    task_id = svc.paid_task(url)
+    watcher = set_hand_back_once_bytes_arrive(svc, task_id)
+
+    result = process_download(svc.payload(task_id))
+    watcher.join(timeout=5)
+
+    assert result == {"success": False, "taskId": task_id, "handedBack": True}
+    row = svc.row(task_id)
+    assert (row.status, row.attempts) == (PROCESSING, 0)
+    kept = svc.partial_bytes(task_id)
+    assert 0 < kept < 8_000_000
+    assert svc.redis.exists(lease_key(task_id)) == 0
+
+    HAND_BACK.clear()
+    svc.origin.throttle = None
+    again = process_download(svc.payload(task_id))
+
+    assert again["success"] is True
+    requests = svc.file_requests("/files/handback/a.bin")
+    assert [r.get("range") for r in requests] == [None, f"bytes={kept}-"]
+    row = svc.row(task_id)
+    assert (row.status, row.attempts) == (COMPLETED, 1)
+
+
+def test_held_lease_makes_a_second_run_step_aside_without_an_attempt(svc: Service) -> None:
+    """While another live run holds the task's lease, process_download raises LeaseBusyError (a transient error,
+    so RQ retries later) before counting an attempt or fetching anything."""
+    url = svc.origin.add_course("busy", {"a.bin": 100})
+    task_id = svc.paid_task(url)
+    holder = TaskLease(svc.redis, task_id, "download-elsewhere")
+    holder.acquire()
+    try:
+        with pytest.raises(LeaseBusyError):
+            process_download(svc.payload(task_id))
+        assert svc.redis.get(lease_key(task_id)) == holder.token.encode()
+    finally:
+        holder.release()
+    assert svc.row(task_id).attempts == 0
+    assert svc.origin.requests.paths() == []
+
+
+def test_duplicate_run_steps_aside_while_the_last_attempt_runs(svc: Service) -> None:
+    """While the last attempt runs (it holds the lease and has counted attempt MAX_ATTEMPTS), a duplicate run steps
+    aside with LeaseBusyError: it neither fails the task nor touches the running attempt's staging folder."""
+    url = svc.origin.add_course("last-attempt", {"a.bin": 100})
+    task_id = svc.paid_task(url)
+    for _ in range(svc.settings.max_attempts):
+        svc.store.begin_attempt(task_id)
+    part = svc.settings.staging_dir / str(task_id) / PARTS_DIRNAME / "running.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * 10)  # the running attempt's bytes so far
+    running = TaskLease(svc.redis, task_id, f"download-{task_id}")
+    running.acquire()
+    try:
+        with pytest.raises(LeaseBusyError):
+            process_download(svc.payload(task_id))
+    finally:
+        running.release()
+    assert svc.row(task_id).status == PROCESSING
+    assert part.read_bytes() == b"x" * 10
+
+
+def test_run_that_loses_its_lease_stops_and_leaves_the_task_to_the_holder(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If another run takes the lease mid-download, this run stops at its next chunk, gives its attempt back,
+    says leaseLost (no hand-back: the holder has the task), and leaves the holder's lease in place."""
+    monkeypatch.setattr(worker_rq, "TaskLease", functools.partial(TaskLease, ttl=1))  # renewed every 1/3 s
+    svc.origin.throttle = 2_000_000
+    url = svc.origin.add_course("stolen", {"a.bin": 8_000_000})
+    task_id = svc.paid_task(url)
+    theirs = f"another-host.example|4242|download-{task_id}|feedface"
+
+    def take_the_lease() -> None:
+        wait_for(lambda: svc.partial_bytes(task_id) > 0, timeout=30, what="the first bytes in staging")
+        svc.redis.set(lease_key(task_id), theirs, px=60_000)
+
+    thief = threading.Thread(target=take_the_lease, daemon=True)
+    thief.start()
+    result = process_download(svc.payload(task_id))
+    thief.join(timeout=5)
+
+    assert result == {"success": False, "taskId": task_id, "leaseLost": True}
+    assert svc.row(task_id).attempts == 0
+    assert svc.redis.get(lease_key(task_id)) == theirs.encode()
+    assert svc.queued() == []
+
+
+def test_status_change_whose_answer_was_lost_is_still_recognised(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store retried a completion that had in fact been applied (its answer lost), so the retry matched no
+    processing row: the run still sees the row carries its own status and finish time and sends download.completed."""
+    url = svc.origin.add_course("lost-answer", {"a.bin": 100})
+    task_id = svc.paid_task(url)
+    store = worker_rq.get_context().store
+    real = store.mark_completed
+
+    def applied_then_retried(task: int, output_path: str, total_bytes: int, now: Any) -> bool:
+        real(task, output_path, total_bytes, now)  # committed; the answer never arrived
+        return real(task, output_path, total_bytes, now)  # the retry finds the row completed already
+
+    monkeypatch.setattr(store, "mark_completed", applied_then_retried)
+    result = process_download(svc.payload(task_id))
+
+    assert result["success"] is True
+    run_burst_worker(svc.redis, svc.settings)
+    assert outcome_events(svc.receiver) == [(EVENT_COMPLETED, task_id)]
+
+
+def test_stopping_worker_hands_its_download_back_at_the_front(
+    svc: Service, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """SIGTERM to a real worker mid-download: it exits promptly, its task is queued again ahead of the waiting ones
+    with the attempt given back and the bytes kept, and the next worker resumes the file rather than refetching it."""
+    svc.origin.throttle = 1_000_000  # bytes/s: the 6 MB file cannot finish before the stop
+    url = svc.origin.add_course("stop", {"a.bin": 6_000_000})
+    task_id = svc.paid_task(url)
+    svc.enqueue(task_id)
+    worker = start_worker()
+    wait_for(lambda: svc.partial_bytes(task_id) > 0, timeout=30, what=lambda: f"bytes in staging\n{worker.log()}")
+    waiting = svc.paid_task(svc.origin.add_course("next", {"b.bin": 10}))
+    svc.enqueue(waiting)  # the only worker is busy: this one waits
+
+    started = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=20) == 0, worker.log()
+    assert time.monotonic() - started < 10, worker.log()
+
+    assert svc.queued() == [job_id_for(task_id), job_id_for(waiting)], worker.log()
+    assert Job.fetch(job_id_for(task_id), connection=svc.redis).get_status() == JobStatus.QUEUED
+    row = svc.row(task_id)
+    assert (row.status, row.attempts) == (PROCESSING, 0), worker.log()
+    kept = svc.partial_bytes(task_id)
+    assert 0 < kept < 6_000_000
+
+    svc.origin.throttle = None
+    run_burst_worker(svc.redis, svc.settings)
+    row = svc.row(task_id)
+    assert (row.status, row.attempts) == (COMPLETED, 1)
+    assert [r.get("range") for r in svc.file_requests("/files/stop/a.bin")] == [None, f"bytes={kept}-"]
+
+
+# -- workers and schedulers after a crash or a Redis restart --------------------------------------
+
+# A scheduler that takes its queue's lock and registers, then vanishes without releasing anything (kill -9).
+VANISHING_SCHEDULER = """
+import sys
+from redis import Redis
+from rq.scheduler import RQScheduler
+
+url, queue_name, name, hostname = sys.argv[1:5]
+scheduler = RQScheduler([queue_name], connection=Redis.from_url(url), name=name)
+if hostname:
+    scheduler.hostname = hostname
+assert scheduler.acquire_locks() == {queue_name}
+scheduler.register_birth()
+"""
+
+
+def vanished_scheduler(redis_url: str, queue_name: str, hostname: str = "") -> str:
+    name = f"sched-{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [sys.executable, "-c", VANISHING_SCHEDULER, redis_url, queue_name, name, hostname], check=True, timeout=60
+    )
+    return name
+
+
+def lock_owner(connection: Redis, queue_name: str) -> str | None:
+    owner = connection.get(RQScheduler.get_locking_key(queue_name))
+    return owner.decode() if isinstance(owner, bytes) else None
+
+
+def test_release_dead_scheduler_locks_frees_only_a_dead_local_schedulers_lock(
+    redis_conn: Redis, redis_url: str
+) -> None:
+    """The lock of a scheduler whose process died on this host is freed (a new scheduler can take it at once); a
+    live scheduler's lock and one held from another host are kept."""
+    dead = vanished_scheduler(redis_url, "q-dead")
+    elsewhere = vanished_scheduler(redis_url, "q-elsewhere", hostname="another-host.example")
+    live = RQScheduler(["q-live"], connection=redis_conn, name=f"sched-{uuid.uuid4().hex[:8]}")
+    assert live.acquire_locks() == {"q-live"}
+    live.register_birth()
+    try:
+        assert lock_owner(redis_conn, "q-dead") == dead
+
+        assert release_dead_scheduler_locks(redis_conn, ["q-live", "q-dead", "q-elsewhere", "q-unlocked"]) == ["q-dead"]
+
+        assert lock_owner(redis_conn, "q-dead") is None
+        assert (lock_owner(redis_conn, "q-live"), lock_owner(redis_conn, "q-elsewhere")) == (live.name, elsewhere)
+        successor = RQScheduler(["q-dead"], connection=redis_conn)
+        assert successor.acquire_locks() == {"q-dead"}
+    finally:
+        live.release_locks()
+
+
+def test_worker_registers_again_after_redis_lost_its_registration(svc: Service) -> None:
+    """A DownloadWorker whose registration vanished (Redis restarted without data) registers again at its next
+    heartbeat, so rq info lists it; a heartbeat with the registration in place changes nothing."""
+    worker: Worker = DownloadWorker(worker_queues(svc.settings, svc.redis), connection=svc.redis, name="test-rereg")
+    worker.register_birth()
+    try:
+        birth = svc.redis.hget(worker.key, "birth")
+        worker.heartbeat()
+        assert svc.redis.hget(worker.key, "birth") == birth
+
+        svc.redis.flushdb()
+        assert Worker.all(connection=svc.redis) == []
+        worker.heartbeat()
+
+        assert [w.name for w in Worker.all(connection=svc.redis)] == [worker.name]
+        assert svc.redis.hexists(worker.key, "birth")
+    finally:
+        worker.register_death()
