@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Stop the workers start_workers.sh started: SIGTERM (RQ's warm shutdown lets the current job
-# finish), wait up to STOP_TIMEOUT seconds, then SIGKILL each worker left and its work horse.
-# PID files are removed. A task cut short stays 'processing' and is re-queued on the next start.
+# Stop the workers and the reconciler start_workers.sh started: SIGTERM (a worker's warm shutdown;
+# a download in progress is handed back to the queue at once, keeping its bytes and its attempt),
+# wait up to STOP_TIMEOUT seconds, then SIGKILL whatever is left (worker, work horse, scheduler).
+# PID files are removed. Anything cut short stays 'processing' and is re-queued by the reconciler.
 set -euo pipefail
 
 readonly RET_OK=0

@@ -146,16 +146,30 @@ def test_renewal_keeps_the_lease_past_its_ttl(redis_conn: Redis) -> None:
     assert redis_conn.exists(lease_key(TASK)) == 0
 
 
-def test_deleted_lease_is_noticed_as_lost(redis_conn: Redis) -> None:
-    """If the lease disappears (expired during a stall, Redis flushed), the next renewal sets `lost` and `also_set`."""
+def test_vanished_lease_is_taken_again_by_the_renewal(redis_conn: Redis) -> None:
+    """If the lease disappears (Redis restarted, or it expired during an outage) and nobody else
+    holds it, the next renewal takes it again: the run goes on and is not counted lost."""
     stop = threading.Event()
     lease = TaskLease(redis_conn, TASK, ttl=1, also_set=stop)
     lease.acquire()
     try:
         redis_conn.delete(lease_key(TASK))
-        wait_for(lease.lost.is_set, timeout=5, what="the renewal to notice the lease is gone")
-        assert stop.is_set()
-        assert redis_conn.exists(lease_key(TASK)) == 0  # a lost lease is not recreated by the renewal
+        wait_for(lambda: redis_conn.get(lease_key(TASK)) == lease.token.encode(), timeout=5, what="the lease retaken")
+        assert not lease.lost.is_set() and not stop.is_set()
+    finally:
+        lease.release()
+
+
+def test_still_held_confirms_the_lease_or_marks_it_lost(redis_conn: Redis) -> None:
+    """Before making its work final a run asks still_held(): true while the lease is its own,
+    false (and `lost` set) once another run holds it."""
+    lease = TaskLease(redis_conn, TASK, ttl=30)
+    lease.acquire()
+    try:
+        assert lease.still_held() is True
+        redis_conn.set(lease_key(TASK), holder_token("another-host.example", 4242), px=60_000)
+        assert lease.still_held() is False
+        assert lease.lost.is_set()
     finally:
         lease.release()
 

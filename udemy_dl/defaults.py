@@ -95,7 +95,7 @@ WORKER_TTL = 60
 Idle workers heartbeat every WORKER_TTL - 15 s, busy ones every 30 s, so a dead worker on another
 host is noticed within about 90 s."""
 
-LEASE_TTL = 60
+LEASE_TTL = 30
 """Seconds a task's lease lives unless its run renews it (every LEASE_TTL / 3 seconds)."""
 
 STORE_RETRY_SECONDS = 120

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import IO
 from . import defaults
 from .errors import CommandError, Interrupted, UnsafePathError
 from .fetch import PARTS_DIRNAME, FetchedFile, FetchResult, ProgressCallback
+from .process import preexec_die_with_parent
 from .safety import check_url_allowed
 from .storage import RECORD_NAME
 
@@ -46,7 +48,13 @@ class CommandFetcher:
         log.info("running FETCH_COMMAND %s", argv[0])
         try:
             process = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=command_environment(),
+                preexec_fn=preexec_die_with_parent(),  # the command goes when its work horse goes (kill -9, OOM)
             )
         except OSError as exc:
             raise CommandError(f"FETCH_COMMAND {argv[0]!r} could not start: {exc}") from exc
@@ -70,6 +78,9 @@ class CommandFetcher:
                         process.wait()
                         raise CommandError(f"FETCH_COMMAND timed out after {self.timeout}s") from None
         finally:
+            if process.poll() is None:  # left by an exception from outside (RQ's job timeout, a signal)
+                process.kill()
+                process.wait()
             reader.join(timeout=5)
         if code != 0:
             raise CommandError(f"FETCH_COMMAND exited with status {code}")
@@ -80,6 +91,14 @@ class CommandFetcher:
             total = sum(item.size for item in files)
             on_progress(total, total, len(files), len(files))
         return FetchResult(title=course_url.rsplit("/", 1)[-1] or "course", files=files, bytes_transferred=0)
+
+
+SECRET_VARIABLES = ("DATABASE_URL", "DB_PASSWORD", "REDIS_URL", "REDIS_PASSWORD", "API_SECRET_KEY")
+"""Kept from the operator's command: it needs the origin (CONTENT_TOKEN stays), not our stores."""
+
+
+def command_environment() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name not in SECRET_VARIABLES}
 
 
 def _log_lines(stream: IO[str]) -> None:

@@ -24,7 +24,14 @@ from .process import pid_alive
 log = logging.getLogger(__name__)
 
 # Compare-and-set scripts: only the holder named by the token may renew or release.
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# Renew: extend our lease; take it again if it vanished (Redis restarted or an outage let it
+# expire) and nobody else has it; 0 only when another run holds it now.
+_RENEW = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
+return 0
+"""
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
@@ -73,6 +80,16 @@ class TaskLease:
                 self._start_renewing()
                 return
         raise LeaseBusyError(f"task {self.task_id}: another run holds the lease ({current})")
+
+    def still_held(self) -> bool:
+        """Check (and renew) now: a run about to make its work final confirms the lease is still its own."""
+        try:
+            held = bool(self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
+        except RedisError:
+            return not self.lost.is_set()  # cannot ask: trust the last renewal
+        if not held:
+            self.lost.set()
+        return held
 
     def _start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.task_id}", daemon=True)

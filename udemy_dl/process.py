@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,22 @@ def install_hand_back_handler(signum: int) -> None:
 
 
 PR_SET_PDEATHSIG = 1
+
+
+def preexec_die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn for subprocess: the child is SIGKILLed when the process that started it dies.
+
+    libc is loaded here, in the parent: between fork and exec the child only makes the one call
+    (no allocation, no logging, no locks).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return set_death_signal
 
 
 def die_with_parent() -> None:

@@ -140,7 +140,11 @@ class Reconciler:
         if force_sweep or lost or (interval and self._take(SWEEP_LOCK, interval)):
             if lost:
                 log.warning("Redis lost its data (restarted); sweeping the database now")
-            report["sweep"] = self.sweep()
+            try:
+                report["sweep"] = self.sweep()
+            except Exception:
+                self.connection.delete(SWEEP_LOCK)  # failed: let the next round (on any host) try again
+                raise
         return report
 
     def run_forever(self, stop: threading.Event) -> None:

@@ -208,9 +208,11 @@ class TaskStore:
                     cursor.close()
             except Exception as exc:  # driver errors differ per back end; all mean "not recorded"
                 self.close()
-                if self._is_unreachable(exc) and time.monotonic() + delay < deadline:
-                    log.warning("status store unreachable (%s); retrying in %.1fs", exc, delay)
-                    time.sleep(delay)  # backoff between reconnection attempts
+                left = deadline - time.monotonic()
+                if self._is_unreachable(exc) and left > 0:
+                    pause = min(delay, left)
+                    log.warning("status store unreachable (%s); retrying in %.1fs", exc, pause)
+                    time.sleep(pause)  # backoff between reconnection attempts
                     delay = min(delay * 2, 10.0)
                     continue
                 raise StoreError(f"status store: {type(exc).__name__}: {exc}") from exc

@@ -12,6 +12,8 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Worker
 from rq.executions import Execution
 from rq.job import Job
@@ -99,12 +101,26 @@ class DownloadWorker(Worker):
             self.log.info("Worker %s: task handed back as job %s", self.name, outcome.job.id)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
-        if pipeline is None and self.birth_date is not None and not self.connection.hexists(self.key, "birth"):
-            # Redis restarted without our registration: announce ourselves again.
-            self.log.warning("Worker %s: registration lost (Redis restarted?); registering again", self.name)
-            self.connection.delete(self.key)
-            self.register_birth()  # type: ignore[no-untyped-call]
-        super().heartbeat(timeout, pipeline)
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        try:
+            if self.birth_date is not None and not self.connection.hexists(self.key, "birth"):
+                # Redis restarted without our registration: announce ourselves again.
+                self.log.warning("Worker %s: registration lost (Redis restarted?); registering again", self.name)
+                self.connection.delete(self.key)
+                self.register_birth()  # type: ignore[no-untyped-call]
+            super().heartbeat(timeout, pipeline)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # RQ would let this end the worker (and its horse, mid-download); Redis coming back is
+            # the usual outcome, so keep working and beat again next time.
+            self.log.warning("Worker %s: heartbeat failed, Redis unreachable: %s", self.name, exc)
+
+    def maintain_heartbeats(self, job: Job) -> None:
+        try:
+            super().maintain_heartbeats(job)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self.log.warning("Worker %s: heartbeat for job %s failed, Redis unreachable: %s", self.name, job.id, exc)
 
 
 def default_worker_name(index: int) -> str:
@@ -227,6 +243,14 @@ class DownloadPool(WorkerPool):
         super().__init__(*args, **kwargs)
         self.settings = settings
         self.reconciler: BaseProcess | None = None
+        self._pool_pid = os.getpid()
+
+    def request_stop(self, signum: int | None = None, frame: Any = None) -> None:
+        if os.getpid() != self._pool_pid:
+            # A worker process forked a moment ago still carries the pool's handler: the stop
+            # meant for it arrived before it could install its own. It has nothing to finish.
+            os._exit(0)
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def _ensure_reconciler(self) -> None:
         if self.reconciler is not None and self.reconciler.is_alive():

@@ -200,7 +200,7 @@ def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease:
     except Exception as exc:  # informative only: the download goes ahead
         log.warning("task %s: started event not queued: %s", task.task_id, exc)
     try:
-        return _download(ctx, task, job)
+        return _download(ctx, task, job, lease)
     except Interrupted:
         # Not this attempt's fault: give the attempt back. The bytes so far stay in staging.
         ctx.store.undo_attempt(task.task_id)
@@ -225,7 +225,7 @@ def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease:
         raise
 
 
-def _download(ctx: Context, task: TaskData, job: Job | None) -> dict[str, Any]:
+def _download(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease) -> dict[str, Any]:
     settings = ctx.settings
     final = final_path(settings, task.task_id)
     record = read_record(final) if final.is_dir() else None
@@ -235,6 +235,8 @@ def _download(ctx: Context, task: TaskData, job: Job | None) -> dict[str, Any]:
         result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=HAND_BACK)
         record = result.record(task.course_url)
         write_record(staging, record)
+        if not lease.still_held():  # another run took over: its copy of the folder is the one that counts
+            raise Interrupted("lease lost before the files were moved into place")
         promote(staging, final)
     else:
         log.info("task %s: files already in place at %s, recording them", task.task_id, final)
@@ -341,6 +343,6 @@ def _send(ctx: Context, task_id: int, event_type: str, data: dict[str, Any], fin
 
 
 def _is_last_attempt(job: Job | None, attempt: int, settings: Settings) -> bool:
-    if attempt >= settings.max_attempts:
-        return True
-    return job is None or not job.retries_left
+    """The database's attempt count decides (RQ's retries_left also shrinks when a run steps aside
+    for another's lease). A direct call outside RQ has no retry to come, so it is the last."""
+    return job is None or attempt >= settings.max_attempts

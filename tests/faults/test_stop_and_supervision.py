@@ -1,0 +1,138 @@
+"""Graceful stop (stop_workers.sh, and SIGTERM to `udemy-dl pool` as systemd sends it) and
+supervision (the pool replaces a worker killed with kill -9; `rq info` lists the live workers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+from tests.conftest import wait_for
+from tests.e2e.conftest import e2e_descendants, e2e_pid_running
+
+from .conftest import Faults, Task
+
+MIB = 1024 * 1024
+FILE_SIZE = 12 * MIB
+THROTTLE = 1.5 * MIB
+"""About 8 s per file: a download the stop cannot wait for."""
+
+STOP_TIMEOUT = 10
+REPLACEMENT_LIMIT = 30.0
+"""Issue 4: a worker that dies is replaced within 30 s when run the way the unit runs it."""
+
+
+def _assert_handed_back(faults: Faults, task: Task) -> None:
+    """The task is back on the queue at once, still processing, its attempt given back, its bytes kept."""
+    row = faults.row(task)
+    assert row.status == "processing" and row.attempts == 0, (row, faults.logs())
+    queued = faults.queued_job_ids()
+    assert queued == [f"download-{task.id}"], (queued, faults.logs())
+    assert 0 < faults.part_bytes(task) < task.size, "the bytes fetched so far are kept"
+
+
+def _assert_resumed_once(faults: Faults, task: Task) -> None:
+    faults.assert_outcome([task])
+    requests = faults.origin.timed.for_path(task.files[0].url_path)
+    assert len(requests) == 2, [headers for _, headers in requests]
+    assert "Range" not in requests[0][1] and requests[1][1].get("Range", "").startswith("bytes="), requests[1]
+    assert faults.row(task).attempts == 1, "the handed-back run used no attempt"
+
+
+def test_stop_workers_hands_download_back(faults: Faults, measure: Callable[..., float]) -> None:
+    """stop_workers.sh mid-download returns within STOP_TIMEOUT; the task goes back to the queue at
+    once without using an attempt, and after start_workers.sh it resumes with a Range request."""
+    (task,) = faults.make_tasks(1, FILE_SIZE)
+    faults.origin.throttle = THROTTLE
+    faults.set_env(STOP_TIMEOUT=str(STOP_TIMEOUT))
+    faults.start_workers(2)
+    faults.pay([task])
+    faults.wait_under_way(task, fraction=0.1)
+    assert faults.row(task).attempts == 1
+
+    stopped, elapsed = faults.stop_workers()
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    measure("stop_workers.sh mid-download", elapsed, limit=STOP_TIMEOUT)
+    assert elapsed <= STOP_TIMEOUT and "did not stop in time" not in stopped.stdout, (elapsed, stopped.stdout)
+    assert faults.leftovers(exclude=[faults.redis_server.process.pid if faults.redis_server.process else 0]) == []
+    _assert_handed_back(faults, task)
+
+    restarted_at = time.monotonic()
+    faults.start_workers(2)
+    resumed_at = faults.wait_resumed(task, restarted_at, timeout=60)
+    measure("start_workers.sh -> download resumed", resumed_at - restarted_at)
+    _assert_resumed_once(faults, task)
+
+
+def test_sigterm_to_pool_hands_download_back(faults: Faults, measure: Callable[..., float]) -> None:
+    """systemctl stop: SIGTERM to the `udemy-dl pool` main process alone (KillMode=mixed). The pool
+    exits within STOP_TIMEOUT, leaving nothing behind for systemd to kill; the task is back on the
+    queue without using an attempt; the next start resumes it with a Range request."""
+    (task,) = faults.make_tasks(1, FILE_SIZE)
+    faults.origin.throttle = THROTTLE
+    pool = faults.start_pool(2)
+    faults.pay([task])
+    faults.wait_under_way(task, fraction=0.1)
+    family = e2e_descendants(pool.pid)
+
+    began = time.monotonic()
+    pool.process.send_signal(signal.SIGTERM)
+    try:
+        code = pool.process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the pool did not exit within {STOP_TIMEOUT} s of SIGTERM\n{pool.log()}") from None
+    elapsed = measure("SIGTERM -> pool exited", time.monotonic() - began, limit=STOP_TIMEOUT)
+    assert code == 0, pool.log()
+    left = [pid for pid in family if e2e_pid_running(pid)]
+    assert left == [], f"left for systemd's SIGKILL: {left}"
+    assert elapsed <= STOP_TIMEOUT
+    _assert_handed_back(faults, task)
+
+    restarted_at = time.monotonic()
+    faults.start_pool(2)
+    resumed_at = faults.wait_resumed(task, restarted_at, timeout=60)
+    measure("pool restart -> download resumed", resumed_at - restarted_at)
+    _assert_resumed_once(faults, task)
+
+
+def test_pool_replaces_killed_worker(faults: Faults, measure: Callable[..., float]) -> None:
+    """`udemy-dl pool --count 3` (the unit's command): kill -9 of a worker busy with a download.
+    A replacement runs within 30 s, `rq info` then lists exactly the live workers (the reconciler
+    retires the dead registration), and the interrupted download resumes and completes."""
+    tasks = faults.make_tasks(2, 6 * MIB)
+    faults.origin.throttle = THROTTLE
+    pool = faults.start_pool(3)
+    faults.pay(tasks)
+    victim = tasks[0]
+    faults.wait_under_way(victim, fraction=0.1)
+    worker_pid, horse_pid = faults.runner(victim)
+    before = faults.pool_workers(pool)
+    (victim_name,) = [name for name, pid in before.items() if pid == worker_pid]
+
+    killed_at = time.monotonic()
+    os.kill(worker_pid, signal.SIGKILL)
+
+    def replaced() -> dict[str, int]:
+        assert pool.process.poll() is None, pool.log()
+        live = faults.pool_workers(pool)
+        return live if len(live) == 3 and worker_pid not in live.values() else {}
+
+    after = wait_for(replaced, timeout=REPLACEMENT_LIMIT + 15, interval=0.1, what=lambda: pool.log())
+    replacement = measure("kill -9 -> replacement registered", time.monotonic() - killed_at, limit=REPLACEMENT_LIMIT)
+    assert replacement <= REPLACEMENT_LIMIT
+    assert set(before) - {victim_name} <= set(after), "the other workers kept running"
+    assert not e2e_pid_running(horse_pid), "the horse died with its worker"
+
+    def listed_exactly() -> dict[str, int]:
+        listed = faults.rq_info_workers()
+        return listed if listed == faults.live_workers() == faults.pool_workers(pool) else {}
+
+    listed = wait_for(listed_exactly, timeout=45, interval=0.5, what=lambda: faults.rq_info())
+    measure("kill -9 -> rq info lists only live workers", time.monotonic() - killed_at)
+    assert victim_name not in listed and len(listed) == 3
+
+    resumed_at = faults.wait_resumed(victim, killed_at, timeout=150)
+    measure("kill -9 -> job running again", resumed_at - killed_at, limit=120)
+    faults.assert_outcome(tasks)
