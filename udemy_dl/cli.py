@@ -216,6 +216,22 @@ def cmd_shell_settings(settings: Settings, args: argparse.Namespace) -> int:
     return RET_OK
 
 
+def cmd_metrics(settings: Settings, args: argparse.Namespace) -> int:
+    from .connection import redis_connection
+    from .metrics import render_latest
+
+    body, _ = render_latest(settings, redis_connection(settings))
+    sys.stdout.write(body.decode())
+    return RET_OK
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from .intake import serve
+
+    serve(settings, args.host, args.port)
+    return RET_OK
+
+
 def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
     from .reconciler import run_reconciler
 
@@ -270,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconcile", help="re-enqueue processing tasks that have no live job")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("metrics", help="print the Prometheus metrics (what /metrics on serve shows)")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("serve", help="the HTTP intake: POST /orders/confirm, GET /tasks/<id>, /metrics, /healthz")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("reconciler", help="run the reconciler loop (start_workers.sh and the pool run it)")
     p.set_defaults(func=cmd_reconciler)

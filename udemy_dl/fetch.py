@@ -197,6 +197,12 @@ class Fetcher:
         self.timeout = timeout
         self.max_task_bytes = max_task_bytes
         self._stop: threading.Event | None = None
+        self._progress: _Progress | None = None
+
+    @property
+    def bytes_transferred(self) -> int:
+        """Bytes received from the network by the last fetch (so far, if it is still running or failed)."""
+        return self._progress.transferred if self._progress is not None else 0
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -243,6 +249,7 @@ class Fetcher:
         Setting *stop* makes the fetch raise Interrupted within a chunk, keeping its bytes.
         """
         self._stop = stop
+        self._progress = None
         staging.mkdir(parents=True, exist_ok=True)
         if staging.is_symlink():
             raise UnsafePathError(f"staging folder is a symlink: {staging}")
@@ -287,6 +294,7 @@ class Fetcher:
             raise TooLargeError(f"course is {total} bytes, more than MAX_TASK_BYTES={self.max_task_bytes}")
         self._check_disk(staging, specs, total)
         progress = _Progress(on_progress, total, len(specs), limit=self.max_task_bytes)
+        self._progress = progress
         cancel = threading.Event()
         results: dict[int, FetchedFile] = {}
 

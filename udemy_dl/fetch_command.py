@@ -34,6 +34,8 @@ class CommandFetcher:
         self.argv = argv
         self.allowed_hosts = allowed_hosts
         self.timeout = timeout
+        self.bytes_transferred = 0
+        """Not known for an operator's command (it may fetch from anywhere it likes)."""
 
     def fetch(
         self,

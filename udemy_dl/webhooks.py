@@ -11,11 +11,11 @@ from typing import Any
 
 import requests
 from redis import Redis
-from rq import Retry
+from rq import Retry, get_current_job
 from rq.exceptions import DuplicateJobError
 from standardwebhooks import Webhook
 
-from . import defaults
+from . import defaults, metrics
 from .connection import webhook_queue
 from .errors import ConfigError, WebhookDeliveryError
 from .settings import Settings, get_settings
@@ -98,6 +98,7 @@ def deliver_webhook(msg_id: str, body: str) -> dict[str, Any]:
     if not settings.api_secret_key:
         raise ConfigError("API_SECRET_KEY", "not set on this worker; cannot sign")
     headers = sign_headers(settings.api_secret_key, msg_id, body)
+    job = get_current_job()
     try:
         response = requests.post(
             settings.webhook_url,
@@ -106,9 +107,15 @@ def deliver_webhook(msg_id: str, body: str) -> dict[str, Any]:
             timeout=(defaults.WEBHOOK_TIMEOUT, defaults.WEBHOOK_TIMEOUT),
             allow_redirects=False,
         )
-    except requests.RequestException as exc:
+        if not 200 <= response.status_code < 300:
+            raise WebhookDeliveryError(f"webhook {msg_id}: receiver answered HTTP {response.status_code}")
+    except (requests.RequestException, WebhookDeliveryError) as exc:
+        if job is not None:
+            metrics.inc(job.connection, "webhook_deliveries", result="failed")
+        if isinstance(exc, WebhookDeliveryError):
+            raise
         raise WebhookDeliveryError(f"webhook {msg_id}: {type(exc).__name__}") from exc
-    if not 200 <= response.status_code < 300:
-        raise WebhookDeliveryError(f"webhook {msg_id}: receiver answered HTTP {response.status_code}")
+    if job is not None:
+        metrics.inc(job.connection, "webhook_deliveries", result="delivered")
     log.info("webhook %s delivered (HTTP %s)", msg_id, response.status_code)
     return {"delivered": True, "webhookId": msg_id, "status": response.status_code}

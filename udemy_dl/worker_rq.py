@@ -19,7 +19,7 @@ from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
-from . import defaults
+from . import defaults, metrics
 from .connection import redis_connection
 from .errors import Interrupted, InvalidTaskError, PermanentError, StoreError
 from .fetch import Fetcher
@@ -152,6 +152,7 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
     """RQ job: fetch one paid task's files and record the outcome. See the module docstring."""
     ctx = get_context()
     job = get_current_job()
+    metrics.observe_pickup(ctx.redis, job)
     try:
         task = parse_task(task_data)
     except InvalidTaskError as exc:
@@ -199,9 +200,15 @@ def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease:
         _send(ctx, task.task_id, EVENT_STARTED, started, utcnow())
     except Exception as exc:  # informative only: the download goes ahead
         log.warning("task %s: started event not queued: %s", task.task_id, exc)
+    began = time.monotonic()
+    metrics.inc(ctx.redis, "attempts")
+    outcome = "retry"
     try:
-        return _download(ctx, task, job, lease)
+        result = _download(ctx, task, job, lease)
+        outcome = "completed"
+        return result
     except Interrupted:
+        outcome = "handed_back"
         # Not this attempt's fault: give the attempt back. The bytes so far stay in staging.
         ctx.store.undo_attempt(task.task_id)
         if lease.lost.is_set():
@@ -213,16 +220,24 @@ def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease:
             job.save_meta()
         return {"success": False, "taskId": task.task_id, "handedBack": True}
     except PermanentError as exc:
+        outcome = "failed"
+        metrics.inc(ctx.redis, "failures", reason=type(exc).__name__)
         log.error("task %s: permanent error: %s", task.task_id, exc)
         settle_failure(ctx, task, str(exc))
         return {"success": False, "taskId": task.task_id, "error": str(exc)}
     except Exception as exc:
+        metrics.inc(ctx.redis, "failures", reason=type(exc).__name__)
         if _is_last_attempt(job, attempt, ctx.settings):
+            outcome = "failed"
             log.error("task %s: attempt %s failed, no attempts left: %s", task.task_id, attempt, exc)
             settle_failure(ctx, task, f"{type(exc).__name__}: {exc} (after {attempt} attempts)")
         else:
             log.warning("task %s: attempt %s failed, will retry: %s", task.task_id, attempt, exc)
         raise
+    finally:
+        metrics.inc(ctx.redis, "tasks", outcome=outcome)
+        metrics.inc(ctx.redis, "bytes_fetched", ctx.fetcher.bytes_transferred)
+        metrics.observe(ctx.redis, "task_duration_seconds", time.monotonic() - began)
 
 
 def _download(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease) -> dict[str, Any]:

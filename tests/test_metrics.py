@@ -1,0 +1,105 @@
+"""Prometheus metrics: /metrics parses, and its figures match the queue's real state and the work done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis
+
+from udemy_dl import metrics
+from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from udemy_dl.producer import Producer
+from udemy_dl.settings import Settings
+from udemy_dl.store import PENDING, SQLiteStore
+
+from .conftest import run_burst_worker
+
+EMAIL = "metrics@shop.example"
+
+
+def scrape(settings: Settings, connection: Redis) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Parse the page as Prometheus would: (sample name, sorted labels) -> value."""
+    body, content_type = metrics.render_latest(settings, connection)
+    assert content_type.startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+@pytest.fixture
+def wired(
+    configure: Callable[..., Settings],
+    redis_conn: Redis,
+    sqlite_store: SQLiteStore,
+    origin: ContentOrigin,
+    receiver: WebhookReceiver,
+    webhook_secret: str,
+) -> tuple[Settings, Producer]:
+    settings = configure(
+        DATABASE_URL=f"sqlite:///{sqlite_store.path}",
+        ALLOWED_HOSTS=origin.host_port,
+        WEBHOOK_URL=receiver.url,
+        API_SECRET_KEY=webhook_secret,
+    )
+    metrics.reset(redis_conn)
+    return settings, Producer(settings, connection=redis_conn, store=sqlite_store)
+
+
+def test_queue_depth_and_oldest_age_match_what_is_queued(
+    wired: tuple[Settings, Producer], redis_conn: Redis, sqlite_store: SQLiteStore, origin: ContentOrigin
+) -> None:
+    """3 normal and 2 VIP tasks waiting, no worker: the page says so, and the oldest job has an age."""
+    settings, producer = wired
+    url = origin.add_course("m", {"a.bin": 10})
+    normal = [sqlite_store.insert_task(EMAIL, url, PENDING) for _ in range(3)]
+    vip = [sqlite_store.insert_task(EMAIL, url, PENDING) for _ in range(2)]
+    producer.confirm_payment(normal)
+    producer.confirm_payment(vip, priority="high")
+    samples = scrape(settings, redis_conn)
+    assert samples[("udemy_dl_queue_jobs", (("queue", "downloads"), ("state", "waiting")))] == 3
+    assert samples[("udemy_dl_queue_jobs", (("queue", "downloads-high"), ("state", "waiting")))] == 2
+    assert samples[("udemy_dl_queue_jobs", (("queue", "webhooks"), ("state", "waiting")))] == 0
+    assert samples[("udemy_dl_queue_oldest_waiting_seconds", (("queue", "downloads"),))] > 0
+    assert samples[("udemy_dl_queue_oldest_waiting_seconds", (("queue", "webhooks"),))] == 0
+
+
+def test_work_done_shows_in_counters_and_histograms(
+    wired: tuple[Settings, Producer],
+    redis_conn: Redis,
+    sqlite_store: SQLiteStore,
+    origin: ContentOrigin,
+    receiver: WebhookReceiver,
+) -> None:
+    """Two tasks completed and one failed (404): attempts, outcomes, failure reasons, bytes, pickup and
+    duration counts, and webhook deliveries all agree with what happened."""
+    settings, producer = wired
+    good = origin.add_course("ok", {"a.bin": 1000, "b.bin": 2000})
+    ids = [sqlite_store.insert_task(EMAIL, good, PENDING) for _ in range(2)]
+    ids.append(sqlite_store.insert_task(EMAIL, f"{origin.base_url}/files/missing.bin", PENDING))
+    producer.confirm_payment(ids)
+    run_burst_worker(redis_conn, settings)  # downloads, then the webhooks they queued
+
+    samples = scrape(settings, redis_conn)
+    assert samples[("udemy_dl_attempts_total", ())] == 3
+    assert samples[("udemy_dl_tasks_total", (("outcome", "completed"),))] == 2
+    assert samples[("udemy_dl_tasks_total", (("outcome", "failed"),))] == 1
+    assert samples[("udemy_dl_failures_total", (("reason", "OriginRefusedError"),))] == 1
+    assert samples[("udemy_dl_bytes_fetched_total", ())] == 2 * 3000
+    assert samples[("udemy_dl_pickup_latency_seconds_count", ())] == 3
+    assert samples[("udemy_dl_task_duration_seconds_count", ())] == 3
+    assert samples[("udemy_dl_pickup_latency_seconds_bucket", (("le", "+Inf"),))] == 3
+    delivered = len([hook for hook in receiver.received if hook.verified])
+    assert delivered >= 3  # started events and outcomes
+    assert samples[("udemy_dl_webhook_deliveries_total", (("result", "delivered"),))] == delivered
+    assert samples[("udemy_dl_queue_jobs", (("queue", "downloads"), ("state", "finished")))] == 3
+
+
+def test_workers_alive_are_counted(wired: tuple[Settings, Producer], redis_conn: Redis) -> None:
+    """No worker registered: the gauge is 0 in every state (an alert on it can fire)."""
+    settings, _ = wired
+    samples = scrape(settings, redis_conn)
+    assert sum(value for (name, _), value in samples.items() if name == "udemy_dl_workers") == 0
