@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
 from redis import Redis
+from redis.sentinel import Sentinel
 from rq import Queue
 
 from .settings import Settings
 
+CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 5,
+    # Longer than a worker's blocking dequeue (WORKER_TTL - 15 s), so only a dead server trips it.
+    "socket_timeout": 75,
+    "socket_keepalive": True,
+    "health_check_interval": 30,
+    "retry_on_timeout": True,
+}
+
 
 def redis_connection(settings: Settings) -> Redis:
-    """A Redis client for *settings*, with timeouts so a dead server is noticed, not waited on."""
-    return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=30,
-        retry_on_timeout=True,
+    """A Redis client for *settings*, with timeouts so a dead server is noticed, not waited on.
+
+    With REDIS_SENTINELS set, the client asks the Sentinels for the current master of
+    REDIS_SENTINEL_MASTER and follows a failover (password and database from REDIS_URL/REDIS_*).
+    """
+    if not settings.redis_sentinels:
+        return Redis.from_url(settings.redis_url, **CLIENT_OPTIONS)
+    parts = urlsplit(settings.redis_url)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(settings.redis_sentinels),
+        sentinel_kwargs={
+            "socket_connect_timeout": 5,
+            "socket_timeout": 5,
+            "password": settings.redis_sentinel_password,
+        },
+        password=unquote(parts.password) if parts.password else None,
+        db=int(parts.path.lstrip("/") or 0),
     )
+    master: Redis = sentinel.master_for(settings.redis_sentinel_master, **CLIENT_OPTIONS)  # type: ignore[no-untyped-call]
+    return master
 
 
 def download_queue(settings: Settings, connection: Redis, priority: str = "normal") -> Queue:

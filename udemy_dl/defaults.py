@@ -61,6 +61,9 @@ MANIFEST_MAX_BYTES = 8 * 1024 * 1024
 ENQUEUE_LOCK_TIMEOUT = 10
 """Seconds the per-task enqueue lock lives if its holder dies."""
 
+REDIS_SENTINEL_MASTER = "mymaster"
+"""The master name the Sentinels monitor, when REDIS_SENTINELS is set."""
+
 MYSQL_PORT = 3306
 REDIS_PORT = 6379
 

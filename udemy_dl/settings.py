@@ -58,6 +58,9 @@ class Settings:
     fetch_command: tuple[str, ...] | None = None
     reconcile_interval: int = defaults.RECONCILE_INTERVAL
     webhook_retry_intervals: tuple[int, ...] = defaults.WEBHOOK_RETRY_INTERVALS
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = defaults.REDIS_SENTINEL_MASTER
+    redis_sentinel_password: str | None = field(default=None, repr=False)
 
     @property
     def redis_url_redacted(self) -> str:
@@ -192,6 +195,20 @@ def _path(env: Mapping[str, str | None], variable: str, default: str) -> Path:
     return Path(_get(env, variable) or default).expanduser().absolute()
 
 
+def _sentinels(env: Mapping[str, str | None], variable: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port` of the Redis Sentinels (empty: no Sentinel, REDIS_URL is the server)."""
+    raw = _get(env, variable)
+    if raw is None:
+        return ()
+    found = []
+    for item in raw.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(variable, f"expected host:port[,host:port...], got {item.strip()!r}")
+        found.append((host.strip("[]"), int(port)))
+    return tuple(found)
+
+
 def _intervals(env: Mapping[str, str | None], variable: str, default: tuple[int, ...]) -> tuple[int, ...]:
     """Comma-separated seconds between delivery attempts, e.g. `10,30,60`."""
     raw = _get(env, variable)
@@ -260,6 +277,9 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         fetch_command=_command(env, "FETCH_COMMAND"),
         reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.RECONCILE_INTERVAL, minimum=0),
         webhook_retry_intervals=_intervals(env, "WEBHOOK_RETRY_INTERVALS", defaults.WEBHOOK_RETRY_INTERVALS),
+        redis_sentinels=_sentinels(env, "REDIS_SENTINELS"),
+        redis_sentinel_master=_name(env, "REDIS_SENTINEL_MASTER", defaults.REDIS_SENTINEL_MASTER),
+        redis_sentinel_password=_get(env, "REDIS_SENTINEL_PASSWORD"),
     )
 
 

@@ -252,6 +252,15 @@ class DownloadPool(WorkerPool):
             os._exit(0)
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
+    def get_worker_process(self, name: str, burst: bool, _sleep: float = 0, logging_level: str = "INFO") -> BaseProcess:
+        """Each worker builds its own Redis client from the settings (so Sentinel works too) and is
+        named like the scripts' workers: udemy-dl.<host>.<id>."""
+        return get_context("fork").Process(
+            target=_run_pool_worker,
+            args=(self.settings, f"udemy-dl.{socket.gethostname()}.{name[:8]}", burst, logging_level),
+            name=f"Worker {name} (WorkerPool {self.name})",
+        )
+
     def _ensure_reconciler(self) -> None:
         if self.reconciler is not None and self.reconciler.is_alive():
             return
@@ -271,6 +280,12 @@ class DownloadPool(WorkerPool):
         super().stop_workers()  # type: ignore[no-untyped-call]
         if self.reconciler is not None and self.reconciler.is_alive():
             self.reconciler.terminate()
+
+
+def _run_pool_worker(settings: Settings, name: str, burst: bool, logging_level: str) -> None:
+    connection = redis_connection(settings)
+    worker = DownloadWorker(worker_queues(settings, connection), connection=connection, name=name)
+    worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)
 
 
 def run_pool(settings: Settings, count: int, logging_level: str = "INFO") -> None:
