@@ -24,9 +24,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Fault injection (tests/faults/): killed workers, Redis and MySQL outages, a receiver that is down.
+# Fault injection (tests/faults/): killed workers, Redis and MySQL outages, a receiver that is down;
+# and several hosts (tests/hosts/: network namespaces, a Sentinel failover). Slow: not in `make test`.
 test-faults: install
-	UDEMY_DL_FAULTS=1 $(BIN)/python -m pytest -q tests/faults
+	UDEMY_DL_FAULTS=1 $(BIN)/python -m pytest -q tests/faults $(wildcard tests/hosts)
 
 lint: install
 	$(BIN)/ruff check .
