@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from udemy_dl.settings import VARIABLES
+
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,39 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 """The virtualenv's scripts (udemy-dl, rq) next to this interpreter."""
 
-SERVICE_VARIABLES = (
-    "REDIS_URL",
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "REDIS_PASSWORD",
-    "REDIS_DB",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_USER",
-    "DB_PASSWORD",
-    "DB_NAME",
-    "DATABASE_URL",
-    "API_SECRET_KEY",
-    "WEBHOOK_URL",
-    "CONTENT_TOKEN",
-    "ALLOWED_HOSTS",
-    "DOWNLOAD_DIR",
-    "FAILED_DIR",
-    "LOG_DIR",
-    "PID_DIR",
-    "WORKER_COUNT",
-    "QUEUE_NAME",
-    "MAX_ATTEMPTS",
-    "RETRY_DELAY",
-    "JOB_TIMEOUT",
-    "RESULT_TTL",
-    "FAILURE_TTL",
-    "STOP_TIMEOUT",
-    "FETCH_CONCURRENCY",
-    "MAX_TASK_BYTES",
-    "FETCH_COMMAND",
-    "RECONCILE_INTERVAL",
-)
+SERVICE_VARIABLES = VARIABLES
 """Every variable the service reads: none of the caller's may leak into the bench's workers."""
 
 

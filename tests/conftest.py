@@ -27,7 +27,7 @@ from rq import Worker
 from udemy_dl import producer, worker_rq
 from udemy_dl.connection import worker_queues
 from udemy_dl.devservers import ContentOrigin, WebhookReceiver
-from udemy_dl.settings import Settings, get_settings
+from udemy_dl.settings import VARIABLES, Settings, get_settings
 from udemy_dl.store import MySQLStore, SQLiteStore, TaskStore
 from udemy_dl.webhooks import generate_secret
 
@@ -46,39 +46,7 @@ MYSQL_USER = "root"
 MYSQL_TEST_DB = "udemy_dl_test"
 MYSQL_TEST_URL = f"mysql://{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_TEST_DB}"
 
-SETTING_VARIABLES = (
-    "REDIS_URL",
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "REDIS_PASSWORD",
-    "REDIS_DB",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_USER",
-    "DB_PASSWORD",
-    "DB_NAME",
-    "DATABASE_URL",
-    "API_SECRET_KEY",
-    "WEBHOOK_URL",
-    "CONTENT_TOKEN",
-    "ALLOWED_HOSTS",
-    "DOWNLOAD_DIR",
-    "FAILED_DIR",
-    "LOG_DIR",
-    "PID_DIR",
-    "WORKER_COUNT",
-    "QUEUE_NAME",
-    "MAX_ATTEMPTS",
-    "RETRY_DELAY",
-    "JOB_TIMEOUT",
-    "RESULT_TTL",
-    "FAILURE_TTL",
-    "STOP_TIMEOUT",
-    "FETCH_CONCURRENCY",
-    "MAX_TASK_BYTES",
-    "FETCH_COMMAND",
-    "RECONCILE_INTERVAL",
-)
+SETTING_VARIABLES = VARIABLES
 """Every variable the service reads; cleared before each test."""
 
 

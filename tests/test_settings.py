@@ -252,3 +252,17 @@ def test_get_settings_is_parsed_once_until_cleared(monkeypatch: pytest.MonkeyPat
     assert get_settings() is first
     get_settings.cache_clear()
     assert get_settings().worker_count == 4
+
+
+def test_every_variable_read_is_listed_in_variables() -> None:
+    """settings.VARIABLES names every variable load_settings reads (tests and tools rely on it)."""
+    import inspect
+    import re
+
+    from udemy_dl import settings as module
+
+    source = inspect.getsource(module)
+    read = set(re.findall(r'_(?:get|int|path|name|command|intervals|sentinels)\(env, "([A-Z_]+)"', source))
+    read |= {"REDIS_URL", "DATABASE_URL", "ALLOWED_HOSTS", "WEBHOOK_URL", "API_SECRET_KEY"}
+    assert read <= set(module.VARIABLES), sorted(read - set(module.VARIABLES))
+    assert len(module.VARIABLES) == len(set(module.VARIABLES))

@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from rq import Worker
 
 from .devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver, write_sample_file
+from .settings import VARIABLES
 from .storage import read_record
 from .store import COMPLETED, FAILED, TaskRow, TaskStore, open_store
 from .webhooks import COMPLETED as EVENT_COMPLETED
@@ -64,36 +65,7 @@ POLL_INTERVAL = 0.5
 COMMAND_TIMEOUT = 60.0
 REDIS_START_TIMEOUT = 10.0
 
-SERVICE_VARIABLES = (
-    "REDIS_URL",
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "REDIS_PASSWORD",
-    "REDIS_DB",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_USER",
-    "DB_PASSWORD",
-    "DB_NAME",
-    "DATABASE_URL",
-    "API_SECRET_KEY",
-    "WEBHOOK_URL",
-    "CONTENT_TOKEN",
-    "ALLOWED_HOSTS",
-    "DOWNLOAD_DIR",
-    "FAILED_DIR",
-    "LOG_DIR",
-    "PID_DIR",
-    "WORKER_COUNT",
-    "QUEUE_NAME",
-    "MAX_ATTEMPTS",
-    "RETRY_DELAY",
-    "JOB_TIMEOUT",
-    "RESULT_TTL",
-    "FAILURE_TTL",
-    "STOP_TIMEOUT",
-    "UDEMY_DL_BIN",
-)
+SERVICE_VARIABLES = VARIABLES
 """Every variable the service reads: the caller's values never reach the demo's processes."""
 
 DISALLOWED_COURSE_URL = "https://downloads.example.com/courses/unlicensed-course"

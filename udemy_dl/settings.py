@@ -19,6 +19,45 @@ from .errors import ConfigError
 
 ENV_FILE = Path(".env")
 
+VARIABLES = (
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_PASSWORD",
+    "REDIS_DB",
+    "REDIS_SENTINELS",
+    "REDIS_SENTINEL_MASTER",
+    "REDIS_SENTINEL_PASSWORD",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USER",
+    "DB_PASSWORD",
+    "DB_NAME",
+    "DATABASE_URL",
+    "API_SECRET_KEY",
+    "WEBHOOK_URL",
+    "WEBHOOK_RETRY_INTERVALS",
+    "CONTENT_TOKEN",
+    "ALLOWED_HOSTS",
+    "DOWNLOAD_DIR",
+    "FAILED_DIR",
+    "LOG_DIR",
+    "PID_DIR",
+    "WORKER_COUNT",
+    "QUEUE_NAME",
+    "MAX_ATTEMPTS",
+    "RETRY_DELAY",
+    "JOB_TIMEOUT",
+    "RESULT_TTL",
+    "FAILURE_TTL",
+    "STOP_TIMEOUT",
+    "FETCH_CONCURRENCY",
+    "MAX_TASK_BYTES",
+    "FETCH_COMMAND",
+    "RECONCILE_INTERVAL",
+)
+"""Every environment variable the settings read (tests and tools clear or pass exactly these)."""
+
 
 def redact_url(url: str) -> str:
     """Return *url* with any password replaced by `***`, for logs and messages."""

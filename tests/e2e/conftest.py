@@ -30,6 +30,7 @@ import pytest
 from redis import Redis
 
 from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from udemy_dl.settings import VARIABLES
 from udemy_dl.store import MySQLStore
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import generate_secret
@@ -49,40 +50,7 @@ E2E_DATABASE_URL = f"mysql://root@{E2E_MYSQL_HOST}:{E2E_MYSQL_PORT}/{E2E_DB_NAME
 E2E_HOSTNAME = socket.gethostname()
 E2E_MARKER = "E2E_RUN_ID"
 
-E2E_SETTING_VARIABLES = (
-    "REDIS_URL",
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "REDIS_PASSWORD",
-    "REDIS_DB",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_USER",
-    "DB_PASSWORD",
-    "DB_NAME",
-    "DATABASE_URL",
-    "API_SECRET_KEY",
-    "WEBHOOK_URL",
-    "CONTENT_TOKEN",
-    "ALLOWED_HOSTS",
-    "DOWNLOAD_DIR",
-    "FAILED_DIR",
-    "LOG_DIR",
-    "PID_DIR",
-    "WORKER_COUNT",
-    "QUEUE_NAME",
-    "MAX_ATTEMPTS",
-    "RETRY_DELAY",
-    "JOB_TIMEOUT",
-    "RESULT_TTL",
-    "FAILURE_TTL",
-    "STOP_TIMEOUT",
-    "FETCH_CONCURRENCY",
-    "MAX_TASK_BYTES",
-    "FETCH_COMMAND",
-    "RECONCILE_INTERVAL",
-    "UDEMY_DL_BIN",
-)
+E2E_SETTING_VARIABLES = VARIABLES
 """Variables the service and its scripts read: never inherited from the caller, only set by the test."""
 
 
