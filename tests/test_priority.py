@@ -121,3 +121,19 @@ def test_unknown_priority_is_refused_and_changes_nothing(
     row = sqlite_store.get(task_id)
     assert row is not None and row.status == PENDING
     assert producer.get_queue_stats()["waiting"] == 0
+
+
+def test_webhook_pickup_between_does_not_cancel_the_normal_turn(
+    vip_setup: tuple[Settings, Producer, str], redis_conn: Redis
+) -> None:
+    """After 4 VIP pickups the normal queue is asked first; a webhook delivery picked up in between
+    (they follow every completion) leaves that turn in place."""
+    settings, _, _ = vip_setup
+    worker = DownloadWorker(worker_queues(settings, redis_conn), connection=redis_conn, name="test-order")
+    webhooks, high, normal = worker_queues(settings, redis_conn)
+    for _ in range(4):
+        worker.reorder_queues(high)
+    worker.reorder_queues(webhooks)
+    assert [q.name for q in worker._ordered_queues] == [webhooks.name, normal.name, high.name]
+    worker.reorder_queues(normal)
+    assert [q.name for q in worker._ordered_queues] == [webhooks.name, high.name, normal.name]

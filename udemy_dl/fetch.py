@@ -199,6 +199,10 @@ class Fetcher:
         self._stop: threading.Event | None = None
         self._progress: _Progress | None = None
 
+    def reset_count(self) -> None:
+        """Start counting bytes_transferred afresh (a new attempt that may not fetch at all)."""
+        self._progress = None
+
     @property
     def bytes_transferred(self) -> int:
         """Bytes received from the network by the last fetch (so far, if it is still running or failed)."""

@@ -37,6 +37,9 @@ class CommandFetcher:
         self.bytes_transferred = 0
         """Not known for an operator's command (it may fetch from anywhere it likes)."""
 
+    def reset_count(self) -> None:
+        """Nothing to reset: bytes_transferred stays 0."""
+
     def fetch(
         self,
         course_url: str,

@@ -132,7 +132,9 @@ class ServiceCollector(Collector):
         for queue in self.queues():
             jobs.add_metric([queue.name, "waiting"], queue.count)
             for state, registry in registries.items():
-                jobs.add_metric([queue.name, state], registry(queue=queue).count)
+                # ZCARD, not .count: RQ's count also cleans the registry up, and a scrape changes nothing.
+                size: int = self.connection.zcard(registry(queue=queue).key)  # type: ignore[assignment]
+                jobs.add_metric([queue.name, state], size)
             oldest.add_metric([queue.name], self._oldest_age(queue))
         return [jobs, oldest]
 

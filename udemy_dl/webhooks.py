@@ -26,6 +26,9 @@ COMPLETED = "download.completed"
 FAILED = "download.failed"
 STARTED = "download.started"
 PROGRESS = "download.progress"
+LIVE_EVENTS = (STARTED, PROGRESS)
+LIVE_RETRY_INTERVALS = (5, 15, 30)
+"""Live events are news only while the download runs: retried for about a minute, not an hour."""
 DELIVER_FUNCTION = "udemy_dl.webhooks.deliver_webhook"
 
 
@@ -71,6 +74,7 @@ def enqueue_webhook(settings: Settings, connection: Redis, msg_id: str, event: d
         log.info("task %s: no WEBHOOK_URL, %s not sent", event["data"].get("taskId"), event["type"])
         return False
     body = json.dumps(event, separators=(",", ":"), sort_keys=True)
+    intervals = LIVE_RETRY_INTERVALS if event["type"] in LIVE_EVENTS else settings.webhook_retry_intervals
     try:
         webhook_queue(settings, connection).enqueue(
             DELIVER_FUNCTION,
@@ -78,7 +82,7 @@ def enqueue_webhook(settings: Settings, connection: Redis, msg_id: str, event: d
             body,
             job_id=f"webhook-{msg_id}",
             unique=True,
-            retry=Retry(max=len(settings.webhook_retry_intervals), interval=list(settings.webhook_retry_intervals)),
+            retry=Retry(max=len(intervals), interval=list(intervals)),
             job_timeout=defaults.WEBHOOK_JOB_TIMEOUT,
             result_ttl=settings.result_ttl,
             failure_ttl=settings.failure_ttl,
@@ -93,12 +97,13 @@ def enqueue_webhook(settings: Settings, connection: Redis, msg_id: str, event: d
 def deliver_webhook(msg_id: str, body: str) -> dict[str, Any]:
     """RQ job: POST one signed event to WEBHOOK_URL; anything but 2xx raises, so RQ retries later."""
     settings = get_settings()
-    if not settings.webhook_url:
-        raise ConfigError("WEBHOOK_URL", "not set on this worker; cannot deliver")
-    if not settings.api_secret_key:
-        raise ConfigError("API_SECRET_KEY", "not set on this worker; cannot sign")
-    headers = sign_headers(settings.api_secret_key, msg_id, body)
     job = get_current_job()
+    if not settings.webhook_url or not settings.api_secret_key:
+        if job is not None:
+            metrics.inc(job.connection, "webhook_deliveries", result="failed")
+        missing = "WEBHOOK_URL" if not settings.webhook_url else "API_SECRET_KEY"
+        raise ConfigError(missing, "not set on this worker; cannot deliver")
+    headers = sign_headers(settings.api_secret_key, msg_id, body)
     try:
         response = requests.post(
             settings.webhook_url,

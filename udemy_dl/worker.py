@@ -54,8 +54,11 @@ class DownloadWorker(Worker):
         """VIP first, but never more than HIGH_PICKUPS_BEFORE_NORMAL VIP tasks in a row while
         normal ones wait: after that run the normal queue is asked first, once."""
         high = [q for q in self._preferred_order if q.name.endswith(defaults.HIGH_QUEUE_SUFFIX)]
-        if not high:
-            return
+        if not high or reference_queue.name not in (
+            high[0].name,
+            high[0].name.removesuffix(defaults.HIGH_QUEUE_SUFFIX),
+        ):
+            return  # a webhook delivery: neither a VIP pickup nor a normal one, the order stands
         if reference_queue.name == high[0].name:
             self._high_in_a_row += 1
         elif reference_queue.name + defaults.HIGH_QUEUE_SUFFIX == high[0].name:

@@ -186,6 +186,8 @@ def _run_leased(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease)
         # Earlier runs used every attempt without a result: each died (killed, out of memory).
         reason = f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
         log.error("task %s: %s", task.task_id, reason)
+        metrics.inc(ctx.redis, "failures", reason="AttemptsExhausted")
+        metrics.inc(ctx.redis, "tasks", outcome="failed")
         settle_failure(ctx, task, reason)
         return {"success": False, "taskId": task.task_id, "error": reason}
     return _attempt(ctx, task, row, job, lease)
@@ -201,6 +203,7 @@ def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease:
     except Exception as exc:  # informative only: the download goes ahead
         log.warning("task %s: started event not queued: %s", task.task_id, exc)
     began = time.monotonic()
+    ctx.fetcher.reset_count()
     metrics.inc(ctx.redis, "attempts")
     outcome = "retry"
     try:
@@ -322,6 +325,8 @@ def _settle(ctx: Context, task_id: int, status: str, finished_at: datetime, chan
 
 def _reject_bad_input(ctx: Context, task_data: object, exc: InvalidTaskError) -> dict[str, Any]:
     """Bad input is permanent: mark the row failed if there is one, never retry."""
+    metrics.inc(ctx.redis, "failures", reason=type(exc).__name__)
+    metrics.inc(ctx.redis, "tasks", outcome="failed")
     raw_id = task_data.get("taskId") if isinstance(task_data, dict) else None
     try:
         task_id = parse_task_id(raw_id)

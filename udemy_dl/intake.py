@@ -1,0 +1,672 @@
+"""The intake: an HTTP front door for producers in any language (`udemy-dl serve`, SPEC §10).
+
+    POST /orders/confirm   signed; {"taskIds": [int, ...], "priority": "normal"|"high"} -> 202
+    GET  /tasks/<id>       signed over an empty body -> 200 task status, or 404
+    GET  /metrics          Prometheus text format (no signature)
+    GET  /healthz          200 when Redis and the database answer, else 503 naming what does not
+
+Requests are signed like our webhooks (Standard Webhooks: webhook-id, webhook-timestamp and
+webhook-signature over the raw body, with API_SECRET_KEY), so the payment service needs one
+secret and one library for both directions. Every request is checked completely before anything
+changes: a 4xx answer means nothing was written to Redis or the database.
+
+A confirmation is idempotent twice over: confirm_payment itself changes nothing for a task that
+is already queued or done, and a replayed webhook-id (the same signed message sent again within
+its tolerance window) gets the first answer back without touching the queue at all.
+
+The server is the standard library's ThreadingHTTPServer (one thread per connection). Threads
+share one Redis client (redis-py's pool is thread-safe) and borrow status-store connections from
+a small pool, since a database connection must not be used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+from redis import Redis
+from redis.exceptions import RedisError
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from . import defaults
+from .connection import redis_connection
+from .errors import ConfigError, StoreError, TransientError
+from .producer import Producer
+from .settings import Settings
+from .store import TaskRow, TaskStore, open_store
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body accepted; 1000 task ids fit in about 20 KiB."""
+
+DRAIN_BODY_BYTES = 1024 * 1024
+"""An oversized body up to this size is read and dropped before the 413, so the client sees the
+answer instead of a reset connection; a larger one is not read at all."""
+
+MAX_TASK_IDS = 1000
+"""Most task ids one confirmation may carry."""
+
+MAX_TASK_ID = 2**63 - 1
+"""Largest task id accepted (what both stores can hold)."""
+
+REPLAY_TTL = 600
+"""Seconds a confirmation's webhook-id is remembered: longer than the signature's tolerance
+(a timestamp up to 5 minutes old or ahead), so every replay that could pass verification is caught."""
+
+REPLAY_WAIT = 5.0
+"""Seconds a replay waits for the first request with its webhook-id to finish, before 409."""
+
+REPLAY_KEY = "udemy_dl:intake:msg:{}"
+
+SOCKET_TIMEOUT = 15
+"""Seconds a connection may stay silent (mid-request, or idle between keep-alive requests)."""
+
+DRAIN_TIMEOUT = 10.0
+"""Seconds `serve` waits on shutdown for requests in progress to finish."""
+
+MAX_IDLE_STORES = 8
+"""Database connections kept open between requests."""
+
+WEBHOOK_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+# -- request validation ----------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """An answer other than success: status, a message for the caller and, for 400s, the field at fault."""
+
+    def __init__(
+        self, status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        answer: dict[str, Any] = {"error": self.message}
+        if self.field is not None:
+            answer["field"] = self.field
+        return answer
+
+
+def bad_request(message: str, field: str | None = None) -> HttpError:
+    return HttpError(400, message, field)
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of *value*'s type, as a JavaScript caller would call it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """*value* as JSON, shortened, for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class ConfirmRequest:
+    """A validated `POST /orders/confirm` body."""
+
+    task_ids: list[int]
+    priority: str = "normal"
+
+
+CONFIRM_FIELDS = ("taskIds", "priority")
+
+
+def parse_confirm_body(text: str) -> ConfirmRequest:
+    """Validate a confirmation body completely; HttpError 400 names the field and the value at fault."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise bad_request("body is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise bad_request(f'body must be a JSON object like {{"taskIds": [1, 2]}}, got {_json_type(data)}')
+    unknown = sorted(key for key in data if key not in CONFIRM_FIELDS)
+    if unknown:
+        raise bad_request(
+            f"unknown field(s) {', '.join(map(json.dumps, unknown))}: expected taskIds and optionally priority",
+            unknown[0],
+        )
+    if "taskIds" not in data:
+        raise bad_request("taskIds is required: a list of task ids", "taskIds")
+    raw_ids = data["taskIds"]
+    if not isinstance(raw_ids, list):
+        raise bad_request(f"taskIds must be a list of task ids, got {_json_type(raw_ids)}", "taskIds")
+    if not raw_ids:
+        raise bad_request("taskIds must not be empty", "taskIds")
+    if len(raw_ids) > MAX_TASK_IDS:
+        raise bad_request(f"taskIds holds {len(raw_ids)} ids; at most {MAX_TASK_IDS} per request", "taskIds")
+    task_ids: list[int] = []
+    for index, value in enumerate(raw_ids):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise bad_request(
+                f"taskIds[{index}] must be a positive integer, got {_shown(value)} ({_json_type(value)})", "taskIds"
+            )
+        if value > MAX_TASK_ID:
+            raise bad_request(f"taskIds[{index}] is too large: {value} (at most {MAX_TASK_ID})", "taskIds")
+        task_ids.append(value)
+    priority = data.get("priority", "normal")
+    if priority not in defaults.PRIORITIES:
+        raise bad_request(
+            f"priority must be one of {', '.join(map(json.dumps, defaults.PRIORITIES))}, got {_shown(priority)}",
+            "priority",
+        )
+    return ConfirmRequest(task_ids, str(priority))
+
+
+TASK_ID_RE = re.compile(r"[1-9][0-9]{0,18}")
+
+
+def parse_path_task_id(raw: str) -> int:
+    """The <id> of `/tasks/<id>`: a positive integer, else HttpError 400."""
+    text = unquote(raw)
+    if not TASK_ID_RE.fullmatch(text) or int(text) > MAX_TASK_ID:
+        raise bad_request(f"task id must be a positive integer, got {_shown(text)}", "taskId")
+    return int(text)
+
+
+def _iso(value: datetime | None) -> str | None:
+    """A stored (naive UTC) time as ISO 8601 with Z, as our webhooks write it."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+
+
+def task_view(row: TaskRow) -> dict[str, Any]:
+    """What `GET /tasks/<id>` answers about one row (no e-mail address: the caller has it)."""
+    return {
+        "taskId": row.id,
+        "status": row.status,
+        "priority": row.priority,
+        "progress": row.progress,
+        "attempts": row.attempts,
+        "outputPath": row.output_path,
+        "bytes": row.bytes,
+        "error": row.error_message,
+        "startedAt": _iso(row.started_at),
+        "updatedAt": _iso(row.updated_at),
+        "finishedAt": _iso(row.finished_at),
+    }
+
+
+# -- the application --------------------------------------------------------------------------------
+
+
+class StorePool:
+    """Status-store connections lent to one request thread at a time (a connection is not thread-safe)."""
+
+    def __init__(self, database_url: str, max_idle: int = MAX_IDLE_STORES) -> None:
+        self.database_url = database_url
+        self.max_idle = max_idle
+        self._idle: list[TaskStore] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def borrow(self) -> Iterator[TaskStore]:
+        with self._lock:
+            store = self._idle.pop() if self._idle else None
+        if store is None:
+            store = open_store(self.database_url)
+        try:
+            # Reconnect a connection the server dropped while it sat idle (a ping, no SQL statement).
+            store.ensure_connected()
+        except Exception as exc:
+            store.close()
+            raise StoreError(f"status store: {type(exc).__name__}: {exc}") from exc
+        try:
+            yield store
+        finally:
+            with self._lock:
+                keep = not self._closed and len(self._idle) < self.max_idle
+                if keep:
+                    self._idle.append(store)
+            if not keep:
+                store.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle, self._closed = self._idle, [], True
+        for store in idle:
+            store.close()
+
+
+@dataclass
+class Answer:
+    """One HTTP answer: status, body, content type and extra headers."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_json(cls, status: int, data: object, headers: Mapping[str, str] | None = None) -> Answer:
+        return cls(status, json.dumps(data).encode("utf-8"), JSON_TYPE, dict(headers or {}))
+
+
+class IntakeApp:
+    """What the routes do, apart from HTTP: shared by every request thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.api_secret_key:
+            raise ConfigError("API_SECRET_KEY", "required by `udemy-dl serve`: every request is verified with it")
+        self.settings = settings
+        self.webhook = Webhook(settings.api_secret_key)
+        self.redis: Redis = redis_connection(settings)
+        self.stores = StorePool(settings.require_database())
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self.stopping = False
+
+    # -- request accounting, for a clean shutdown
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in progress; False if some still are after *timeout* seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout)
+
+    def close(self) -> None:
+        self.stores.close()
+        self.redis.close()
+
+    # -- authentication
+
+    def verify(self, body: str, headers: Mapping[str, str]) -> str:
+        """Check the Standard Webhooks signature of *body*; return the webhook-id, else HttpError 401."""
+        present = {name: headers[name] for name in WEBHOOK_HEADERS if headers.get(name)}
+        missing = [name for name in WEBHOOK_HEADERS if name not in present]
+        if missing:
+            raise HttpError(401, f"missing header(s) {', '.join(missing)}: sign the request (Standard Webhooks)")
+        try:
+            self.webhook.verify(body, present, json_parse=False)
+        except WebhookVerificationError as exc:
+            raise HttpError(401, f"signature verification failed: {exc}") from None
+        except (ValueError, TypeError, OverflowError):  # a malformed signature or timestamp header
+            raise HttpError(401, "signature verification failed: malformed webhook headers") from None
+        return present["webhook-id"]
+
+    # -- routes
+
+    def confirm(self, request: ConfirmRequest, msg_id: str, body: bytes) -> Answer:
+        """Confirm payment once per webhook-id; a replay of the same message gets the first answer."""
+        key = REPLAY_KEY.format(msg_id)
+        digest = hashlib.sha256(body).hexdigest()
+        deadline = time.monotonic() + REPLAY_WAIT
+        while not self.redis.set(key, json.dumps({"body": digest}), nx=True, ex=REPLAY_TTL):
+            raw = cast(bytes | None, self.redis.get(key))
+            if raw is None:
+                continue  # the first request failed and let go of the id: this one takes it
+            seen = json.loads(raw)
+            if seen.get("body") != digest:
+                raise HttpError(409, f"webhook-id {msg_id!r} was already used for a different body; use a new id")
+            if "answer" in seen:
+                log.info("confirm %s: replayed webhook-id, answering as before", msg_id)
+                return Answer.of_json(202, seen["answer"], {"Idempotent-Replayed": "true"})
+            if time.monotonic() >= deadline:
+                raise HttpError(
+                    409, f"a request with webhook-id {msg_id!r} is still in progress; retry", None, {"Retry-After": "1"}
+                )
+            time.sleep(0.05)  # polling for the first request's answer
+        try:
+            with self.stores.borrow() as store:
+                result = Producer(self.settings, connection=self.redis, store=store).confirm_payment(
+                    request.task_ids, priority=request.priority
+                )
+        except BaseException:
+            self._forget(key)
+            raise
+        answer = result.as_dict()
+        try:
+            self.redis.set(key, json.dumps({"body": digest, "answer": answer}), ex=REPLAY_TTL)
+        except RedisError:  # the work is done: answer it; a replay will find no answer and be told to retry
+            log.warning("confirm %s: could not record the answer for replays", msg_id)
+        log.info(
+            "confirm %s: %d enqueued, %d already queued, %d refused (priority %s)",
+            msg_id,
+            len(result.enqueued),
+            len(result.already_queued),
+            len(result.refused),
+            request.priority,
+        )
+        return Answer.of_json(202, answer)
+
+    def _forget(self, key: str) -> None:
+        try:
+            self.redis.delete(key)
+        except RedisError:
+            log.warning("could not release %s; a replay will wait for it to expire", key)
+
+    def task(self, task_id: int) -> Answer:
+        with self.stores.borrow() as store:
+            row = store.get(task_id)
+        if row is None:
+            return Answer.of_json(404, {"error": "no such task", "taskId": task_id})
+        return Answer.of_json(200, task_view(row))
+
+    def health(self) -> Answer:
+        checks: dict[str, str] = {}
+        try:
+            self.redis.ping()
+            checks["redis"] = "ok"
+        except RedisError as exc:
+            checks["redis"] = f"down: {type(exc).__name__}"
+        try:
+            with self.stores.borrow() as store:
+                store.ping()
+            checks["database"] = "ok"
+        except StoreError as exc:
+            checks["database"] = f"down: {type(exc).__name__}"
+            log.warning("healthz: database does not answer: %s", exc)
+        down = [name for name, state in checks.items() if state != "ok"]
+        if down:
+            return Answer.of_json(503, {**checks, "error": f"not answering: {', '.join(down)}"})
+        return Answer.of_json(200, checks)
+
+    def metrics(self) -> Answer:
+        try:
+            module = importlib.import_module(f"{__package__}.metrics")
+        except ImportError:
+            return Answer.of_json(503, {"error": "metrics are not available in this build"})
+        render = cast(Callable[[Settings, Redis], tuple[bytes, str]], module.render_latest)
+        body, content_type = render(self.settings, self.redis)
+        return Answer(200, body, content_type)
+
+
+# -- HTTP ---------------------------------------------------------------------------------------------
+
+
+POST_CONFIRM = "/orders/confirm"
+TASK_PATH_RE = re.compile(r"/tasks/([^/]*)")
+STATIC_ROUTES = {POST_CONFIRM: "POST", "/metrics": "GET", "/healthz": "GET"}
+
+
+class IntakeServer(ThreadingHTTPServer):
+    """The intake's HTTP server; `app` holds what its request threads share."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], app: IntakeApp) -> None:
+        self.app = app
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, IntakeHandler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.app.close()
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """*text* for a log line: control characters escaped, shortened."""
+    return text.encode("unicode_escape").decode("ascii")[:limit]
+
+
+class IntakeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "udemy-dl-intake"
+    sys_version = ""
+    timeout = SOCKET_TIMEOUT
+
+    _started = 0.0
+    _body_pending = False
+
+    @property
+    def app(self) -> IntakeApp:
+        return cast(IntakeServer, self.server).app
+
+    # -- logging: one line per answer, never a header (signatures stay out of logs)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        elapsed = (time.monotonic() - self._started) * 1000 if self._started else 0.0
+        log.info(
+            "%s %s -> %s (%.1f ms) from %s",
+            _printable(self.command or "-"),
+            _printable(self.path if hasattr(self, "path") else "-"),
+            code,
+            elapsed,
+            self.client_address[0],
+        )
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: " + _printable(format % args))
+
+    # -- answers
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, unknown method...) answered as JSON."""
+        reason = message or self.responses.get(code, ("error",))[0]
+        self._send(Answer.of_json(code, {"error": reason}), close=True)
+
+    def _send(self, answer: Answer, close: bool = False) -> None:
+        if self._body_pending or self.app.stopping:
+            close = True  # an unread body would be taken for the next request
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(answer.body)
+
+    # -- reading
+
+    def _read_body(self) -> bytes:
+        """The request body (Content-Length only); HttpError 411/413/400 otherwise."""
+        if self.headers.get("Transfer-Encoding"):
+            self._body_pending = True
+            raise HttpError(411, "chunked bodies are not supported: send Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            if self.command == "POST":
+                raise HttpError(411, "Content-Length is required")
+            self._body_pending = False
+            return b""
+        if not raw.strip().isdigit():
+            self._body_pending = True
+            raise bad_request(f"Content-Length is not a number: {_shown(raw)}")
+        length = int(raw)
+        if length > MAX_BODY_BYTES:
+            self._body_pending = True
+            if length <= DRAIN_BODY_BYTES:
+                self._drain(length)
+            raise HttpError(413, f"body is {length} bytes; at most {MAX_BODY_BYTES}")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self._body_pending = True
+            raise bad_request(f"body ended after {len(body)} of {length} bytes")
+        self._body_pending = False
+        return body
+
+    def _drain(self, length: int) -> None:
+        left = length
+        while left > 0:
+            chunk = self.rfile.read(min(left, 64 * 1024))
+            if not chunk:
+                return
+            left -= len(chunk)
+        self._body_pending = False
+
+    # -- dispatch
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        self._started = time.monotonic()
+        length = self.headers.get("Content-Length", "").strip()
+        self._body_pending = length not in ("", "0") or "Transfer-Encoding" in self.headers
+        app = self.app
+        with app.request():
+            try:
+                if app.stopping:
+                    raise HttpError(503, "shutting down", None, {"Retry-After": "1"})
+                answer = self._route(urlsplit(self.path).path)
+            except HttpError as exc:
+                answer = Answer.of_json(exc.status, exc.body(), exc.headers)
+            except StoreError as exc:
+                log.warning("%s %s: database unavailable: %s", self.command, _printable(self.path), exc)
+                answer = Answer.of_json(503, {"error": "database unavailable; retry"}, {"Retry-After": "5"})
+            except RedisError as exc:
+                log.warning("%s %s: redis unavailable: %s", self.command, _printable(self.path), type(exc).__name__)
+                answer = Answer.of_json(503, {"error": "redis unavailable; retry"}, {"Retry-After": "5"})
+            except TransientError as exc:
+                log.warning("%s %s: %s", self.command, _printable(self.path), exc)
+                answer = Answer.of_json(503, {"error": "busy; retry"}, {"Retry-After": "1"})
+            except Exception:
+                log.exception("%s %s: unexpected error", self.command, _printable(self.path))
+                answer = Answer.of_json(500, {"error": "internal error"})
+            self._send(answer)
+
+    def _route(self, path: str) -> Answer:
+        match = TASK_PATH_RE.fullmatch(path)
+        allowed = "GET" if match else STATIC_ROUTES.get(path)
+        if allowed is None:
+            raise HttpError(404, f"no such route: {_shown(path)}")
+        if self.command != allowed:
+            raise HttpError(
+                405, f"method {self.command} not allowed on {path}; use {allowed}", None, {"Allow": allowed}
+            )
+        if path == POST_CONFIRM:
+            return self._confirm()
+        if path == "/healthz":
+            self._no_body()
+            return self.app.health()
+        if path == "/metrics":
+            self._no_body()
+            return self.app.metrics()
+        assert match is not None
+        self._no_body()
+        self.app.verify("", self._webhook_headers())
+        return self.app.task(parse_path_task_id(match.group(1)))
+
+    def _no_body(self) -> None:
+        if self._read_body():
+            raise bad_request(f"{self.command} takes no body")
+
+    def _webhook_headers(self) -> dict[str, str]:
+        return {name: value for name in WEBHOOK_HEADERS if (value := self.headers.get(name)) is not None}
+
+    def _confirm(self) -> Answer:
+        body = self._read_body()
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("body is not UTF-8 text") from None
+        msg_id = self.app.verify(text, self._webhook_headers())
+        request = parse_confirm_body(text)
+        return self.app.confirm(request, msg_id, body)
+
+
+# -- entry points -------------------------------------------------------------------------------------
+
+
+def make_server(settings: Settings, host: str, port: int) -> IntakeServer:
+    """A bound intake server, not yet serving (call serve_forever; shutdown and server_close to stop).
+
+    Raises ConfigError naming API_SECRET_KEY or DATABASE_URL when they are not set.
+    """
+    return IntakeServer((host, port), IntakeApp(settings))
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve the intake until SIGTERM or SIGINT; then finish the requests in progress and stop."""
+    server = make_server(settings, host, port)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("intake: %s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="intake")
+    thread.start()
+    bound_host, bound_port = server.server_address[:2]
+    log.info("intake listening on http://%s:%s", bound_host, bound_port)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("intake bound to %s: put it behind TLS (requests and answers are not encrypted)", host)
+    try:
+        while not stop.wait(timeout=1.0):
+            if not thread.is_alive():
+                raise RuntimeError("the intake's server thread stopped unexpectedly")
+    finally:
+        server.app.stopping = True
+        server.shutdown()
+        thread.join()
+        if not server.app.wait_idle(DRAIN_TIMEOUT):
+            log.warning("intake: requests still in progress after %.0fs; stopping anyway", DRAIN_TIMEOUT)
+        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("intake stopped")
