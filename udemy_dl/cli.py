@@ -228,7 +228,11 @@ def cmd_metrics(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from .intake import serve
 
-    serve(settings, args.host, args.port)
+    try:
+        serve(settings, args.host, args.port)
+    except OSError as exc:  # the address is taken or not ours to bind
+        print(f"udemy-dl serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return RET_CONNECT
     return RET_OK
 
 

@@ -28,6 +28,7 @@ import logging
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -411,7 +412,8 @@ class IntakeApp:
     def metrics(self) -> Answer:
         try:
             module = importlib.import_module(f"{__package__}.metrics")
-        except ImportError:
+        except ImportError as exc:
+            log.warning("/metrics: %s", exc)
             return Answer.of_json(503, {"error": "metrics are not available in this build"})
         render = cast(Callable[[Settings, Redis], tuple[bytes, str]], module.render_latest)
         body, content_type = render(self.settings, self.redis)
@@ -424,6 +426,8 @@ class IntakeApp:
 POST_CONFIRM = "/orders/confirm"
 TASK_PATH_RE = re.compile(r"/tasks/([^/]*)")
 STATIC_ROUTES = {POST_CONFIRM: "POST", "/metrics": "GET", "/healthz": "GET"}
+QUIET_PATHS = frozenset({"/metrics", "/healthz"})
+"""Logged at DEBUG when they answer 200: monitoring polls them."""
 
 
 class IntakeServer(ThreadingHTTPServer):
@@ -442,6 +446,15 @@ class IntakeServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.app.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that broke mid-answer is the client's business; anything else is logged (no traceback
+        to stderr, as socketserver would print)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("connection from %s: %s", client_address[0], type(error).__name__)
+        else:
+            log.error("connection from %s failed", client_address[0], exc_info=True)
 
 
 def _printable(text: str, limit: int = 200) -> str:
@@ -466,10 +479,13 @@ class IntakeHandler(BaseHTTPRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         elapsed = (time.monotonic() - self._started) * 1000 if self._started else 0.0
-        log.info(
+        path = self.path if hasattr(self, "path") else "-"
+        quiet = str(code) == "200" and path in QUIET_PATHS  # scraped every few seconds
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
             "%s %s -> %s (%.1f ms) from %s",
             _printable(self.command or "-"),
-            _printable(self.path if hasattr(self, "path") else "-"),
+            _printable(path),
             code,
             elapsed,
             self.client_address[0],
@@ -588,6 +604,7 @@ class IntakeHandler(BaseHTTPRequestHandler):
                 log.exception("%s %s: unexpected error", self.command, _printable(self.path))
                 answer = Answer.of_json(500, {"error": "internal error"})
             self._send(answer)
+            self._started = 0.0
 
     def _route(self, path: str) -> Answer:
         match = TASK_PATH_RE.fullmatch(path)
@@ -637,7 +654,12 @@ def make_server(settings: Settings, host: str, port: int) -> IntakeServer:
 
     Raises ConfigError naming API_SECRET_KEY or DATABASE_URL when they are not set.
     """
-    return IntakeServer((host, port), IntakeApp(settings))
+    app = IntakeApp(settings)
+    try:
+        return IntakeServer((host, port), app)
+    except BaseException:  # e.g. the port is taken: let go of the Redis client and the pool
+        app.close()
+        raise
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
