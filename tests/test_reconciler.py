@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
+from udemy_dl import defaults
 from udemy_dl.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl.producer import Producer, job_id_for
 from udemy_dl.reconciler import SWEEP_LOCK, Reconciler, SweepResult
@@ -407,11 +408,16 @@ def test_redis_lost_data_is_reported_once_per_restart(
         connection.close()
 
 
-def test_run_once_sweeps_at_once_after_a_redis_restart(
-    configure: Callable[..., Settings], private_redis: PrivateRedis, backend: Backend
+def test_run_once_sweeps_one_renewal_period_after_a_redis_restart(
+    configure: Callable[..., Settings],
+    private_redis: PrivateRedis,
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With periodic sweeps off (RECONCILE_INTERVAL=0), run_once does not sweep; after Redis restarted without its
-    data, the next run_once sweeps and enqueues the processing tasks again."""
+    """With periodic sweeps off (RECONCILE_INTERVAL=0), run_once does not sweep. After Redis restarted
+    without its data it waits one lease-renewal period (runs still going retake their leases), then
+    sweeps and enqueues the processing tasks again, once."""
+    monkeypatch.setattr(defaults, "LEASE_TTL", 3)  # renewal period 1 s: wait 2 s
     settings = configure(DATABASE_URL=backend.url, RECONCILE_INTERVAL="0")
     connection = Redis.from_url(private_redis.url)
     try:
@@ -423,9 +429,10 @@ def test_run_once_sweeps_at_once_after_a_redis_restart(
 
         private_redis.restart()  # no persistence: the queued job is gone
         assert rig.queue.job_ids == []
-        report = reconciler.run_once()
+        assert "sweep" not in reconciler.run_once()  # too soon: a run may still be retaking its lease
 
-        assert report["sweep"].requeued == [task_id]
+        report = wait_for(lambda: reconciler.run_once().get("sweep"), timeout=10, what="the delayed sweep")
+        assert report is not None and report.requeued == [task_id]
         assert rig.queue.job_ids == [job_id_for(task_id)]
         assert "sweep" not in reconciler.run_once()
     finally:

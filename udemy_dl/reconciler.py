@@ -17,6 +17,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,7 @@ class Reconciler:
         self.producer = producer or Producer(settings)
         self.connection: Redis = self.producer.connection
         self._redis_run_id: str | None = None
+        self._sweep_due: float | None = None
 
     # -- Redis only -------------------------------------------------------------------------
 
@@ -135,11 +137,15 @@ class Reconciler:
         report: dict[str, Any] = {"retired": self.retire_dead_local_workers()}
         if self._take(RECOVER_LOCK, defaults.RECOVERY_INTERVAL - 1):
             report["recovered"] = self.recover_started()
-        lost = self.redis_lost_data()
+        if self.redis_lost_data():
+            # Runs still going lost their leases with the data; give them one renewal period to
+            # take them back, or a sweep now could start a second run beside them.
+            self._sweep_due = time.monotonic() + defaults.LEASE_TTL / 3 + 1
+            log.warning("Redis lost its data (restarted); sweeping the database in %ss", defaults.LEASE_TTL // 3 + 1)
+        due = self._sweep_due is not None and time.monotonic() >= self._sweep_due
         interval = self.settings.reconcile_interval
-        if force_sweep or lost or (interval and self._take(SWEEP_LOCK, interval)):
-            if lost:
-                log.warning("Redis lost its data (restarted); sweeping the database now")
+        if force_sweep or due or (interval and self._take(SWEEP_LOCK, interval)):
+            self._sweep_due = None
             try:
                 report["sweep"] = self.sweep()
             except Exception:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import LeaseBusyError
 from .settings import Settings
 
 RECORD_NAME = "manifest.json"
@@ -21,6 +25,23 @@ def staging_path(settings: Settings, task_id: int) -> Path:
 
 def final_path(settings: Settings, task_id: int) -> Path:
     return settings.download_dir / str(task_id)
+
+
+@contextmanager
+def staging_lock(settings: Settings, task_id: int) -> Iterator[None]:
+    """An exclusive lock on the task's staging folder for one run on this host, beside the Redis
+    lease: should two runs ever hold the lease in turn too close together (Redis lost it), the
+    second still cannot write the folder the first is writing. Raises LeaseBusyError."""
+    settings.staging_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(settings.staging_dir / f"{task_id}.lock", "a+b")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LeaseBusyError(f"task {task_id}: another run on this host is writing its staging folder") from None
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:

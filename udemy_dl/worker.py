@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -15,8 +16,9 @@ from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Worker
+from rq.exceptions import InvalidJobOperation
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.scripts import release_lock
@@ -71,11 +73,6 @@ class DownloadWorker(Worker):
         else:
             self._ordered_queues = list(self._preferred_order)
 
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        if job.func_name == defaults.DOWNLOAD_JOB_FUNCTION:
-            prepare_download_context()
-        super().execute_job(job, queue)
-
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         install_hand_back_handler(HAND_BACK_SIGNAL)
         die_with_parent()
@@ -89,6 +86,50 @@ class DownloadWorker(Worker):
                 os.kill(self.horse_pid, HAND_BACK_SIGNAL)
             except ProcessLookupError:
                 pass
+        else:
+            # Idle, maybe blocked in a dequeue: Redis would hand that blocked connection the next
+            # job pushed (a task another worker hands back, say), and this worker would never run
+            # it. Dropping the connections cancels the pending dequeue; later calls reconnect.
+            self.connection.connection_pool.disconnect()
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if job.func_name == defaults.DOWNLOAD_JOB_FUNCTION:
+            prepare_download_context()
+        try:
+            super().execute_job(job, queue)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # RQ would let this end the worker. The job's outcome is in the database (or the
+            # reconciler will see it is missing); wait for Redis and go on working.
+            self.log.warning("Worker %s: Redis unreachable around job %s: %s; waiting for it", self.name, job.id, exc)
+            self._wait_for_redis()
+            self._settle_after_outage(job, queue)
+
+    def _settle_after_outage(self, job: Job, queue: Queue) -> None:
+        """The job's end could not be recorded in Redis: unless it was, hand it to RQ's failure
+        handling, which schedules its retry. A retry of a finished download only re-sends its event."""
+        try:
+            status = job.get_status(refresh=True)
+            if status in (JobStatus.FINISHED, JobStatus.FAILED):
+                return
+            self.handle_job_failure(job, queue, exc_string="Redis was unreachable when the job ended")
+        except (RedisConnectionError, RedisTimeoutError, InvalidJobOperation) as exc:
+            self.log.warning("Worker %s: could not settle job %s after the outage: %s", self.name, job.id, exc)
+
+    def _wait_for_redis(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                self.connection.ping()
+                return
+            except (RedisConnectionError, RedisTimeoutError):
+                time.sleep(delay)  # backoff while Redis is away
+                delay = min(delay * 2, 30.0)
+
+    def set_current_job_working_time(self, current_job_working_time: float, pipeline: Pipeline | None = None) -> None:
+        try:
+            super().set_current_job_working_time(current_job_working_time, pipeline)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self.log.warning("Worker %s: could not record working time, Redis unreachable: %s", self.name, exc)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
         super().handle_job_success(job, queue, started_job_registry)
@@ -114,10 +155,22 @@ class DownloadWorker(Worker):
                 self.connection.delete(self.key)
                 self.register_birth()  # type: ignore[no-untyped-call]
             super().heartbeat(timeout, pipeline)
+            self._keep_scheduler_alive()
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # RQ would let this end the worker (and its horse, mid-download); Redis coming back is
             # the usual outcome, so keep working and beat again next time.
             self.log.warning("Worker %s: heartbeat failed, Redis unreachable: %s", self.name, exc)
+
+    def _keep_scheduler_alive(self) -> None:
+        """Restart a scheduler that died (a Redis outage ends it) at the next heartbeat, not at RQ's
+        next maintenance pass ten minutes on: scheduled retries depend on it."""
+        scheduler = self.scheduler
+        if scheduler is None or self._stop_requested:
+            return
+        process = scheduler._process
+        if process is None or not process.is_alive():
+            if scheduler.acquire_locks(auto_start=True):
+                self.log.info("Worker %s: scheduler (re)started", self.name)
 
     def maintain_heartbeats(self, job: Job) -> None:
         try:

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 
@@ -27,7 +28,7 @@ from .fetch_command import CommandFetcher
 from .lease import TaskLease
 from .process import HAND_BACK
 from .settings import Settings, get_settings
-from .storage import final_path, keep_failed, promote, read_record, staging_path, write_record
+from .storage import final_path, keep_failed, promote, read_record, staging_lock, staging_path, write_record
 from .store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
 from .task import TaskData, parse_task, parse_task_id
 from .webhooks import COMPLETED as EVENT_COMPLETED
@@ -118,7 +119,10 @@ class ProgressReporter:
                 "percent": percent,
                 "rate": round(rate),
             }
-            self.job.save_meta()
+            try:
+                self.job.save_meta()
+            except RedisError as exc:  # progress is best effort; Redis may be away for a moment
+                log.warning("task %s: progress not saved to the job: %s", self.task_id, exc)
         step_due = percent >= self._event_percent + defaults.PROGRESS_EVENT_STEP
         if (
             self.notify is not None
@@ -162,7 +166,8 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
     lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=HAND_BACK)
     lease.acquire()  # LeaseBusyError: another run is at it; this one steps aside and is retried later
     try:
-        return _run_leased(ctx, task, job, lease)
+        with staging_lock(ctx.settings, task.task_id):
+            return _run_leased(ctx, task, job, lease)
     finally:
         lease.release()
 

@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,6 @@ from rq.job import Job
 
 from tests.conftest import mysql_admin, service_unavailable, start_server, wait_for
 from tests.e2e.conftest import (
-    E2E_SETTING_VARIABLES,
     REPO_ROOT,
     START_SCRIPT,
     STOP_SCRIPT,
@@ -56,6 +56,7 @@ from tests.e2e.conftest import (
     e2e_work_horses,
 )
 from udemy_dl.devservers import ContentOrigin, RequestLog, WebhookReceiver
+from udemy_dl.settings import VARIABLES
 from udemy_dl.store import COMPLETED, FAILED, PROCESSING, MySQLStore, TaskRow
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
@@ -64,19 +65,24 @@ from udemy_dl.webhooks import generate_secret
 MYSQL_HOST = "127.0.0.1"
 MYSQL_PORT = 3306
 FAULTS_DB = "udemy_dl_faults"
-DIRECT_DATABASE_URL = f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{FAULTS_DB}"
-"""The test's own view of the database: never through the proxy, so a cut does not blind the test."""
+"""The suite's database. A second fault run at the same time (it holds the MariaDB lock of that
+name) gets a private `udemy_dl_faults_<pid>`, dropped at its end, so two runs never share a table."""
 
 MARKER = "FAULTS_RUN_ID"
 """Environment variable carried by every process a test starts (value: the test's uuid)."""
 
-EXTRA_SETTING_VARIABLES = ("WEBHOOK_RETRY_INTERVALS", "E2E_RUN_ID", MARKER)
-"""Variables cleared from the inherited environment besides those the e2e suite clears."""
+EXTRA_SETTING_VARIABLES = ("WEBHOOK_RETRY_INTERVALS", "UDEMY_DL_BIN", "E2E_RUN_ID", MARKER)
+"""Variables cleared from the inherited environment besides the service's own (settings.VARIABLES)."""
 
 RQ_INFO_WORKER = re.compile(r"^(\S+) \(\S+ \S+ (\d+)\): ", re.MULTILINE)
 """A worker line of `rq info`: `<name> (<host> <ip> <pid>): <state> <queues>. jobs: ...`."""
 
-OUTAGE_SECONDS = float(os.environ.get("FAULTS_OUTAGE_SECONDS", "60"))
+TASK_LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+ \[(\d+)\]: task (\d+): (.*)$", re.MULTILINE
+)
+"""A job-side log line about a task: time, process id, task id, message."""
+
+OUTAGE_SECONDS = max(20.0, float(os.environ.get("FAULTS_OUTAGE_SECONDS", "60")))
 """How long the Redis and MySQL outages last (the issue says 60 s; FAULTS_OUTAGE_SECONDS scales it, at least 20)."""
 
 
@@ -389,11 +395,19 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         )
 
 
+class FaultStore(MySQLStore):
+    """The test's own connection to its database."""
+
+    def __init__(self, database: str) -> None:
+        super().__init__(f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{database}")
+        self.database = database
+
+
 # -- the harness --------------------------------------------------------------------------------
 
 
 def _clean_environ() -> dict[str, str]:
-    drop = {*E2E_SETTING_VARIABLES, *EXTRA_SETTING_VARIABLES}
+    drop = {*VARIABLES, *EXTRA_SETTING_VARIABLES}
     env = {key: value for key, value in os.environ.items() if key not in drop}
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -425,7 +439,7 @@ class Faults:
         origin: FaultOrigin,
         receiver: WebhookReceiver,
         secret: str,
-        store: MySQLStore,
+        store: FaultStore,
         run_id: str,
     ) -> None:
         self.tmp = tmp
@@ -444,7 +458,7 @@ class Faults:
             {
                 MARKER: run_id,
                 "REDIS_URL": redis.url,
-                "DATABASE_URL": f"mysql://root@127.0.0.1:{proxy.port}/{FAULTS_DB}",
+                "DATABASE_URL": f"mysql://root@127.0.0.1:{proxy.port}/{store.database}",
                 "ALLOWED_HOSTS": origin.host_port,
                 "CONTENT_TOKEN": origin.token or "",
                 "API_SECRET_KEY": secret,
@@ -556,6 +570,12 @@ class Faults:
         done = self._script(STOP_SCRIPT, timeout=90)
         return done, time.monotonic() - began
 
+    def stop_workers_in_background(self) -> subprocess.Popen[bytes]:
+        """stop_workers.sh, not waited for (the test does something while it runs)."""
+        return subprocess.Popen(
+            [str(STOP_SCRIPT)], env=self.vars, cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
     def worker_pids(self) -> dict[int, int]:
         found = {}
         for pid_file in sorted(self.pid_dir.glob("rq_worker_*.pid")) if self.pid_dir.is_dir() else []:
@@ -605,6 +625,18 @@ class Faults:
         """Job ids waiting in RQ queue *queue*, in order."""
         raw: list[bytes] = self.redis.lrange(f"rq:queue:{queue}", 0, -1)  # type: ignore[assignment]
         return [item.decode() for item in raw]
+
+    def redis_state(self, task: Task) -> str:
+        """The task's job and every queue, for assertion messages."""
+        job = self.job(task)
+        described = "no job" if job is None else f"job {job.id}: {job.get_status(refresh=False)} on {job.origin!r}"
+        queues = {key.decode(): self.redis.lrange(key, 0, -1) for key in self.redis.keys("rq:queue:*")}  # type: ignore[union-attr]
+        return f"{described}; queues {queues}"
+
+    def blocked_clients(self) -> int:
+        """Redis clients blocked in a command (a worker waiting in its BLPOP dequeue)."""
+        info: dict[str, Any] = self.redis.info("clients")  # type: ignore[assignment]
+        return int(info["blocked_clients"])
 
     def redis_run_id(self) -> str:
         info: dict[str, Any] = self.redis.info("server")  # type: ignore[assignment]
@@ -718,13 +750,23 @@ class Faults:
             row = self.row(task)
             assert row.status == FAILED, (row, self.logs())
         assert self.store.ids_with_status(PROCESSING) == [], "a task was left processing"
+        if "WEBHOOK_URL" in self.vars:
+            self._assert_one_event_each(completed, failed, webhook_timeout)
+        for task in [*completed, *failed]:
+            for item in task.files:
+                requests = self.origin.timed.for_path(item.url_path)
+                again = [headers for _, headers in requests[1:] if "Range" not in headers]
+                assert not again, f"task {task.id}: {item.rel} fetched in full {len(again) + 1} times"
+
+    def _assert_one_event_each(self, completed: Sequence[Task], failed: Sequence[Task], timeout: float) -> None:
+        """Exactly one verified download.completed (or .failed) webhook id per task, and not the other."""
 
         def delivered() -> bool:
             done = self.event_ids(EVENT_COMPLETED)
             gone = self.event_ids(EVENT_FAILED)
             return all(task.id in done for task in completed) and all(task.id in gone for task in failed)
 
-        wait_for(delivered, timeout=webhook_timeout, interval=0.2, what=lambda: f"the webhooks\n{self.logs()}")
+        wait_for(delivered, timeout=timeout, interval=0.2, what=lambda: f"the webhooks\n{self.logs()}")
         completed_ids = self.event_ids(EVENT_COMPLETED)
         failed_ids = self.event_ids(EVENT_FAILED)
         for task in completed:
@@ -733,11 +775,6 @@ class Faults:
         for task in failed:
             assert len(failed_ids[task.id]) == 1, f"task {task.id}: failed ids {failed_ids[task.id]}"
             assert task.id not in completed_ids, f"task {task.id}: failed, yet a download.completed was sent"
-        for task in [*completed, *failed]:
-            for item in task.files:
-                requests = self.origin.timed.for_path(item.url_path)
-                again = [headers for _, headers in requests[1:] if "Range" not in headers]
-                assert not again, f"task {task.id}: {item.rel} fetched in full {len(again) + 1} times"
 
     # -- diagnostics and teardown ---------------------------------------------------------------
 
@@ -755,6 +792,22 @@ class Faults:
             texts += [p.read_text(errors="replace") for p in sorted(self.log_dir.iterdir())]
         texts += [pool.log_path.read_text(errors="replace") for pool in self.pools if pool.log_path.is_file()]
         return "\n".join(texts)
+
+    def run_spans(self, task: Task) -> list[tuple[int, float, float]]:
+        """Each run of *task* the logs show: (horse pid, first and last time that process logged about
+        the task), ordered by start. A run is a process that logged `task N: attempt ...`."""
+        spans: dict[int, tuple[float, float]] = {}
+        attempted: set[int] = set()
+        for stamp, pid_text, task_text, message in TASK_LOG_LINE.findall(self.log_text()):
+            if int(task_text) != task.id:
+                continue
+            pid = int(pid_text)
+            at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            first, last = spans.get(pid, (at, at))
+            spans[pid] = (min(first, at), max(last, at))
+            if message.startswith("attempt "):
+                attempted.add(pid)
+        return sorted(((pid, *spans[pid]) for pid in attempted), key=lambda span: span[1])
 
     def leftovers(self, exclude: Sequence[int] = ()) -> list[tuple[int, str]]:
         return [(pid, e2e_cmdline(pid)) for pid in marked_pids(self.run_id) if pid not in exclude]
@@ -796,17 +849,39 @@ class Faults:
 
 @pytest.fixture(scope="session")
 def faults_services() -> str:
-    """redis-server and MariaDB are there and `udemy_dl_faults` exists; returns the redis-server binary."""
+    """redis-server and the udemy-dl script are there; returns the redis-server binary."""
     binary = redis_server_binary()
     if binary is None:
         service_unavailable("redis-server", "no redis-server binary on PATH or in the venv")
-    try:
-        mysql_admin(f"CREATE DATABASE IF NOT EXISTS {FAULTS_DB} CHARACTER SET utf8mb4")
-    except Exception as exc:
-        service_unavailable("MariaDB", f"root@{MYSQL_HOST}:{MYSQL_PORT}: {type(exc).__name__}: {exc}")
     if not e2e_bin("udemy-dl").is_file():
         service_unavailable("udemy-dl", f"no console script at {e2e_bin('udemy-dl')} (run 'make install')")
     return binary
+
+
+@pytest.fixture(scope="session")
+def faults_database() -> Iterator[str]:
+    """The database this session owns: `udemy_dl_faults`, held with a MariaDB named lock for the
+    session; if another fault run holds it, a private one (dropped at the end)."""
+    import mysql.connector
+
+    try:
+        holder: Any = mysql.connector.connect(
+            host=MYSQL_HOST, port=MYSQL_PORT, user="root", password="", connection_timeout=5, autocommit=True
+        )
+    except Exception as exc:
+        service_unavailable("MariaDB", f"root@{MYSQL_HOST}:{MYSQL_PORT}: {type(exc).__name__}: {exc}")
+    cursor = holder.cursor()
+    cursor.execute("SELECT GET_LOCK(%s, 0)", (FAULTS_DB,))
+    (got,) = cursor.fetchone()
+    name = FAULTS_DB if got == 1 else f"{FAULTS_DB}_{os.getpid()}"
+    mysql_admin(f"CREATE DATABASE IF NOT EXISTS {name} CHARACTER SET utf8mb4")
+    try:
+        yield name
+    finally:
+        if name != FAULTS_DB:
+            mysql_admin(f"DROP DATABASE IF EXISTS {name}")
+        cursor.close()
+        holder.close()  # releases the lock
 
 
 @pytest.fixture
@@ -838,14 +913,14 @@ def db_proxy(faults_services: str) -> Iterator[TcpProxy]:
 
 
 @pytest.fixture
-def fault_store(faults_services: str) -> Iterator[MySQLStore]:
-    """A fresh download_tasks table in `udemy_dl_faults` (the test's direct connection)."""
-    mysql_admin(f"DROP TABLE IF EXISTS {FAULTS_DB}.download_tasks")
-    store = MySQLStore(DIRECT_DATABASE_URL)
+def fault_store(faults_database: str) -> Iterator[FaultStore]:
+    """A fresh download_tasks table, reached directly (never through the proxy: a cut must not blind the test)."""
+    mysql_admin(f"DROP TABLE IF EXISTS {faults_database}.download_tasks")
+    store = FaultStore(faults_database)
     store.init_schema()
     yield store
     store.close()
-    mysql_admin(f"DROP TABLE IF EXISTS {FAULTS_DB}.download_tasks")
+    mysql_admin(f"DROP TABLE IF EXISTS {faults_database}.download_tasks")
 
 
 @pytest.fixture
@@ -878,7 +953,7 @@ def faults(
     fault_origin: FaultOrigin,
     fault_receiver: WebhookReceiver,
     fault_secret: str,
-    fault_store: MySQLStore,
+    fault_store: FaultStore,
 ) -> Iterator[Faults]:
     world = Faults(tmp_path, fault_redis, db_proxy, fault_origin, fault_receiver, fault_secret, fault_store, run_id)
     try:

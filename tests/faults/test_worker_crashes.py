@@ -143,11 +143,11 @@ def test_second_run_steps_aside(faults: Faults) -> None:
     """A second job for a task already running (enqueued past the producer's dedup) finds the
     task's lease taken and steps aside (LeaseBusyError, retried later, then finds the task
     completed): one fetch, one completion, one webhook, no attempt used by the second run."""
-    (task,) = faults.make_tasks(1, FILE_SIZE)
+    (task,) = faults.make_tasks(1, 2 * FILE_SIZE)  # about 8 s: the second run comes while the first runs
     faults.origin.throttle = THROTTLE
     faults.start_workers(2)
     faults.pay([task])
-    faults.wait_under_way(task, fraction=0.1)
+    faults.wait_under_way(task, fraction=0.05)
 
     payload = {"taskId": task.id, "email": faults.row(task).email, "courseUrl": task.course_url}
     duplicate = Queue("downloads", connection=faults.redis).enqueue(
