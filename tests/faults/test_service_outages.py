@@ -77,7 +77,7 @@ def _pool_listed(faults: Faults, pool: Pool, count: int, timeout: float) -> dict
 
 # The restart scenarios run the pool, as the systemd unit does: a worker that happens to be executing
 # a job (a webhook delivery is enough) when Redis goes away dies, and only the pool replaces it (see
-# REDIS_OUTAGE_KILLS_SCRIPT_WORKERS below for start_workers.sh).
+for start_workers.sh).
 
 
 @pytest.mark.parametrize("redis_persistent", [True], ids=["aof"])
@@ -128,26 +128,6 @@ def test_redis_restart_without_persistence(faults: Faults, measure: Callable[...
     measure("Redis back -> workers in rq info again", time.monotonic() - back_at, limit=60)
 
 
-REDIS_OUTAGE_KILLS_SCRIPT_WORKERS = (
-    "BUG: a worker started by start_workers.sh quits when Redis is unreachable while it runs a download: "
-    "the horse's attempt fails on the outage, then rq's monitor_work_horse -> set_current_job_working_time "
-    "raises redis ConnectionError in the worker ('found an unhandled exception, quitting'), and nothing "
-    "restarts it, so every task stays processing after Redis is back (a sub-second restart is enough to kill "
-    "a worker that is executing any job, even a webhook delivery). Fix in udemy_dl/worker.py: "
-    "DownloadWorker.execute_job must wait for Redis with backoff instead of letting a ConnectionError end "
-    "the worker (as its heartbeat already does); ProgressReporter's job.save_meta should be best effort"
-)
-
-
-TWO_RUNS_AFTER_DATA_LOSS = (
-    "BUG: after Redis loses its data the task's lease is gone too; the reconciler's immediate sweep "
-    "(udemy_dl/reconciler.py run_once) re-enqueues a task whose run is still going, a second run takes the "
-    "vanished lease at once and writes the same staging folder until the first run's next renewal "
-    "(LEASE_TTL/3) notices; the second run also uses an attempt. Fix: after data loss the reconciler waits "
-    "one renewal period plus a margin before sweeping, udemy_dl/lease.py _renew_loop re-creates a lease "
-    "that simply vanished (SET NX with its token) instead of giving up, and the run holds an exclusive "
-    "flock on its staging folder (udemy_dl/worker_rq.py) so a second run on the host steps aside"
-)
 
 
 def test_redis_data_loss_never_runs_a_task_twice(faults: Faults) -> None:
