@@ -75,9 +75,8 @@ def _pool_listed(faults: Faults, pool: Pool, count: int, timeout: float) -> dict
     return wait_for(listed, timeout=timeout, interval=0.5, what=lambda: f"rq info to list the pool\n{faults.rq_info()}")
 
 
-# The restart scenarios run the pool, as the systemd unit does: a worker that happens to be executing
-# a job (a webhook delivery is enough) when Redis goes away dies, and only the pool replaces it (see
-for start_workers.sh).
+# The restart scenarios run the pool, as the systemd unit does; test_redis_unreachable covers both
+# the pool and start_workers.sh.
 
 
 @pytest.mark.parametrize("redis_persistent", [True], ids=["aof"])
@@ -126,8 +125,6 @@ def test_redis_restart_without_persistence(faults: Faults, measure: Callable[...
 
     _pool_listed(faults, pool, 2, timeout=max(0.0, 60 - (time.monotonic() - back_at)) + 1)
     measure("Redis back -> workers in rq info again", time.monotonic() - back_at, limit=60)
-
-
 
 
 def test_redis_data_loss_never_runs_a_task_twice(faults: Faults) -> None:
