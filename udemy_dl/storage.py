@@ -33,14 +33,19 @@ def staging_lock(settings: Settings, task_id: int) -> Iterator[None]:
     lease: should two runs ever hold the lease in turn too close together (Redis lost it), the
     second still cannot write the folder the first is writing. Raises LeaseBusyError."""
     settings.staging_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(settings.staging_dir / f"{task_id}.lock", "a+b")
+    lock_path = settings.staging_dir / f"{task_id}.lock"
+    handle = open(lock_path, "a+b")  # held open across the yield: the lock lives as long as it does
+    locked = False
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LeaseBusyError(f"task {task_id}: another run on this host is writing its staging folder") from None
+        locked = True
         yield
     finally:
+        if locked and not staging_path(settings, task_id).exists():
+            lock_path.unlink(missing_ok=True)  # nothing left to guard: the folder was moved into place or aside
         handle.close()  # releases the lock
 
 
