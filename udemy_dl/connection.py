@@ -37,8 +37,10 @@ def redis_connection(settings: Settings) -> Redis:
             "socket_timeout": 5,
             "password": settings.redis_sentinel_password,
         },
+        username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         db=int(parts.path.lstrip("/") or 0),
+        ssl=parts.scheme == "rediss",
     )
     master: Redis = sentinel.master_for(settings.redis_sentinel_master, **CLIENT_OPTIONS)  # type: ignore[no-untyped-call]
     return master

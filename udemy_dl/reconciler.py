@@ -27,7 +27,7 @@ from rq import Worker
 from rq.registry import StartedJobRegistry
 
 from . import defaults
-from .connection import download_queues
+from .connection import download_queues, webhook_queue
 from .errors import StoreError, UdemyDlError
 from .process import pid_alive
 from .producer import Producer, priority_of
@@ -76,6 +76,22 @@ class Reconciler:
             if outcome.created:
                 log.warning("job %s: its worker %s is gone; enqueued again", job_id, job.worker_name)
                 recovered.append(int(task_data.get("taskId", 0)) if isinstance(task_data, dict) else 0)
+        return recovered
+
+    def recover_deliveries(self) -> list[str]:
+        """Put back on the webhooks queue, as the same job (same webhook-id), every delivery whose
+        worker is gone; RQ itself would notice only at a worker's maintenance pass, minutes later."""
+        queue = webhook_queue(self.settings, self.connection)
+        registry = StartedJobRegistry(queue=queue)
+        recovered = []
+        for job_id in registry.get_job_ids():
+            job = self.producer.fetch_job(job_id)
+            if job is None or job_is_running(self.connection, job):
+                continue
+            registry.remove_executions(job)
+            queue.enqueue_job(job, at_front=True)
+            log.warning("delivery %s: its worker %s is gone; enqueued again", job_id, job.worker_name)
+            recovered.append(job_id)
         return recovered
 
     def retire_dead_local_workers(self) -> list[str]:
@@ -137,6 +153,7 @@ class Reconciler:
         report: dict[str, Any] = {"retired": self.retire_dead_local_workers()}
         if self._take(RECOVER_LOCK, defaults.RECOVERY_INTERVAL - 1):
             report["recovered"] = self.recover_started()
+            report["deliveries"] = self.recover_deliveries()
         if self.redis_lost_data():
             # Runs still going lost their leases with the data; give them one renewal period to
             # take them back, or a sweep now could start a second run beside them.

@@ -107,15 +107,6 @@ def test_redis_connection_talks_to_the_current_master(sentinel_group: SentinelGr
         client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: udemy_dl/connection.py redis_connection passes only the password and the database of "
-        "REDIS_URL to the Sentinel-managed connections: an ACL user (redis://user:pass@...) is dropped, so "
-        "it cannot log in, and rediss:// silently becomes plain TCP. Fix: also pass "
-        "username=unquote(parts.username), and ssl=True (with the ssl_* query options) for rediss://."
-    ),
-)
 def test_sentinel_connections_keep_the_acl_user_and_tls() -> None:
     """With REDIS_SENTINELS, what REDIS_URL says about logging in and TLS still applies to the master."""
     settings = load_settings(
@@ -524,16 +515,6 @@ def test_retries_fire_after_the_failover(failover: Failover) -> None:
         run.service.receiver.status_for = lambda attempt: 204
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a webhook delivery whose worker died (kill -9, out of memory) is not sent again in time: "
-        "udemy_dl/reconciler.py Reconciler.recover_started walks only the download queues, and RQ moves "
-        "an abandoned job on only when a worker's maintenance pass (every 10 min) cleans the webhooks "
-        "StartedJobRegistry. Fix: recover_started also walks the webhooks queue and enqueues again (same "
-        "job, same webhook-id) each delivery no live worker holds."
-    ),
-)
 def test_a_delivery_whose_worker_died_is_sent_again(failover: Failover) -> None:
     """After the failover, a pool worker is killed (kill -9, with its horse) while its horse is
     delivering a webhook: the same delivery (same webhook-id) is sent again within 20 s."""
