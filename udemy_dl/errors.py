@@ -81,13 +81,3 @@ class LeaseLostError(TransientError):
 
 class Interrupted(UdemyDlError):
     """Raised inside a fetch when its run was asked to stop (worker stopping, lease lost)."""
-
-
-class TaskLostError(UdemyDlError):
-    """Raised when a conditional status change finds the row in an unexpected state."""
-
-    def __init__(self, task_id: int, expected: str, actual: str | None) -> None:
-        super().__init__(f"task {task_id}: expected status {expected!r}, found {actual!r}")
-        self.task_id = task_id
-        self.expected = expected
-        self.actual = actual

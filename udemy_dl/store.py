@@ -11,7 +11,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -469,15 +469,3 @@ def open_store(database_url: str, retry_for: float = 0) -> TaskStore:
             raise ConfigError("DATABASE_URL", "sqlite:/// needs a file path, e.g. sqlite:///./udemy_dl.sqlite3")
         return SQLiteStore(Path(path), retry_for)
     raise ConfigError("DATABASE_URL", f"unsupported scheme {parts.scheme!r}")
-
-
-def chunks(ids: Iterable[int], size: int = 500) -> Iterable[list[int]]:
-    """Split a long id list so an IN (...) stays a sensible size."""
-    batch: list[int] = []
-    for task_id in ids:
-        batch.append(task_id)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
