@@ -9,7 +9,9 @@ can leak in.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 import pytest
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Worker
 
 from udemy_dl import producer, worker_rq
@@ -417,3 +420,67 @@ def start_worker(tmp_path: Path, redis_conn: Redis) -> Iterator[Callable[..., Wo
     yield start
     for worker in started:
         worker.stop()
+
+
+# -- a Redis of a test's own ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of this test's own (no persistence), so it can be restarted without disturbing anyone."""
+
+    binary: str
+    port: int
+    folder: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        probe = Redis.from_url(self.url, socket_connect_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(probe.ping())
+            except RedisError:
+                return False
+
+        try:
+            wait_for(answers, timeout=10, what=f"redis-server on port {self.port}")
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        service_unavailable("redis-server", "not on PATH (needed to restart a Redis of the test's own)")
+    server = PrivateRedis(binary, free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()

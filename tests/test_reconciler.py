@@ -6,18 +6,14 @@
 from __future__ import annotations
 
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from redis import Redis
-from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
@@ -32,9 +28,9 @@ from udemy_dl.webhooks import FAILED as EVENT_FAILED
 from .conftest import (
     MYSQL_TEST_URL,
     Backend,
+    PrivateRedis,
     WorkerProcess,
     run_burst_worker,
-    service_unavailable,
     wait_for,
 )
 
@@ -329,67 +325,6 @@ def test_retire_dead_local_workers_removes_only_dead_registrations_of_this_host(
 
 
 # -- Redis restarts -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class PrivateRedis:
-    """A redis-server of this test's own (no persistence), so it can be restarted without disturbing anyone."""
-
-    binary: str
-    port: int
-    folder: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.folder,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        probe = Redis.from_url(self.url, socket_connect_timeout=1)
-
-        def answers() -> bool:
-            try:
-                return bool(probe.ping())
-            except RedisError:
-                return False
-
-        try:
-            wait_for(answers, timeout=10, what=f"redis-server on port {self.port}")
-        finally:
-            probe.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=15)
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        service_unavailable("redis-server", "not on PATH (needed to restart a Redis of the test's own)")
-    server = PrivateRedis(binary, free_port(), tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_redis_lost_data_is_reported_once_per_restart(

@@ -16,6 +16,7 @@ from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Worker
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import InvalidJobOperation
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -28,6 +29,7 @@ from rq.worker_pool import WorkerPool
 from . import defaults
 from .connection import redis_connection, worker_queues
 from .process import die_with_parent, install_hand_back_handler, pid_alive
+from .scheduler import ResilientScheduler
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,9 +163,38 @@ class DownloadWorker(Worker):
             # the usual outcome, so keep working and beat again next time.
             self.log.warning("Worker %s: heartbeat failed, Redis unreachable: %s", self.name, exc)
 
+    def _start_scheduler(
+        self,
+        burst: bool = False,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        """As RQ's, with a scheduler that outlives Redis outages (see udemy_dl.scheduler)."""
+        self.scheduler = ResilientScheduler(
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            date_format=date_format,
+            log_format=log_format,
+            serializer=self.serializer,
+        )
+        self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
+        if not self.scheduler.acquired_locks:
+            return
+        if burst:
+            try:
+                self.scheduler.register_birth()
+                self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+            finally:
+                self.scheduler.release_locks()  # type: ignore[no-untyped-call]
+                self.scheduler.register_death()
+        else:
+            self.scheduler.start()  # type: ignore[no-untyped-call]
+
     def _keep_scheduler_alive(self) -> None:
-        """Restart a scheduler that died (a Redis outage ends it) at the next heartbeat, not at RQ's
-        next maintenance pass ten minutes on: scheduled retries depend on it."""
+        """Restart a scheduler that died anyway (ours waits out Redis outages) at the next heartbeat,
+        not at RQ's next maintenance pass ten minutes on: scheduled retries depend on it."""
         scheduler = self.scheduler
         if scheduler is None or self._stop_requested:
             return
@@ -340,7 +371,10 @@ class DownloadPool(WorkerPool):
 
 def _run_pool_worker(settings: Settings, name: str, burst: bool, logging_level: str) -> None:
     connection = redis_connection(settings)
-    worker = DownloadWorker(worker_queues(settings, connection), connection=connection, name=name)
+    queues = worker_queues(settings, connection)
+    # Replacing a worker that died: its scheduler went with it, its lock need not wait a minute.
+    release_dead_scheduler_locks(connection, [queue.name for queue in queues])
+    worker = DownloadWorker(queues, connection=connection, name=name)
     worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)
 
 
