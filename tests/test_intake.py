@@ -480,7 +480,7 @@ def test_task_status_signed_is_200_with_its_fields(intake_on: Intake, backend: B
     """A signed GET /tasks/<id> answers the row's status, progress, attempts, output and times."""
     pending, done = pending_tasks(backend.store, 2)
     assert intake_on.confirm({"taskIds": [done]}).status == 202
-    assert backend.store.begin_attempt(done)
+    assert backend.store.begin_attempt(done, 3)
     finished = datetime(2026, 1, 2, 3, 4, 5, 600000)
     assert backend.store.mark_completed(done, "/srv/downloads/42", 12345, finished)
 

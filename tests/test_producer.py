@@ -401,7 +401,7 @@ def test_requeue_failed_reopens_and_enqueues(
     """The operator's requeue puts a failed task back to processing with no attempts and enqueues it."""
     settings = configure(DATABASE_URL=backend.url)
     task_id = backend.store.insert_task(EMAIL, URL, PROCESSING)
-    backend.store.begin_attempt(task_id)
+    backend.store.begin_attempt(task_id, 3)
     backend.store.mark_failed(task_id, "boom", None, utcnow())
     result = Producer(settings, connection=redis_conn, store=backend.store).requeue_failed()
     assert result.enqueued == [task_id]

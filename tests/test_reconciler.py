@@ -78,7 +78,7 @@ class Rig:
         paid = status in (PROCESSING, COMPLETED, FAILED)
         task_id = self.store.insert_task(EMAIL, "https://cdn.example/courses/c", PROCESSING if paid else status)
         for _ in range(attempts):
-            assert self.store.begin_attempt(task_id)
+            assert self.store.begin_attempt(task_id, 3)
         if status == COMPLETED:
             assert self.store.mark_completed(task_id, "/done", 1, utcnow())
         elif status == FAILED:

@@ -192,7 +192,7 @@ def test_statement_succeeds_when_the_database_returns_within_the_window(
         proxy.cut()
         back = threading.Timer(1.0, proxy.restore)  # the outage lasts one second
         back.start()
-        elapsed, error = timed(lambda: store.begin_attempt(task_id))
+        elapsed, error = timed(lambda: store.begin_attempt(task_id, 3))
         back.join()
         assert error is None
         assert elapsed >= 0.9, elapsed
@@ -214,7 +214,7 @@ def test_undo_attempt_only_gives_back_a_counted_attempt_of_a_processing_row(
     settled row."""
     task_id = backend.store.insert_task(EMAIL, URL, PROCESSING)
     for _ in range(attempts):
-        backend.store.begin_attempt(task_id)
+        backend.store.begin_attempt(task_id, 3)
     if status == COMPLETED:
         backend.store.mark_completed(task_id, "/done", 1, utcnow())
     elif status == FAILED:
@@ -325,7 +325,7 @@ def test_task_with_attempts_used_up_is_failed_without_fetching(svc: Service) -> 
     url = svc.origin.add_course("poison", {"a.bin": 100})
     task_id = svc.paid_task(url)
     for _ in range(svc.settings.max_attempts):
-        svc.store.begin_attempt(task_id)
+        svc.store.begin_attempt(task_id, 3)
 
     result = process_download(svc.payload(task_id))
 
@@ -391,7 +391,7 @@ def test_duplicate_run_steps_aside_while_the_last_attempt_runs(svc: Service) -> 
     url = svc.origin.add_course("last-attempt", {"a.bin": 100})
     task_id = svc.paid_task(url)
     for _ in range(svc.settings.max_attempts):
-        svc.store.begin_attempt(task_id)
+        svc.store.begin_attempt(task_id, 3)
     part = svc.settings.staging_dir / str(task_id) / PARTS_DIRNAME / "running.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(b"x" * 10)  # the running attempt's bytes so far

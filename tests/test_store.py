@@ -104,7 +104,7 @@ def test_mysql_upgraded_shop_table_supports_the_worker_flow(mysql_url: str) -> N
         store.init_schema()
         task_id = add(store)
         assert store.mark_processing([task_id]) == 1
-        assert store.begin_attempt(task_id)
+        assert store.begin_attempt(task_id, 3)
         assert store.mark_completed(task_id, "/srv/downloads/1", 10, WHEN)
         row = store.get(task_id)
         assert row is not None and (row.status, row.attempts, row.finished_at) == (COMPLETED, 1, WHEN)
@@ -176,13 +176,13 @@ def test_mark_failed_only_from_processing(backend: Backend, initial: str) -> Non
 def test_completed_row_can_never_change_again(backend: Backend) -> None:
     """A late or duplicate run cannot turn completed into failed or processing, nor touch its fields."""
     task_id = add(backend.store, PROCESSING)
-    assert backend.store.begin_attempt(task_id)
+    assert backend.store.begin_attempt(task_id, 3)
     assert backend.store.mark_completed(task_id, "/srv/downloads/1", 99, WHEN)
     before = backend.store.get(task_id)
 
     assert backend.store.mark_failed(task_id, "late failure", "/srv/failed/1", utcnow()) is False
     assert backend.store.mark_processing([task_id]) == 0
-    assert backend.store.begin_attempt(task_id) is False
+    assert backend.store.begin_attempt(task_id, 3) is None
     assert backend.store.set_progress(task_id, 5) is False
     assert backend.store.mark_completed(task_id, "/srv/other", 1, utcnow()) is False
     assert backend.store.reopen_failed([task_id]) == 0
@@ -224,20 +224,41 @@ def test_rowcount_counts_matched_rows_even_when_values_do_not_change(
 def test_begin_attempt_counts_attempts_and_keeps_first_start(backend: Backend) -> None:
     """Each attempt adds one; started_at is the first attempt's time."""
     task_id = add(backend.store, PROCESSING)
-    assert backend.store.begin_attempt(task_id)
+    assert backend.store.begin_attempt(task_id, 3) == 1
     first = backend.store.get(task_id)
-    assert backend.store.begin_attempt(task_id)
+    assert backend.store.begin_attempt(task_id, 3) == 2
     second = backend.store.get(task_id)
     assert first is not None and second is not None
     assert (first.attempts, second.attempts) == (1, 2)
     assert first.started_at is not None and second.started_at == first.started_at
 
 
+def test_begin_attempt_stops_counting_at_the_limit(backend: Backend) -> None:
+    """The count it answers is the row's own; once the attempts are used up nothing more is counted."""
+    task_id = add(backend.store, PROCESSING)
+    other = add(backend.store, PROCESSING)
+    assert backend.store.begin_attempt(other, 3) == 1  # another row's count is not this one's
+    assert [backend.store.begin_attempt(task_id, 2) for _ in range(3)] == [1, 2, None]
+    row = backend.store.get(task_id)
+    assert row is not None and row.attempts == 2
+    assert backend.store.undo_attempt(task_id)
+    assert backend.store.begin_attempt(task_id, 2) == 2
+
+
+def test_insert_task_returns_the_new_id(backend: Backend) -> None:
+    """Each insert answers its own row's id."""
+    first = add(backend.store, PENDING)
+    second = add(backend.store, PENDING)
+    assert second > first > 0
+    row = backend.store.get(second)
+    assert row is not None and row.id == second
+
+
 @pytest.mark.parametrize("initial", [PENDING, ENROLLED, FAILED])
 def test_begin_attempt_only_on_processing(backend: Backend, initial: str) -> None:
     """An unpaid or settled row gets no attempt counted."""
     task_id = add(backend.store, initial)
-    assert backend.store.begin_attempt(task_id) is False
+    assert backend.store.begin_attempt(task_id, 3) is None
     row = backend.store.get(task_id)
     assert row is not None and row.attempts == 0
 
@@ -255,7 +276,7 @@ def test_set_progress_is_clamped_to_0_100(backend: Backend) -> None:
 def test_reopen_failed_only_from_failed(backend: Backend) -> None:
     """An operator's requeue moves failed rows back to processing with a fresh attempt count; others stay."""
     failed = add(backend.store, PROCESSING)
-    backend.store.begin_attempt(failed)
+    backend.store.begin_attempt(failed, 3)
     backend.store.mark_failed(failed, "boom", "/srv/failed/x", WHEN)
     pending = add(backend.store, PENDING)
     assert backend.store.reopen_failed([failed, pending]) == 1

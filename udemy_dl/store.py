@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError, StoreError
@@ -140,6 +140,16 @@ class TaskRow:
         )
 
 
+class Executed(NamedTuple):
+    """What one statement did."""
+
+    matched: int
+    """Rows matched (MySQL is asked for FOUND_ROWS, so an update that changes nothing still counts)."""
+    rows: list[tuple[Any, ...]]
+    last_id: int | None
+    """The driver's last row id: an INSERT's new id, or the value an UPDATE gave LAST_INSERT_ID()."""
+
+
 class TaskStore:
     """SQL shared by both back ends. Statements use %s placeholders; SQLite rewrites them to ?."""
 
@@ -186,10 +196,8 @@ class TaskStore:
     def _sql(self, statement: str) -> str:
         return statement if self.placeholder == "%s" else statement.replace("%s", self.placeholder)
 
-    def _execute(
-        self, statement: str, params: Sequence[Any] = (), retry: bool = True
-    ) -> tuple[int, list[tuple[Any, ...]]]:
-        """Run one statement; return (rows matched, rows fetched). Raises StoreError on failure.
+    def _execute(self, statement: str, params: Sequence[Any] = (), retry: bool = True) -> Executed:
+        """Run one statement; return what it matched and fetched. Raises StoreError on failure.
 
         While the database is unreachable the statement is retried with backoff for `retry_for`
         seconds, so a status change survives a database restart instead of being lost.
@@ -203,7 +211,7 @@ class TaskStore:
                 try:
                     cursor.execute(self._sql(statement), tuple(params))
                     rows = cursor.fetchall() if cursor.description else []
-                    return cursor.rowcount, rows
+                    return Executed(cursor.rowcount, rows, cursor.lastrowid)
                 finally:
                     cursor.close()
             except Exception as exc:  # driver errors differ per back end; all mean "not recorded"
@@ -240,117 +248,121 @@ class TaskStore:
         """Create a task row (the shop does this in production; tests and the demo use it)."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        try:
-            conn = self._connection()
-            cursor = conn.cursor()
-            try:
-                cursor.execute(
-                    self._sql("INSERT INTO download_tasks (email, course_url, status) VALUES (%s, %s, %s)"),
-                    (email, course_url, status),
-                )
-                return int(cursor.lastrowid)
-            finally:
-                cursor.close()
-        except Exception as exc:
-            self.close()
-            raise StoreError(f"status store: {type(exc).__name__}: {exc}") from exc
+        inserted = self._execute(
+            "INSERT INTO download_tasks (email, course_url, status) VALUES (%s, %s, %s)",
+            (email, course_url, status),
+            retry=False,  # not idempotent: a retry after a lost answer would insert twice
+        )
+        return int(inserted.last_id or 0)
 
     def get(self, task_id: int) -> TaskRow | None:
-        _, rows = self._execute(f"SELECT {COLUMNS} FROM download_tasks WHERE id = %s", (task_id,))
+        rows = self._execute(f"SELECT {COLUMNS} FROM download_tasks WHERE id = %s", (task_id,)).rows
         return TaskRow.from_db(rows[0]) if rows else None
 
     def get_many(self, task_ids: Sequence[int]) -> list[TaskRow]:
         if not task_ids:
             return []
-        _, rows = self._execute(
+        rows = self._execute(
             f"SELECT {COLUMNS} FROM download_tasks WHERE id IN ({self._in(task_ids)}) ORDER BY id",
             tuple(task_ids),
-        )
+        ).rows
         return [TaskRow.from_db(row) for row in rows]
 
     def mark_processing(self, task_ids: Sequence[int], priority: str = "normal") -> int:
         """Paid: unpaid rows become `processing` (with their priority). Returns how many rows changed."""
         if not task_ids:
             return 0
-        count, _ = self._execute(
+        count = self._execute(
             f"UPDATE download_tasks SET status = %s, priority = %s, progress = 0, error_message = NULL "
             f"WHERE id IN ({self._in(task_ids)}) AND status IN (%s, %s)",
             (PROCESSING, priority, *task_ids, *UNPAID),
-        )
+        ).matched
         return count
 
     # -- the worker's side --------------------------------------------------------------------
 
-    def begin_attempt(self, task_id: int) -> bool:
-        """Count one more attempt of a `processing` task. False if the row is not processing."""
+    attempt_counter = "attempts + 1"
+    """How begin_attempt counts; the store's dialect reads the new count back from the same statement."""
+    attempt_returning = " RETURNING attempts"
+
+    def begin_attempt(self, task_id: int, max_attempts: int) -> int | None:
+        """Count one more attempt of a `processing` task that has attempts left, in one statement;
+        return the new count. None when the row is missing, not processing, or out of attempts
+        (the caller reads the row to tell which: that is the rare path)."""
         now = utcnow()
-        count, _ = self._execute(
-            "UPDATE download_tasks SET attempts = attempts + 1, started_at = COALESCE(started_at, %s), "
-            "updated_at = %s WHERE id = %s AND status = %s",
-            (now, now, task_id, PROCESSING),
+        counted = self._execute(
+            f"UPDATE download_tasks SET attempts = {self.attempt_counter}, started_at = COALESCE(started_at, %s), "
+            f"updated_at = %s WHERE id = %s AND status = %s AND attempts < %s{self.attempt_returning}",
+            (now, now, task_id, PROCESSING, max_attempts),
         )
-        return count == 1
+        if counted.rows:
+            return int(counted.rows[0][0])
+        if counted.matched == 1 and counted.last_id:
+            return int(counted.last_id)
+        return None
 
     def set_progress(self, task_id: int, percent: int) -> bool:
         """Best effort, never retried: a lost progress update is replaced by the next one."""
-        count, _ = self._execute(
+        count = self._execute(
             "UPDATE download_tasks SET progress = %s, updated_at = %s WHERE id = %s AND status = %s",
             (max(0, min(100, percent)), utcnow(), task_id, PROCESSING),
             retry=False,
-        )
+        ).matched
         return count == 1
 
     def undo_attempt(self, task_id: int) -> bool:
         """Give back the attempt a run counted, when the run was stopped through no fault of its own."""
-        count, _ = self._execute(
+        count = self._execute(
             "UPDATE download_tasks SET attempts = attempts - 1, updated_at = %s "
             "WHERE id = %s AND status = %s AND attempts > 0",
             (utcnow(), task_id, PROCESSING),
-        )
+        ).matched
         return count == 1
 
     def mark_completed(self, task_id: int, output_path: str, total_bytes: int, now: datetime) -> bool:
         """processing -> completed at *now*. False when the row was not `processing` (a late or duplicate run)."""
-        count, _ = self._execute(
+        count = self._execute(
             "UPDATE download_tasks SET status = %s, progress = 100, output_path = %s, bytes = %s, "
             "error_message = NULL, finished_at = %s, updated_at = %s WHERE id = %s AND status = %s",
             (COMPLETED, output_path, total_bytes, now, now, task_id, PROCESSING),
-        )
+        ).matched
         return count == 1
 
     def mark_failed(self, task_id: int, reason: str, output_path: str | None, now: datetime) -> bool:
         """processing -> failed at *now*, with the reason. False when the row was not `processing`."""
-        count, _ = self._execute(
+        count = self._execute(
             "UPDATE download_tasks SET status = %s, error_message = %s, output_path = %s, "
             "finished_at = %s, updated_at = %s WHERE id = %s AND status = %s",
             (FAILED, reason[:4000], output_path, now, now, task_id, PROCESSING),
-        )
+        ).matched
         return count == 1
 
     def reopen_failed(self, task_ids: Sequence[int]) -> int:
         """failed -> processing, for an operator's requeue. Returns how many rows changed."""
         if not task_ids:
             return 0
-        count, _ = self._execute(
+        count = self._execute(
             f"UPDATE download_tasks SET status = %s, attempts = 0, progress = 0, error_message = NULL, "
             f"finished_at = NULL, "
             f"updated_at = %s WHERE id IN ({self._in(task_ids)}) AND status = %s",
             (PROCESSING, utcnow(), *task_ids, FAILED),
-        )
+        ).matched
         return count
 
     def ids_with_status(self, status: str, limit: int = 10_000) -> list[int]:
-        _, rows = self._execute("SELECT id FROM download_tasks WHERE status = %s ORDER BY id LIMIT %s", (status, limit))
+        rows = self._execute(
+            "SELECT id FROM download_tasks WHERE status = %s ORDER BY id LIMIT %s", (status, limit)
+        ).rows
         return [int(row[0]) for row in rows]
 
     def rows_with_status(self, status: str, limit: int = 10_000) -> list[TaskRow]:
-        _, rows = self._execute(
+        rows = self._execute(
             f"SELECT {COLUMNS} FROM download_tasks WHERE status = %s ORDER BY id LIMIT %s", (status, limit)
-        )
+        ).rows
         return [TaskRow.from_db(row) for row in rows]
 
     def count_by_status(self) -> dict[str, int]:
-        _, rows = self._execute("SELECT status, COUNT(*) FROM download_tasks GROUP BY status")
+        rows = self._execute("SELECT status, COUNT(*) FROM download_tasks GROUP BY status").rows
         return {str(status): int(count) for status, count in rows}
 
 
@@ -370,6 +382,11 @@ class MySQLStore(TaskStore):
             "password": unquote(parts.password or ""),
             "database": database,
         }
+
+    attempt_counter = "LAST_INSERT_ID(attempts + 1)"
+    """MySQL and MariaDB have no UPDATE ... RETURNING; LAST_INSERT_ID(expr) hands the new count back
+    in the statement's own answer, so counting an attempt stays one statement."""
+    attempt_returning = ""
 
     share_across_fork = True
     """Each work horse runs one task on the connection its worker opened (and checks between jobs):
@@ -405,19 +422,19 @@ class MySQLStore(TaskStore):
 
     def init_schema(self) -> None:
         self._execute(MYSQL_SCHEMA)
-        _, rows = self._execute(
+        rows = self._execute(
             "SELECT column_name FROM information_schema.columns "
             "WHERE table_schema = DATABASE() AND table_name = 'download_tasks'"
-        )
+        ).rows
         present = {str(row[0]).lower() for row in rows}
         for column, definition in MYSQL_WORKER_COLUMNS.items():
             if column not in present:
                 log.info("adding column download_tasks.%s", column)
                 self._execute(f"ALTER TABLE download_tasks ADD COLUMN {column} {definition}")
-        _, rows = self._execute(
+        rows = self._execute(
             "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() "
             "AND table_name = 'download_tasks' AND index_name = 'idx_download_tasks_status'"
-        )
+        ).rows
         if not int(rows[0][0]):
             log.info("adding index idx_download_tasks_status")
             self._execute("CREATE INDEX idx_download_tasks_status ON download_tasks (status, updated_at)")

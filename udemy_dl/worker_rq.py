@@ -22,7 +22,7 @@ from rq.job import Job
 
 from . import defaults, metrics
 from .connection import redis_connection
-from .errors import Interrupted, InvalidTaskError, PermanentError, StoreError
+from .errors import Interrupted, InvalidTaskError, PermanentError, StoreError, TransientError
 from .fetch import Fetcher
 from .fetch_command import CommandFetcher
 from .lease import TaskLease
@@ -173,6 +173,10 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_leased(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease) -> dict[str, Any]:
+    # The usual case costs one statement: count the attempt of a paid task that has attempts left.
+    attempt = ctx.store.begin_attempt(task.task_id, ctx.settings.max_attempts)
+    if attempt is not None:
+        return _attempt(ctx, task, attempt, job, lease)
     row = ctx.store.get(task.task_id)
     if row is None:
         log.error("task %s: no such row in download_tasks", task.task_id)
@@ -195,12 +199,11 @@ def _run_leased(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease)
         metrics.inc(ctx.redis, "tasks", outcome="failed")
         settle_failure(ctx, task, reason)
         return {"success": False, "taskId": task.task_id, "error": reason}
-    return _attempt(ctx, task, row, job, lease)
+    # The row changed between the two statements (reopened meanwhile, say): let RQ run it again.
+    raise TransientError(f"task {task.task_id}: row changed while its attempt was being counted")
 
 
-def _attempt(ctx: Context, task: TaskData, row: TaskRow, job: Job | None, lease: TaskLease) -> dict[str, Any]:
-    ctx.store.begin_attempt(task.task_id)
-    attempt = row.attempts + 1
+def _attempt(ctx: Context, task: TaskData, attempt: int, job: Job | None, lease: TaskLease) -> dict[str, Any]:
     log.info("task %s: attempt %s of %s: %s", task.task_id, attempt, ctx.settings.max_attempts, task.course_url)
     try:
         started = {**task.to_payload(), "status": PROCESSING, "attempt": attempt}
