@@ -425,8 +425,8 @@ def test_sentinel_failover_keeps_the_service_running(failover: Failover, request
     """Through a failover, payments go on, every task is completed once, no webhook is sent twice, and
     the workers are registered on the new master (rq info through the Sentinels lists them).
 
-    A delivery that failed during the outage is retried (RQ's scheduler, restarted by its worker after
-    the failover, puts it back on the queue): every task has exactly one download.completed webhook id."""
+    A delivery that failed during the outage is retried (the scheduler, which waits out the failover,
+    puts it back on the queue): every task has exactly one download.completed webhook id."""
     run = failover
     record(request.config, "sentinel", "kill -9 of the master -> replica promoted", run.failover_seconds)
     record(request.config, "sentinel", "kill -9 of the master -> all tasks completed", run.completed_seconds)
