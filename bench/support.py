@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import platform
 import shutil
@@ -375,41 +374,6 @@ def run(
     if done.returncode != 0:
         raise BenchError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
     return done.stdout
-
-
-def free_memory_bytes() -> int:
-    """MemFree from /proc/meminfo (0 where it cannot be read)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemFree:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def warm_free_memory(keep: int = 1 << 30, limit: int = 64 << 30) -> tuple[int, float]:
-    """Touch every free page once (all but *keep* bytes, at most *limit*), then give it back.
-
-    A virtual machine may back its memory lazily: the first write to a guest page the host has
-    never backed traps to the host (measured here on a Firecracker VM: about 4 s per GiB, against
-    0.3 s on a page touched before). A timed run whose files land on such pages pays that, and
-    which side of a comparison gets them depends on the order pages were freed in, not on the
-    client. Touching the free memory once before timing makes both sides start equal. Page
-    cache is left alone (only MemFree is touched). Returns (bytes touched, seconds taken).
-    """
-    size = min(max(free_memory_bytes() - keep, 0), limit)
-    size -= size % mmap.PAGESIZE
-    if size <= 0:
-        return 0, 0.0
-    start = time.perf_counter()
-    with mmap.mmap(-1, size) as area:
-        view = memoryview(area)
-        try:
-            view[:: mmap.PAGESIZE] = b"\1" * (size // mmap.PAGESIZE)
-        finally:
-            view.release()
-    return size, time.perf_counter() - start
 
 
 def sync_disks() -> None:

@@ -411,7 +411,7 @@ class MySQLStore(TaskStore):
         import mysql.connector
         from mysql.connector.constants import ClientFlag
 
-        return mysql.connector.connect(
+        conn = mysql.connector.connect(
             **self._params,
             autocommit=True,
             connection_timeout=10,
@@ -419,6 +419,11 @@ class MySQLStore(TaskStore):
             client_flags=[ClientFlag.FOUND_ROWS],
             time_zone="+00:00",
         )
+        # The driver asks the server for sql_mode the first time it quotes a parameter, and keeps the
+        # answer in the process that asked: ask now, so work horses forked later inherit it instead
+        # of each sending that SELECT again.
+        _ = conn.sql_mode
+        return conn
 
     def init_schema(self) -> None:
         self._execute(MYSQL_SCHEMA)
