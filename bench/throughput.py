@@ -45,9 +45,9 @@ def _xargs(urls: list[str], out: Path, parallel: int, verify: bool) -> tuple[flo
 
     Returns (wall seconds, CPU seconds of curl and its helpers).
     """
+    sync_disks()  # first, so the output deleted next is clean and its pages are free at once
     remove(out)
     out.mkdir(parents=True)
-    sync_disks()
     if verify:
         argv = [
             "xargs",
@@ -74,8 +74,8 @@ def _xargs(urls: list[str], out: Path, parallel: int, verify: bool) -> tuple[flo
 
 def _ours(bench: Bench, worker: Child, manifest_url: str, total: int) -> tuple[float, RssMonitor]:
     """One task through the real path: enqueue, the worker's horse fetches, the row turns completed."""
+    sync_disks()  # first, as for curl
     remove(bench.download_dir)
-    sync_disks()
     task_id = bench.new_task(manifest_url)
     with RssMonitor(bench.children, worker, interval=0.05) as monitor:
         enqueued = time.time()
@@ -118,6 +118,11 @@ def run_throughput(bench: Bench) -> Part:
     horse_cpu: list[float] = []
     worker_mb = 0.0
     others_mb = 0.0
+    # One untimed run of each side first: caches, connections and the memory their files land in
+    # are then in the same state for every timed round.
+    warm_curl, _ = _xargs(urls, curl_out, parallel, verify=False)
+    warm_ours, _ = _ours(bench, worker, manifest_url, total)
+    say(f"(a) warm-up, not counted: curl {warm_curl:.2f} s, ours {warm_ours:.2f} s")
     for number in range(1, bench.profile.rounds + 1):
         wall, cpu = _xargs(urls, curl_out, parallel, verify=False)
         curl_walls.append(wall)
@@ -168,8 +173,9 @@ def run_throughput(bench: Bench) -> Part:
     if verify_walls:
         part.rows.append(Row("reference: curl then `openssl dgst -sha256` per file", ours, median(verify_walls), "s"))
     part.notes += [
-        f"{bench.profile.rounds} rounds alternating curl and ours (then the curl+openssl reference), "
-        "outputs deleted and dirty pages synced before each run; medians reported",
+        f"{bench.profile.rounds} rounds alternating curl and ours (then the curl+openssl reference), after one "
+        "untimed run of each; dirty pages synced, then the side's previous output deleted, before each run; "
+        "medians reported",
         "each side deletes its previous output just before its own run, so each writes into pages freed a moment "
         "before: on a VM whose host takes freed guest memory back after a few seconds, the first write to such a "
         "page costs about 4 s/GiB (measured here), and a side writing into pages freed long before would pay it",
@@ -191,6 +197,7 @@ def run_throughput(bench: Bench) -> Part:
         "total_bytes": total,
         "files": bench.profile.course_files,
         "parallel": parallel,
+        "warm_up_wall_s": {"curl": warm_curl, "ours": warm_ours},
         "curl_wall_s": curl_walls,
         "curl_cpu_s": curl_cpus,
         "curl_openssl_wall_s": verify_walls,
