@@ -440,9 +440,9 @@ def test_status_change_whose_answer_was_lost_is_still_recognised(svc: Service, m
     store = worker_rq.get_context().store
     real = store.mark_completed
 
-    def applied_then_retried(task: int, output_path: str, total_bytes: int, now: Any) -> bool:
-        real(task, output_path, total_bytes, now)  # committed; the answer never arrived
-        return real(task, output_path, total_bytes, now)  # the retry finds the row completed already
+    def applied_then_retried(task: int, output_path: str, total_bytes: int, now: Any, event: str | None) -> bool:
+        real(task, output_path, total_bytes, now, event)  # committed; the answer never arrived
+        return real(task, output_path, total_bytes, now, event)  # the retry finds the row completed already
 
     monkeypatch.setattr(store, "mark_completed", applied_then_retried)
     result = process_download(svc.payload(task_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from udemy_dl.store import (
     COMPLETED,
     ENROLLED,
     FAILED,
+    MYSQL_INDEXES,
     MYSQL_WORKER_COLUMNS,
     PENDING,
     PROCESSING,
+    SQLITE_SCHEMA,
     MySQLStore,
     SQLiteStore,
     TaskStore,
@@ -85,6 +88,14 @@ def test_mysql_init_adds_worker_columns_to_a_shop_table(mysql_url: str) -> None:
             )
         }
         assert set(MYSQL_WORKER_COLUMNS) <= columns
+        indexes = {
+            str(row[0])
+            for row in mysql_query(
+                "SELECT index_name FROM information_schema.statistics WHERE table_schema = %s AND table_name = %s",
+                (MYSQL_TEST_DB, "download_tasks"),
+            )
+        }
+        assert set(MYSQL_INDEXES) <= indexes
         row = store.get(1)
         assert row is not None and (row.email, row.status, row.attempts) == (EMAIL, ENROLLED, 0)
     finally:
@@ -344,3 +355,64 @@ def test_open_store_refuses_bad_urls_naming_database_url(url: str) -> None:
 def test_mysql_store_repr_hides_the_password() -> None:
     """repr(MySQLStore) (seen in logs and tracebacks) never shows the database password."""
     assert "db-pw-xyz" not in repr(MySQLStore("mysql://shop:db-pw-xyz@db.example/shop"))
+
+
+def test_sqlite_init_adds_the_outbox_column_to_an_older_file(tmp_path: Path) -> None:
+    """A SQLite file made before the outbox existed gains pending_event (and its index) at `db init`, rows intact."""
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SQLITE_SCHEMA.replace(",\n    pending_event TEXT NULL", ""))
+        conn.execute("INSERT INTO download_tasks (email, course_url, status) VALUES (?, ?, ?)", (EMAIL, URL, PENDING))
+    store = SQLiteStore(path)
+    try:
+        store.init_schema()
+        task_id = 1
+        assert store.mark_processing([task_id]) == 1
+        assert store.mark_completed(task_id, "/srv/downloads/1", 1, WHEN, event="msg_1_completed_x")
+        row = store.get(task_id)
+        assert row is not None and row.pending_event == "msg_1_completed_x"
+        with sqlite3.connect(path) as conn:
+            indexes = {str(row[1]) for row in conn.execute("PRAGMA index_list(download_tasks)")}
+        assert "idx_download_tasks_pending_event" in indexes
+    finally:
+        store.close()
+
+
+def test_final_status_change_records_its_event_until_acknowledged(backend: Backend) -> None:
+    """mark_completed/mark_failed put the event's id in the row in the same statement; only that id's
+    acknowledgement takes it out; an operator's requeue forgets it."""
+    done = add(backend.store, PROCESSING)
+    assert backend.store.mark_completed(done, "/srv/downloads/1", 1, WHEN, event="msg_done")
+    assert backend.store.event_delivered(done, "msg_other") is False
+    assert backend.store.get(done).pending_event == "msg_done"  # type: ignore[union-attr]
+    assert backend.store.event_delivered(done, "msg_done") is True
+    assert backend.store.get(done).pending_event is None  # type: ignore[union-attr]
+    assert backend.store.event_delivered(done, "msg_done") is False
+
+    failed = add(backend.store, PROCESSING)
+    assert backend.store.mark_failed(failed, "boom", None, WHEN, event="msg_failed")
+    assert backend.store.get(failed).pending_event == "msg_failed"  # type: ignore[union-attr]
+    assert backend.store.reopen_failed([failed]) == 1
+    assert backend.store.get(failed).pending_event is None  # type: ignore[union-attr]
+
+
+def test_rows_to_reconcile_are_processing_rows_then_unacknowledged_events(backend: Backend) -> None:
+    """One query: every processing row, then settled rows with an event pending; nothing else."""
+    processing = add(backend.store, PROCESSING)
+    pending = add(backend.store, PROCESSING)
+    backend.store.mark_completed(pending, "/d", 1, WHEN, event="msg_pending")
+    acknowledged = add(backend.store, PROCESSING)
+    backend.store.mark_completed(acknowledged, "/d", 1, WHEN, event="msg_ack")
+    backend.store.event_delivered(acknowledged, "msg_ack")
+    quiet = add(backend.store, PROCESSING)
+    backend.store.mark_failed(quiet, "boom", None, WHEN)
+    add(backend.store, PENDING)
+    later = add(backend.store, PROCESSING)
+
+    rows = backend.store.rows_to_reconcile()
+    assert [(row.id, row.status, row.pending_event) for row in rows] == [
+        (processing, PROCESSING, None),
+        (later, PROCESSING, None),
+        (pending, COMPLETED, "msg_pending"),
+    ]
+    assert [row.id for row in backend.store.rows_to_reconcile(limit=1)] == [processing, pending]

@@ -3,6 +3,9 @@
 DOWNLOAD_JOB_FUNCTION = "udemy_dl.worker_rq.process_download"
 """The download job, named as RQ stores it (producers need not import the worker code)."""
 
+DELIVER_JOB_FUNCTION = "udemy_dl.webhooks.deliver_webhook"
+"""The webhook delivery job, named as RQ stores it."""
+
 DOWNLOAD_QUEUE = "downloads"
 """RQ queue that download jobs go on."""
 
@@ -121,3 +124,6 @@ PROGRESS_EVENT_STEP = 10
 
 PROGRESS_EVENT_INTERVAL = 30
 """...or after this many seconds without one, whichever comes first."""
+
+MAX_ERROR_LENGTH = 4000
+"""Characters of a failure reason kept in download_tasks.error_message (and sent in download.failed)."""

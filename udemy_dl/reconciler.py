@@ -8,7 +8,8 @@ and every enqueue is deduplicated anyway):
   90 s at worst and at once on the same host; dead workers of this host leave `rq info`;
 - every RECONCILE_INTERVAL seconds (and at once after Redis lost its data), one SELECT: each
   task `processing` with no live job is enqueued again, or settled `failed` when its attempts
-  are used up.
+  are used up; and each settled task whose final event the payment service has not acknowledged
+  (the row's outbox) has it queued again if Redis lost its delivery.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from . import defaults
@@ -34,6 +37,7 @@ from .producer import Producer, priority_of
 from .settings import Settings
 from .store import PROCESSING, TaskRow
 from .task import TaskData
+from .webhooks import enqueue_webhook, final_event
 from .worker import job_is_running
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ class SweepResult:
     processing: int = 0
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    events_resent: list[int] = field(default_factory=list)
+    """Settled tasks whose unacknowledged final event Redis had lost, queued again."""
 
 
 class Reconciler:
@@ -115,11 +121,14 @@ class Reconciler:
     # -- one SELECT -------------------------------------------------------------------------
 
     def sweep(self) -> SweepResult:
-        """Re-enqueue `processing` tasks without a live job; fail those whose attempts are used up."""
+        """Re-enqueue `processing` tasks without a live job; fail those whose attempts are used up;
+        queue again the final events that the payment service has not acknowledged and that Redis
+        no longer holds (lost with its data), under their own webhook-id."""
         result = SweepResult()
-        rows = self.producer.store.rows_with_status(PROCESSING)
-        result.processing = len(rows)
-        for row in rows:
+        rows = self.producer.store.rows_to_reconcile()
+        processing = [row for row in rows if row.status == PROCESSING]
+        result.processing = len(processing)
+        for row in processing:
             if self.producer.live_job(row.id) is not None:
                 continue
             if row.attempts >= self.settings.max_attempts:
@@ -131,11 +140,42 @@ class Reconciler:
             )
             if outcome.created:
                 result.requeued.append(row.id)
-        if result.requeued or result.failed:
+        for row in rows:
+            if row.status != PROCESSING and row.pending_event and self._resend_event(row, row.pending_event):
+                result.events_resent.append(row.id)
+        if result.requeued or result.failed or result.events_resent:
             log.warning(
-                "sweep: %s processing, re-enqueued %s, failed %s", result.processing, result.requeued, result.failed
+                "sweep: %s processing, re-enqueued %s, failed %s, events sent again for %s",
+                result.processing,
+                result.requeued,
+                result.failed,
+                result.events_resent,
             )
         return result
+
+    def _resend_event(self, row: TaskRow, pending: str) -> bool:
+        """Queue *row*'s final event again unless Redis still holds its delivery. A delivery that
+        succeeded but whose acknowledgement was not recorded leaves the outbox here."""
+        if not self.settings.webhook_url:
+            return False
+        try:
+            delivery = Job.fetch(f"webhook-{pending}", connection=self.connection)
+        except NoSuchJobError:
+            delivery = None
+        if delivery is not None:
+            if delivery.get_status(refresh=False) == JobStatus.FINISHED:
+                self.producer.store.event_delivered(row.id, pending)
+            return False
+        msg_id, event = final_event(row)
+        if msg_id != pending:
+            log.warning(
+                "task %s: pending event %s does not match the row (%s); sending it as %s",
+                row.id,
+                pending,
+                msg_id,
+                pending,
+            )
+        return enqueue_webhook(self.settings, self.connection, pending, event)
 
     def _fail(self, row: TaskRow) -> None:
         from .worker_rq import get_context, settle_failure

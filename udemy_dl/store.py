@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from . import defaults
 from .errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ STATUSES = (PENDING, ENROLLED, PROCESSING, COMPLETED, FAILED)
 
 COLUMNS = (
     "id, email, course_url, status, attempts, progress, error_message, output_path, bytes, "
-    "started_at, finished_at, updated_at, priority"
+    "started_at, finished_at, updated_at, priority, pending_event"
 )
 
 MYSQL_SCHEMA = """
@@ -51,7 +52,9 @@ CREATE TABLE IF NOT EXISTS download_tasks (
     finished_at DATETIME(6) NULL,
     updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
     priority VARCHAR(10) NOT NULL DEFAULT 'normal',
-    KEY idx_download_tasks_status (status, updated_at)
+    pending_event VARCHAR(100) NULL,
+    KEY idx_download_tasks_status (status, updated_at),
+    KEY idx_download_tasks_pending_event (pending_event)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4
 """
 
@@ -66,7 +69,14 @@ MYSQL_WORKER_COLUMNS = {
     "finished_at": "DATETIME(6) NULL",
     "updated_at": "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)",
     "priority": "VARCHAR(10) NOT NULL DEFAULT 'normal'",
+    "pending_event": "VARCHAR(100) NULL",
 }
+
+MYSQL_INDEXES = {
+    "idx_download_tasks_status": "(status, updated_at)",
+    "idx_download_tasks_pending_event": "(pending_event)",
+}
+"""Indexes the worker's queries need; added to an existing table by `db init`."""
 
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS download_tasks (
@@ -83,13 +93,16 @@ CREATE TABLE IF NOT EXISTS download_tasks (
     started_at TEXT NULL,
     finished_at TEXT NULL,
     updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
-    priority TEXT NOT NULL DEFAULT 'normal'
+    priority TEXT NOT NULL DEFAULT 'normal',
+    pending_event TEXT NULL
 );
 CREATE INDEX IF NOT EXISTS idx_download_tasks_status ON download_tasks (status, updated_at);
 """
 
+SQLITE_INDEXES = "CREATE INDEX IF NOT EXISTS idx_download_tasks_pending_event ON download_tasks (pending_event);"
 
-SQLITE_ADDED_COLUMNS = {"priority": "TEXT NOT NULL DEFAULT 'normal'"}
+
+SQLITE_ADDED_COLUMNS = {"priority": "TEXT NOT NULL DEFAULT 'normal'", "pending_event": "TEXT NULL"}
 """Columns added after the first release, added to an existing SQLite file by `db init`."""
 
 
@@ -115,6 +128,9 @@ class TaskRow:
     finished_at: datetime | None
     updated_at: datetime | None
     priority: str = "normal"
+    pending_event: str | None = None
+    """The webhook-id of the row's final event (download.completed/failed) until the payment service
+    has acknowledged it: the outbox that lets the reconciler send it again if Redis loses it."""
 
     @classmethod
     def from_db(cls, row: Sequence[Any]) -> TaskRow:
@@ -137,6 +153,7 @@ class TaskRow:
             finished_at=as_time(row[10]),
             updated_at=as_time(row[11]),
             priority=str(row[12]) if len(row) > 12 and row[12] else "normal",
+            pending_event=row[13] if len(row) > 13 else None,
         )
 
 
@@ -319,21 +336,38 @@ class TaskStore:
         ).matched
         return count == 1
 
-    def mark_completed(self, task_id: int, output_path: str, total_bytes: int, now: datetime) -> bool:
-        """processing -> completed at *now*. False when the row was not `processing` (a late or duplicate run)."""
+    def mark_completed(
+        self, task_id: int, output_path: str, total_bytes: int, now: datetime, event: str | None = None
+    ) -> bool:
+        """processing -> completed at *now*, with *event* (its webhook-id) pending in the same statement.
+        False when the row was not `processing` (a late or duplicate run)."""
         count = self._execute(
             "UPDATE download_tasks SET status = %s, progress = 100, output_path = %s, bytes = %s, "
-            "error_message = NULL, finished_at = %s, updated_at = %s WHERE id = %s AND status = %s",
-            (COMPLETED, output_path, total_bytes, now, now, task_id, PROCESSING),
+            "error_message = NULL, finished_at = %s, updated_at = %s, pending_event = %s "
+            "WHERE id = %s AND status = %s",
+            (COMPLETED, output_path, total_bytes, now, now, event, task_id, PROCESSING),
         ).matched
         return count == 1
 
-    def mark_failed(self, task_id: int, reason: str, output_path: str | None, now: datetime) -> bool:
-        """processing -> failed at *now*, with the reason. False when the row was not `processing`."""
+    def mark_failed(
+        self, task_id: int, reason: str, output_path: str | None, now: datetime, event: str | None = None
+    ) -> bool:
+        """processing -> failed at *now*, with the reason and *event* pending. False when the row was
+        not `processing`."""
         count = self._execute(
             "UPDATE download_tasks SET status = %s, error_message = %s, output_path = %s, "
-            "finished_at = %s, updated_at = %s WHERE id = %s AND status = %s",
-            (FAILED, reason[:4000], output_path, now, now, task_id, PROCESSING),
+            "finished_at = %s, updated_at = %s, pending_event = %s WHERE id = %s AND status = %s",
+            (FAILED, reason[: defaults.MAX_ERROR_LENGTH], output_path, now, now, event, task_id, PROCESSING),
+        ).matched
+        return count == 1
+
+    def event_delivered(self, task_id: int, event: str) -> bool:
+        """The payment service acknowledged *event*: it leaves the outbox. Never retried (a missed
+        clear costs at most one duplicate delivery after a Redis data loss, never a lost event)."""
+        count = self._execute(
+            "UPDATE download_tasks SET pending_event = NULL WHERE id = %s AND pending_event = %s",
+            (task_id, event),
+            retry=False,
         ).matched
         return count == 1
 
@@ -343,7 +377,7 @@ class TaskStore:
             return 0
         count = self._execute(
             f"UPDATE download_tasks SET status = %s, attempts = 0, progress = 0, error_message = NULL, "
-            f"finished_at = NULL, "
+            f"finished_at = NULL, pending_event = NULL, "
             f"updated_at = %s WHERE id IN ({self._in(task_ids)}) AND status = %s",
             (PROCESSING, utcnow(), *task_ids, FAILED),
         ).matched
@@ -358,6 +392,18 @@ class TaskStore:
     def rows_with_status(self, status: str, limit: int = 10_000) -> list[TaskRow]:
         rows = self._execute(
             f"SELECT {COLUMNS} FROM download_tasks WHERE status = %s ORDER BY id LIMIT %s", (status, limit)
+        ).rows
+        return [TaskRow.from_db(row) for row in rows]
+
+    def rows_to_reconcile(self, limit: int = 10_000) -> list[TaskRow]:
+        """The reconciler's one query: rows still `processing`, then settled rows whose final event
+        the payment service has not acknowledged yet (each part capped at *limit*, so a long
+        receiver outage cannot crowd out the processing rows)."""
+        rows = self._execute(
+            f"SELECT * FROM (SELECT {COLUMNS} FROM download_tasks WHERE status = %s ORDER BY id LIMIT %s) AS p "
+            f"UNION ALL SELECT * FROM (SELECT {COLUMNS} FROM download_tasks "
+            f"WHERE pending_event IS NOT NULL AND status <> %s ORDER BY id LIMIT %s) AS e",
+            (PROCESSING, limit, PROCESSING, limit),
         ).rows
         return [TaskRow.from_db(row) for row in rows]
 
@@ -437,12 +483,14 @@ class MySQLStore(TaskStore):
                 log.info("adding column download_tasks.%s", column)
                 self._execute(f"ALTER TABLE download_tasks ADD COLUMN {column} {definition}")
         rows = self._execute(
-            "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() "
-            "AND table_name = 'download_tasks' AND index_name = 'idx_download_tasks_status'"
+            "SELECT DISTINCT index_name FROM information_schema.statistics WHERE table_schema = DATABASE() "
+            "AND table_name = 'download_tasks'"
         ).rows
-        if not int(rows[0][0]):
-            log.info("adding index idx_download_tasks_status")
-            self._execute("CREATE INDEX idx_download_tasks_status ON download_tasks (status, updated_at)")
+        indexes = {str(row[0]) for row in rows}
+        for index, columns in MYSQL_INDEXES.items():
+            if index not in indexes:
+                log.info("adding index %s", index)
+                self._execute(f"CREATE INDEX {index} ON download_tasks {columns}")
 
 
 class SQLiteStore(TaskStore):
@@ -474,6 +522,7 @@ class SQLiteStore(TaskStore):
                 if column not in present:
                     log.info("adding column download_tasks.%s", column)
                     conn.execute(f"ALTER TABLE download_tasks ADD COLUMN {column} {definition}")
+            conn.executescript(SQLITE_INDEXES)
         except sqlite3.Error as exc:
             raise StoreError(f"status store: {exc}") from exc
 

@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -17,8 +18,12 @@ from standardwebhooks import Webhook
 
 from . import defaults, metrics
 from .connection import webhook_queue
+from .context import get_context
 from .errors import ConfigError, WebhookDeliveryError
 from .settings import Settings, get_settings
+from .storage import read_record
+from .store import COMPLETED as ROW_COMPLETED
+from .store import TaskRow
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,9 @@ PROGRESS = "download.progress"
 LIVE_EVENTS = (STARTED, PROGRESS)
 LIVE_RETRY_INTERVALS = (5, 15, 30)
 """Live events are news only while the download runs: retried for about a minute, not an hour."""
-DELIVER_FUNCTION = "udemy_dl.webhooks.deliver_webhook"
+DELIVER_FUNCTION = defaults.DELIVER_JOB_FUNCTION
+FINAL_KINDS = (COMPLETED.split(".")[-1], FAILED.split(".")[-1])
+"""The last part of a final event's type, as it appears in its webhook-id."""
 
 
 def generate_secret() -> str:
@@ -41,6 +48,36 @@ def event_id(task_id: int, event_type: str, finished_at: datetime) -> str:
     """The webhook-id of one event: the same for every delivery attempt, different for each event."""
     stamp = finished_at.strftime("%Y%m%dT%H%M%S%f")
     return f"msg_{task_id}_{event_type.split('.')[-1]}_{stamp}"
+
+
+def final_event_of(event_id_: str) -> int | None:
+    """The task id of a final event's webhook-id (download.completed or download.failed), else None."""
+    parts = event_id_.split("_")
+    if len(parts) != 4 or parts[0] != "msg" or parts[2] not in FINAL_KINDS or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def final_event(row: TaskRow, record: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The download.completed or download.failed event of a settled row, and its webhook-id.
+
+    Built from the row alone (plus the finished folder's record, where this host has it), so the
+    run that settled the task, a later run and the reconciler all build the same event.
+    """
+    if row.finished_at is None:
+        raise ValueError(f"task {row.id} is not settled (status {row.status})")
+    data: dict[str, Any] = {"taskId": row.id, "email": row.email, "courseUrl": row.course_url, "status": row.status}
+    if row.status == ROW_COMPLETED:
+        event_type = COMPLETED
+        data.update(outputPath=row.output_path, bytes=row.bytes)
+        if record is None and row.output_path:
+            record = read_record(Path(row.output_path))
+        if record is not None:
+            data.update(files=len(record.get("files", [])), title=record.get("title"))
+    else:
+        event_type = FAILED
+        data.update(error=row.error_message, failedPath=row.output_path)
+    return event_id(row.id, event_type, row.finished_at), build_event(event_type, data, row.finished_at)
 
 
 def build_event(event_type: str, data: dict[str, Any], at: datetime) -> dict[str, Any]:
@@ -123,4 +160,16 @@ def deliver_webhook(msg_id: str, body: str) -> dict[str, Any]:
     if job is not None:
         metrics.inc(job.connection, "webhook_deliveries", result="delivered")
     log.info("webhook %s delivered (HTTP %s)", msg_id, response.status_code)
+    _acknowledge(msg_id)
     return {"delivered": True, "webhookId": msg_id, "status": response.status_code}
+
+
+def _acknowledge(msg_id: str) -> None:
+    """A final event reached the payment service: take it out of the task row's outbox."""
+    task_id = final_event_of(msg_id)
+    if task_id is None:
+        return
+    try:
+        get_context().store.event_delivered(task_id, msg_id)
+    except Exception as exc:  # delivered is delivered; a stale outbox entry only risks one more send
+        log.warning("webhook %s delivered, but not recorded in the database: %s", msg_id, exc)

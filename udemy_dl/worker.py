@@ -95,8 +95,8 @@ class DownloadWorker(Worker):
             self.connection.connection_pool.disconnect()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        if job.func_name == defaults.DOWNLOAD_JOB_FUNCTION:
-            prepare_download_context()
+        if job.func_name in (defaults.DOWNLOAD_JOB_FUNCTION, defaults.DELIVER_JOB_FUNCTION):
+            prepare_job_context()
         try:
             super().execute_job(job, queue)
         except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -300,10 +300,11 @@ def preload_job_modules() -> None:
     from . import webhooks, worker_rq  # noqa: F401
 
 
-def prepare_download_context() -> None:
-    """In the worker, before it forks a horse for a download: settings parsed, database connection
-    open and answering. The horse inherits both instead of setting them up again."""
-    from .worker_rq import get_context
+def prepare_job_context() -> None:
+    """In the worker, before it forks a horse for a download or a delivery: settings parsed,
+    database connection open and answering. The horse inherits both instead of setting them up
+    again (a delivery records its acknowledgement in the task's row)."""
+    from .context import get_context
 
     try:
         get_context().store.ensure_connected()

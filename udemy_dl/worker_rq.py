@@ -15,75 +15,26 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 
 from . import defaults, metrics
-from .connection import redis_connection
+from .context import Context, get_context, reset_context
 from .errors import Interrupted, InvalidTaskError, PermanentError, StoreError, TransientError
-from .fetch import Fetcher
-from .fetch_command import CommandFetcher
 from .lease import TaskLease
 from .process import HAND_BACK
-from .settings import Settings, get_settings
+from .settings import Settings
 from .storage import final_path, keep_failed, promote, read_record, staging_lock, staging_path, write_record
-from .store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
+from .store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore, utcnow
 from .task import TaskData, parse_task, parse_task_id
-from .webhooks import COMPLETED as EVENT_COMPLETED
-from .webhooks import FAILED as EVENT_FAILED
 from .webhooks import PROGRESS as EVENT_PROGRESS
 from .webhooks import STARTED as EVENT_STARTED
-from .webhooks import build_event, enqueue_webhook, event_id
+from .webhooks import build_event, enqueue_webhook, event_id, final_event
+
+__all__ = ["get_context", "process_download", "reset_context", "settle_failure"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Context:
-    """What one process shares between the jobs it runs: settings, store, Redis, HTTP session."""
-
-    settings: Settings
-    store: TaskStore
-    redis: Redis
-    fetcher: Fetcher | CommandFetcher
-
-
-_context: Context | None = None
-
-
-def get_context() -> Context:
-    global _context
-    if _context is None:
-        settings = get_settings()
-        _context = Context(
-            settings=settings,
-            store=open_store(settings.require_database(), retry_for=defaults.STORE_RETRY_SECONDS),
-            redis=redis_connection(settings),
-            fetcher=_fetcher(settings),
-        )
-    return _context
-
-
-def _fetcher(settings: Settings) -> Fetcher | CommandFetcher:
-    if settings.fetch_command:
-        return CommandFetcher(settings.fetch_command, settings.allowed_hosts, timeout=settings.job_timeout)
-    return Fetcher(
-        settings.allowed_hosts,
-        token=settings.content_token,
-        concurrency=settings.fetch_concurrency,
-        max_task_bytes=settings.max_task_bytes,
-    )
-
-
-def reset_context() -> None:
-    """Forget the process's settings and connections (tests change the environment between jobs)."""
-    global _context
-    if _context is not None:
-        _context.store.close()
-    _context = None
-    get_settings.cache_clear()
 
 
 @dataclass
@@ -183,10 +134,10 @@ def _run_leased(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease)
         return {"success": False, "taskId": task.task_id, "error": "no such task"}
     if row.status == COMPLETED:
         log.info("task %s: already completed, nothing to do", task.task_id)
-        _notify(ctx, task, row, EVENT_COMPLETED)
+        _notify(ctx, row)
         return {"success": True, "taskId": task.task_id, "skipped": True, "outputPath": row.output_path}
     if row.status == FAILED:
-        _notify(ctx, task, row, EVENT_FAILED)
+        _notify(ctx, row)
         return {"success": False, "taskId": task.task_id, "skipped": True, "error": row.error_message}
     if row.status != PROCESSING:
         log.warning("task %s: status is %s (not paid), not fetching", task.task_id, row.status)
@@ -268,23 +219,17 @@ def _download(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease) -
         log.info("task %s: files already in place at %s, recording them", task.task_id, final)
     finished_at = utcnow()
     total = int(record.get("bytes", 0))
+    settled = _settled_row(task, COMPLETED, finished_at, str(final), total=total)
+    msg_id, event = final_event(settled, record)
     if _settle(
         ctx,
         task.task_id,
         COMPLETED,
         finished_at,
-        ctx.store.mark_completed(task.task_id, str(final), total, finished_at),
+        ctx.store.mark_completed(task.task_id, str(final), total, finished_at, event=_outbox(ctx, msg_id)),
     ):
         log.info("task %s: completed, %s files, %s bytes in %s", task.task_id, len(record["files"]), total, final)
-        data = {
-            **task.to_payload(),
-            "status": COMPLETED,
-            "outputPath": str(final),
-            "bytes": total,
-            "files": len(record["files"]),
-            "title": record.get("title"),
-        }
-        _send(ctx, task.task_id, EVENT_COMPLETED, data, finished_at)
+        enqueue_webhook(ctx.settings, ctx.redis, msg_id, event)
     else:
         log.warning("task %s: row was no longer processing; left as it is", task.task_id)
     return {
@@ -312,11 +257,16 @@ def settle_failure(ctx: Context, task: TaskData, reason: str) -> None:
     """Last word on a task that cannot succeed: keep its files aside, mark it failed, tell the payment service."""
     kept = keep_failed(ctx.settings, task.task_id, staging_path(ctx.settings, task.task_id), reason)
     finished_at = utcnow()
+    reason = reason[: defaults.MAX_ERROR_LENGTH]
+    msg_id, event = final_event(_settled_row(task, FAILED, finished_at, str(kept), error=reason))
     if _settle(
-        ctx, task.task_id, FAILED, finished_at, ctx.store.mark_failed(task.task_id, reason, str(kept), finished_at)
+        ctx,
+        task.task_id,
+        FAILED,
+        finished_at,
+        ctx.store.mark_failed(task.task_id, reason, str(kept), finished_at, event=_outbox(ctx, msg_id)),
     ):
-        data = {**task.to_payload(), "status": FAILED, "error": reason, "failedPath": str(kept)}
-        _send(ctx, task.task_id, EVENT_FAILED, data, finished_at)
+        enqueue_webhook(ctx.settings, ctx.redis, msg_id, event)
     else:
         log.warning("task %s: row was no longer processing; failure not recorded", task.task_id)
 
@@ -349,22 +299,50 @@ def _reject_bad_input(ctx: Context, task_data: object, exc: InvalidTaskError) ->
     return {"success": False, "taskId": task_id, "error": str(exc)}
 
 
-def _notify(ctx: Context, task: TaskData, row: TaskRow, event_type: str) -> None:
-    """Re-queue the event of a task already settled: a run that died after the status change but
-    before queuing its webhook must not leave the payment service uninformed. Queued once per id."""
-    if row.finished_at is None:
+def _notify(ctx: Context, row: TaskRow) -> None:
+    """Queue again the final event of a task already settled, while the payment service has not
+    acknowledged it: a run that died after the status change but before queuing its webhook must
+    not leave the payment service uninformed. The webhook-id is the one the first run used."""
+    if row.finished_at is None or not row.pending_event:
         return
-    data: dict[str, Any] = {**task.to_payload(), "status": row.status}
-    if row.status == COMPLETED:
-        data.update(outputPath=row.output_path, bytes=row.bytes)
-    else:
-        data.update(error=row.error_message, failedPath=row.output_path)
-    _send(ctx, task.task_id, event_type, data, row.finished_at)
+    msg_id, event = final_event(row)
+    enqueue_webhook(ctx.settings, ctx.redis, msg_id, event)
+
+
+def _outbox(ctx: Context, msg_id: str) -> str | None:
+    """What the status change records as the pending final event: nothing when no webhook is sent."""
+    return msg_id if ctx.settings.webhook_url else None
+
+
+def _settled_row(
+    task: TaskData,
+    status: str,
+    finished_at: datetime,
+    output_path: str,
+    total: int | None = None,
+    error: str | None = None,
+) -> TaskRow:
+    """The row as this run's status change leaves it (what final_event reads)."""
+    return TaskRow(
+        id=task.task_id,
+        email=task.email,
+        course_url=task.course_url,
+        status=status,
+        attempts=0,
+        progress=100 if status == COMPLETED else 0,
+        error_message=error,
+        output_path=output_path,
+        bytes=total,
+        started_at=None,
+        finished_at=finished_at,
+        updated_at=finished_at,
+    )
 
 
 def _send(ctx: Context, task_id: int, event_type: str, data: dict[str, Any], finished_at: datetime) -> None:
-    """Queue the event. If Redis refuses, the job fails and its retry finds the row settled and
-    queues the event then (see _notify): the status change is never undone, the event never lost."""
+    """Queue a live event (started, progress). Final events are queued right after the status
+    change that records their webhook-id in the row: if Redis refuses one, the job fails, and its
+    retry (or the reconciler) finds the row settled with the event pending and queues it then."""
     enqueue_webhook(
         ctx.settings, ctx.redis, event_id(task_id, event_type, finished_at), build_event(event_type, data, finished_at)
     )

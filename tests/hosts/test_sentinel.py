@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,11 +187,6 @@ def workers_on(port: int) -> list[str]:
         client.close()
 
 
-def as_utc(moment: datetime | None) -> datetime:
-    assert moment is not None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 class Service:
     """udemy_dl on a Sentinel group: a fresh table, an origin, a receiver, `udemy-dl pool` as systemd
     runs it, and the CLI as the payment service runs it; everything closed by *stack*."""
@@ -280,24 +274,14 @@ def stop_pool(pool: subprocess.Popen[bytes]) -> None:
             pool.wait(timeout=10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a webhook event lives only in Redis, so one the old master acknowledged but never passed to "
-        "the replica is gone after a failover (likewise after a restart without AOF), and nothing sends it: "
-        "the task is completed, so the reconciler's sweep (udemy_dl/reconciler.py Reconciler.sweep, which "
-        "reads only 'processing' rows) passes it by. Fix: keep undelivered events in MySQL (an outbox: the "
-        "event id in the row, set in the UPDATE that settles the task, cleared on delivery) and have the "
-        "sweep after a Redis data loss enqueue them again with the same webhook-id."
-    ),
-)
 def test_an_event_the_old_master_never_replicated_is_still_sent(
     redis_binary: str, hosts_database: str, tmp_path: Path
 ) -> None:
     """The replica is frozen (SIGSTOP) and its link cut while a task completes and its
     download.completed delivery is refused (503: scheduled for a retry, on the master only); the
     master is killed, the replica thawed and promoted. The event must still reach the payment
-    service, within 30 s of the failover."""
+    service, within 30 s of the failover: the task's row still lists it as unacknowledged (the
+    outbox), so the reconciler's sweep queues it again under the same webhook-id."""
     run_id = uuid.uuid4().hex
     with contextlib.ExitStack() as stack:
         group = stack.enter_context(running_sentinel_group(redis_binary, tmp_path, run_id))
@@ -345,7 +329,6 @@ class Failover:
     service: Service
     tasks: list[Task]
     after: list[Task]
-    killed_at: datetime
     failover_seconds: float
     completed_seconds: float
     paid_after: subprocess.CompletedProcess[str]
@@ -378,7 +361,6 @@ def failover(redis_binary: str, hosts_database: str, tmp_path_factory: pytest.Te
         wait_for(lambda: service.completed(tasks) >= 2, timeout=60, interval=0.05, what="two tasks completed")
 
         old_port = group.master.port
-        killed_at = datetime.now(UTC)
         killed = time.monotonic()
         group.master.kill()
         group.wait_failover(old_port)
@@ -408,7 +390,6 @@ def failover(redis_binary: str, hosts_database: str, tmp_path_factory: pytest.Te
             service=service,
             tasks=tasks,
             after=after,
-            killed_at=killed_at,
             failover_seconds=failover_seconds,
             completed_seconds=completed_seconds,
             paid_after=paid_after,
@@ -445,24 +426,15 @@ def test_sentinel_failover_keeps_the_service_running(failover: Failover, request
     assert run.service.store.ids_with_status(PROCESSING) == []
 
     assert all(len(ids) <= 1 for ids in run.webhook_ids.values()), run.webhook_ids
-    # An event the old master acknowledged but never replicated is gone with it (the xfail test above
-    # shows it is not sent again); any other task must have its event.
+    # Every task has its event, even one the old master acknowledged but never replicated: the row's
+    # outbox still lists it, and the sweep queues it again.
     rows = {row.id: row for row in run.service.store.get_many(sorted(run.webhook_ids))}
-    lost_with_master = sorted(
-        task_id
-        for task_id, ids in run.webhook_ids.items()
-        if not ids
-        and task_id not in {task.id for task in run.after}
-        and task_id not in run.pending
-        and as_utc(rows[task_id].finished_at) <= run.killed_at + timedelta(seconds=1)
-    )
-    missing = sorted(task_id for task_id, ids in run.webhook_ids.items() if not ids and task_id not in lost_with_master)
+    missing = sorted(task_id for task_id, ids in run.webhook_ids.items() if not ids)
     assert not missing, (
         f"no download.completed webhook for tasks {missing} (held in Redis: {run.pending})\n"
         f"{run.service.pool_log()[-4000:]}"
     )
-    if lost_with_master:
-        print(f"[hosts] download.completed events lost with the old master: tasks {lost_with_master}")
+    assert all(row.pending_event is None for row in rows.values()), rows
 
     assert run.pool_alive, run.service.pool_log()[-4000:]
     assert len(run.registered) == POOL_SIZE, run.registered

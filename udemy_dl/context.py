@@ -1,0 +1,62 @@
+"""What one worker process shares between the jobs its work horses run: settings, the status
+store's connection, Redis and the HTTP session. A worker prepares it before forking a horse, so
+each horse inherits it instead of connecting again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis import Redis
+
+from . import defaults
+from .connection import redis_connection
+from .fetch import Fetcher
+from .fetch_command import CommandFetcher
+from .settings import Settings, get_settings
+from .store import TaskStore, open_store
+
+
+@dataclass
+class Context:
+    """What one process shares between the jobs it runs: settings, store, Redis, HTTP session."""
+
+    settings: Settings
+    store: TaskStore
+    redis: Redis
+    fetcher: Fetcher | CommandFetcher
+
+
+_context: Context | None = None
+
+
+def get_context() -> Context:
+    global _context
+    if _context is None:
+        settings = get_settings()
+        _context = Context(
+            settings=settings,
+            store=open_store(settings.require_database(), retry_for=defaults.STORE_RETRY_SECONDS),
+            redis=redis_connection(settings),
+            fetcher=_fetcher(settings),
+        )
+    return _context
+
+
+def _fetcher(settings: Settings) -> Fetcher | CommandFetcher:
+    if settings.fetch_command:
+        return CommandFetcher(settings.fetch_command, settings.allowed_hosts, timeout=settings.job_timeout)
+    return Fetcher(
+        settings.allowed_hosts,
+        token=settings.content_token,
+        concurrency=settings.fetch_concurrency,
+        max_task_bytes=settings.max_task_bytes,
+    )
+
+
+def reset_context() -> None:
+    """Forget the process's settings and connections (tests change the environment between jobs)."""
+    global _context
+    if _context is not None:
+        _context.store.close()
+    _context = None
+    get_settings.cache_clear()
