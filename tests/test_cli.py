@@ -263,6 +263,17 @@ def test_stats_json_reports_queue_and_tasks(cli_backend: Backend, redis_conn: Re
     assert stats["queue"]["waiting"] == 1 and stats["queue"]["workers"] == 0
     assert stats["tasks"] == {PROCESSING: 1, COMPLETED: 1}
     assert [item["taskId"] for item in stats["running"]] == [task_id]
+    assert stats["events_unacknowledged"] == 0
+
+
+def test_stats_counts_final_events_not_yet_acknowledged(cli_backend: Backend, redis_conn: Redis) -> None:
+    """A settled task whose final event the payment service has not taken yet shows in `stats`."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PROCESSING)
+    assert cli_backend.store.mark_completed(task_id, "/srv/downloads/1", 1, utcnow(), event="msg_1_completed_x")
+    stats = json.loads(cli("stats", "--json").stdout)
+    assert stats["events_unacknowledged"] == 1
+    lines = [line.split()[:3] for line in cli("stats").stdout.splitlines()]
+    assert ["events", "pending", "1"] in lines
 
 
 def test_stats_table_is_printed(cli_backend: Backend, redis_conn: Redis) -> None:

@@ -72,6 +72,7 @@ def _collect_stats(settings: Settings) -> dict[str, Any]:
     stats: dict[str, Any] = {"queue": producer.get_queue_stats()}
     try:
         stats["tasks"] = producer.store.count_by_status()
+        stats["events_unacknowledged"] = producer.store.count_pending_events()
         running = []
         for row in producer.store.rows_with_status("processing", limit=50):
             item: dict[str, Any] = {"taskId": row.id, "progress": row.progress, "attempts": row.attempts}
@@ -94,6 +95,7 @@ def _render_stats(settings: Settings, stats: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines.append(f"tasks in {settings.database_url_redacted}")
     lines += [f"  {key:<17} {stats['tasks'].get(key, 0)}" for key in STATUS_ORDER]
+    lines.append(f"  {'events pending':<17} {stats['events_unacknowledged']}  (final webhooks not yet acknowledged)")
     if stats["running"]:
         lines.append("running")
     for item in stats["running"]:

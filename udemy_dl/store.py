@@ -407,6 +407,11 @@ class TaskStore:
         ).rows
         return [TaskRow.from_db(row) for row in rows]
 
+    def count_pending_events(self) -> int:
+        """Settled tasks whose final event the payment service has not acknowledged yet."""
+        rows = self._execute("SELECT COUNT(*) FROM download_tasks WHERE pending_event IS NOT NULL").rows
+        return int(rows[0][0])
+
     def count_by_status(self) -> dict[str, int]:
         rows = self._execute("SELECT status, COUNT(*) FROM download_tasks GROUP BY status").rows
         return {str(status): int(count) for status, count in rows}
