@@ -22,7 +22,7 @@ from udemy_dl.devservers import write_sample_file
 from .harness import RETRY_DELAY, Bench
 from .origins import NginxOrigin, PythonOrigin
 from .report import Part, Row
-from .support import BIN, BenchError, Child, clean_env, remove, run, say, wait_until
+from .support import BIN, BenchError, clean_env, remove, run, say, wait_until
 
 TARGET_PCT = 1.0
 FILE = "files/big.bin"
@@ -42,8 +42,7 @@ class Outcome:
     sha_ok: bool
     unsent: int = 0
     """Bytes the origin had handed to its kernel but not yet sent when the client died (its socket's
-    send queue, read with the client frozen just before the kill): in the origin's count, never
-    received by the client."""
+    send queue, read just before the kill): in the origin's count, never received by the client."""
 
     @property
     def received_twice(self) -> int:
@@ -103,28 +102,11 @@ class Counter:
 
 
 def send_queue(port: int) -> int:
-    """Bytes waiting in the send queues of the established sockets listening side *port* (`ss`)."""
+    """Bytes waiting in the send queues of the established sockets on the server side of *port* (`ss`)."""
     listed = subprocess.run(
         ["ss", "-tnH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, check=True
     ).stdout
     return sum(int(line.split()[1]) for line in listed.splitlines() if line.strip())
-
-
-def freeze_and_measure(bench: Bench, child: Child, port: int) -> int:
-    """Freeze the client (SIGSTOP) and return the origin's unsent bytes once the queues stop moving.
-
-    A frozen client reads nothing more, so the origin's send queue settles within milliseconds; the
-    kill that follows loses exactly what is queued then, as the kill at once would have.
-    """
-    bench.children.freeze(child)
-    readings = [send_queue(port)]
-
-    def settled() -> bool:
-        readings.append(send_queue(port))
-        return readings[-1] == readings[-2]
-
-    wait_until(settled, timeout=10, what="the origin's send queue to settle", interval=0.05)
-    return readings[-1]
 
 
 def _curl(bench: Bench, origin: NginxOrigin | PythonOrigin, url_path: str, sha: str, cut: bool) -> Outcome:
@@ -152,7 +134,7 @@ def _curl(bench: Bench, origin: NginxOrigin | PythonOrigin, url_path: str, sha: 
             interval=0.002,
         )
         assert isinstance(origin, NginxOrigin)
-        unsent = freeze_and_measure(bench, child, origin.port)
+        unsent = send_queue(origin.port)
         bench.children.kill(child)
     at_interrupt = out.stat().st_size
     run(["curl", "-sS", "--fail", "-C", "-", "-o", str(out), url], timeout=300)
@@ -182,7 +164,7 @@ def _ours_killed(bench: Bench, origin: NginxOrigin, url_path: str, sha: str) -> 
         interval=0.002,
         on_timeout=worker.tail,
     )
-    unsent = freeze_and_measure(bench, worker, origin.port)
+    unsent = send_queue(origin.port)  # read just before the kill: at loopback speed the queue stays full
     bench.children.kill(worker)  # SIGKILL to the worker, then at once to its work horse
     at_interrupt = part_size()
     # Recovery as a restart does it (start_workers.sh, the systemd unit): reconcile, then workers.
@@ -297,8 +279,7 @@ def run_resume(bench: Bench) -> Part:
     part.notes += [
         "sent twice, origin's count = body bytes the origin's log gives for the file over both requests, minus "
         "the file's size; fetched twice = that minus what was still in the origin's send queue when the client "
-        "died (those bytes were never sent: the client is frozen with SIGSTOP, the queue read with `ss` once it "
-        "stops moving, then the kill follows)",
+        "died (those bytes were never sent; the queue is read with `ss` just before the kill)",
         "kill -9: SIGKILL to the worker and its work horse once the part file on disk passes half; then "
         "`udemy-dl reconcile` and a new worker, as start_workers.sh does after a crash. What was in flight "
         "when the process died (kernel socket buffers, the chunk being read) is lost and sent again: at "
