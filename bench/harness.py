@@ -32,15 +32,30 @@ class Profile:
     course_bytes: int
     rounds: int
     resume_bytes: int
+    resume_rounds: int
     queue_jobs: int
     idle_seconds: float
 
 
 FULL = Profile(
-    "full", course_files=40, course_bytes=2**30, rounds=7, resume_bytes=200 * 10**6, queue_jobs=200, idle_seconds=60
+    "full",
+    course_files=40,
+    course_bytes=2**30,
+    rounds=7,
+    resume_bytes=200 * 10**6,
+    resume_rounds=3,
+    queue_jobs=200,
+    idle_seconds=60,
 )
 QUICK = Profile(
-    "quick", course_files=40, course_bytes=40 * 2**20, rounds=1, resume_bytes=20 * 10**6, queue_jobs=30, idle_seconds=8
+    "quick",
+    course_files=40,
+    course_bytes=40 * 2**20,
+    rounds=1,
+    resume_bytes=20 * 10**6,
+    resume_rounds=1,
+    queue_jobs=30,
+    idle_seconds=8,
 )
 
 

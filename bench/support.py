@@ -265,6 +265,12 @@ class Children:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.popen.wait(timeout=5)
 
+    def freeze(self, child: Child) -> None:
+        """SIGSTOP *child* and its descendants: nothing more is read, so socket queues stop moving."""
+        for pid in [child.pid, *self.note_descendants(child)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
     def kill(self, child: Child) -> None:
         """SIGKILL *child* and its descendants at once (a crash, not a shutdown)."""
         self.note_descendants(child)
