@@ -393,6 +393,8 @@ def test_confirmation_of_a_row_with_bad_data_tells_the_payment_service(
     event = json.loads(jobs[0].args[1])
     assert (event["type"], event["data"]["taskId"], event["data"]["status"]) == ("download.failed", task_id, FAILED)
     assert "not-an-email" in event["data"]["error"]
+    row = backend.store.get(task_id)
+    assert row is not None and f"webhook-{row.pending_event}" == jobs[0].id  # in the outbox until acknowledged
 
 
 def test_requeue_failed_reopens_and_enqueues(

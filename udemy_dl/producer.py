@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis import Redis
@@ -34,8 +34,7 @@ from .errors import InvalidTaskError, TransientError
 from .settings import Settings, get_settings
 from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
 from .task import TaskData, parse_task, parse_task_id
-from .webhooks import FAILED as EVENT_FAILED
-from .webhooks import build_event, enqueue_webhook, event_id
+from .webhooks import enqueue_webhook, final_event
 from .worker import job_is_running
 
 log = logging.getLogger(__name__)
@@ -219,20 +218,12 @@ class Producer:
 
     def _fail_unrunnable(self, row: TaskRow, reason: str) -> None:
         finished_at = utcnow()
-        if self.store.mark_failed(row.id, reason, None, finished_at):
-            data = {
-                "taskId": row.id,
-                "email": row.email,
-                "courseUrl": row.course_url,
-                "status": FAILED,
-                "error": reason,
-            }
-            enqueue_webhook(
-                self.settings,
-                self.connection,
-                event_id(row.id, EVENT_FAILED, finished_at),
-                build_event(EVENT_FAILED, data, finished_at),
-            )
+        reason = reason[: defaults.MAX_ERROR_LENGTH]
+        settled = replace(row, status=FAILED, error_message=reason, output_path=None, finished_at=finished_at)
+        msg_id, event = final_event(settled)
+        outbox = msg_id if self.settings.webhook_url else None
+        if self.store.mark_failed(row.id, reason, None, finished_at, event=outbox):
+            enqueue_webhook(self.settings, self.connection, msg_id, event)
 
     def requeue_failed(self, task_ids: Iterable[int] | None = None) -> ConfirmResult:
         """Operator's retry: `failed` rows (all, or those named) go back to `processing` and are enqueued."""
