@@ -178,7 +178,8 @@ class Reconciler:
         return enqueue_webhook(self.settings, self.connection, pending, event)
 
     def _fail(self, row: TaskRow) -> None:
-        from .worker_rq import get_context, settle_failure
+        from .context import get_context
+        from .worker_rq import settle_failure
 
         reason = f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
         settle_failure(get_context(), TaskData(task_id=row.id, email=row.email, course_url=row.course_url), reason)
