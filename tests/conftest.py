@@ -40,13 +40,13 @@ collect_ignore = [] if os.environ.get("UDEMY_DL_FAULTS") else ["faults", "hosts"
 T = TypeVar("T")
 S = TypeVar("S", ContentOrigin, WebhookReceiver)
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+REDIS_TEST_URL = os.environ.get("UDEMY_DL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 """Redis database the tests own: flushed before and after every test that uses it."""
 
 MYSQL_HOST = "127.0.0.1"
 MYSQL_PORT = 3306
 MYSQL_USER = "root"
-MYSQL_TEST_DB = "udemy_dl_test"
+MYSQL_TEST_DB = os.environ.get("UDEMY_DL_TEST_MYSQL_DB", "udemy_dl_test")
 MYSQL_TEST_URL = f"mysql://{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_TEST_DB}"
 
 SETTING_VARIABLES = VARIABLES

@@ -42,10 +42,10 @@ START_SCRIPT = REPO_ROOT / "start_workers.sh"
 STOP_SCRIPT = REPO_ROOT / "stop_workers.sh"
 UNIT_FILE = REPO_ROOT / "udemy-worker-rq.service"
 
-E2E_REDIS_URL = "redis://127.0.0.1:6379/14"
+E2E_REDIS_URL = os.environ.get("UDEMY_DL_E2E_REDIS_URL", "redis://127.0.0.1:6379/14")
 E2E_MYSQL_HOST = "127.0.0.1"
 E2E_MYSQL_PORT = 3306
-E2E_DB_NAME = "udemy_dl_e2e"
+E2E_DB_NAME = os.environ.get("UDEMY_DL_E2E_MYSQL_DB", "udemy_dl_e2e")
 E2E_DATABASE_URL = f"mysql://root@{E2E_MYSQL_HOST}:{E2E_MYSQL_PORT}/{E2E_DB_NAME}"
 E2E_HOSTNAME = socket.gethostname()
 E2E_MARKER = "E2E_RUN_ID"

@@ -64,7 +64,7 @@ from udemy_dl.webhooks import generate_secret
 
 MYSQL_HOST = "127.0.0.1"
 MYSQL_PORT = 3306
-FAULTS_DB = "udemy_dl_faults"
+FAULTS_DB = os.environ.get("UDEMY_DL_FAULTS_MYSQL_DB", "udemy_dl_faults")
 """The suite's database. A second fault run at the same time (it holds the MariaDB lock of that
 name) gets a private `udemy_dl_faults_<pid>`, dropped at its end, so two runs never share a table."""
 

@@ -80,7 +80,7 @@ collect_ignore_glob = [] if os.environ.get("UDEMY_DL_FAULTS") else ["test_*.py"]
 MARKER = "HOSTS_RUN_ID"
 """Environment variable carried by every process the suite starts (value: a uuid per world)."""
 
-HOSTS_DB = "udemy_dl_hosts"
+HOSTS_DB = os.environ.get("UDEMY_DL_HOSTS_MYSQL_DB", "udemy_dl_hosts")
 MYSQL_HOST = "127.0.0.1"
 MYSQL_PORT = 3306
 DIRECT_DATABASE_URL = f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{HOSTS_DB}"
