@@ -33,8 +33,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	@if command -v shellcheck >/dev/null 2>&1; then shellcheck start_workers.sh stop_workers.sh .ci/run; \
-		else echo "shellcheck not installed: shell scripts not linted"; fi
+	@command -v shellcheck >/dev/null 2>&1 || { echo "make lint: shellcheck is not installed, so the" \
+		"shell scripts cannot be linted (apt-get update && apt-get install shellcheck)" >&2; exit 1; }
+	shellcheck start_workers.sh stop_workers.sh .ci/run
 
 # Speed and memory against baselines measured in the same run (curl, plain rq worker); see docs/BENCHMARKS.md.
 bench: install

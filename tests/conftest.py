@@ -1,9 +1,9 @@
 """Shared fixtures: real Redis (DB 15) and MariaDB (`udemy_dl_test`), local origin and receiver, isolated settings.
 
 A missing Redis or MariaDB skips the tests that need it with the reason shown, except under
-CI=true, where it is a failure. Every test runs in its own empty folder with the service's
-settings variables cleared, so neither the caller's environment nor a `.env` in the checkout
-can leak in.
+CI (CI=true, =1, =yes...: see tests/ci.py), where it is a failure. Every test runs in its own
+empty folder with the service's settings variables cleared, so neither the caller's environment
+nor a `.env` in the checkout can leak in.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
 
+from tests.ci import in_ci as in_ci  # re-exported: test modules import it from here
 from udemy_dl import producer, worker_rq
 from udemy_dl.connection import worker_queues
 from udemy_dl.devservers import ContentOrigin, WebhookReceiver
@@ -54,10 +55,6 @@ SETTING_VARIABLES = VARIABLES
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
 
 
 def service_unavailable(service: str, detail: str) -> NoReturn:

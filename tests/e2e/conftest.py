@@ -29,6 +29,7 @@ from typing import NoReturn, TypeVar
 import pytest
 from redis import Redis
 
+from tests.ci import in_ci
 from udemy_dl.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl.settings import VARIABLES
 from udemy_dl.store import MySQLStore
@@ -57,14 +58,10 @@ E2E_SETTING_VARIABLES = VARIABLES
 # -- small helpers ------------------------------------------------------------------------------
 
 
-def e2e_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
-
-
 def e2e_unavailable(what: str, detail: str) -> NoReturn:
     """Skip (a developer's machine) or fail (CI=true) because *what* is missing."""
     message = f"{what} not available: {detail}"
-    if e2e_in_ci():
+    if in_ci():
         pytest.fail(f"{message} (CI=true: a missing service or tool is a failure)", pytrace=False)
     pytest.skip(f"{message} (start it, or run with CI=true to make this a failure)")
 
