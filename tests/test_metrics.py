@@ -12,9 +12,9 @@ from udemy_dl import metrics
 from udemy_dl.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl.producer import Producer
 from udemy_dl.settings import Settings
-from udemy_dl.store import PENDING, SQLiteStore
+from udemy_dl.store import COMPLETED, PENDING, SQLiteStore
 
-from .conftest import run_burst_worker
+from .conftest import WorkerProcess, run_burst_worker, wait_for
 
 EMAIL = "metrics@shop.example"
 
@@ -98,8 +98,57 @@ def test_work_done_shows_in_counters_and_histograms(
     assert samples[("udemy_dl_queue_jobs", (("queue", "downloads"), ("state", "finished")))] == 3
 
 
+def workers_gauge(settings: Settings, connection: Redis) -> dict[str, float]:
+    """The `udemy_dl_workers` samples of one scrape: state -> value (every state the page shows)."""
+    return {
+        dict(labels)["state"]: value
+        for (name, labels), value in scrape(settings, connection).items()
+        if name == "udemy_dl_workers"
+    }
+
+
 def test_workers_alive_are_counted(wired: tuple[Settings, Producer], redis_conn: Redis) -> None:
     """No worker registered: the gauge is 0 in every state (an alert on it can fire)."""
     settings, _ = wired
-    samples = scrape(settings, redis_conn)
-    assert sum(value for (name, _), value in samples.items() if name == "udemy_dl_workers") == 0
+    assert workers_gauge(settings, redis_conn) == {"idle": 0, "busy": 0, "other": 0}
+
+
+def test_workers_gauge_follows_live_workers(
+    wired: tuple[Settings, Producer],
+    redis_conn: Redis,
+    sqlite_store: SQLiteStore,
+    origin: ContentOrigin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Two real `udemy-dl worker` processes: the gauge shows them idle, one busy while it downloads,
+    both idle again once the task is done, and one fewer once a worker has stopped."""
+    settings, producer = wired
+    first, second = start_worker(), start_worker()
+
+    def logs() -> str:
+        tails = "\n".join("\n".join(worker.log().splitlines()[-30:]) for worker in (first, second))
+        return f"the workers' gauge; last scrape {workers_gauge(settings, redis_conn)}; the workers' logs:\n{tails}"
+
+    def gauge_is(expected: dict[str, float]) -> bool:
+        return workers_gauge(settings, redis_conn) == expected
+
+    wait_for(lambda: gauge_is({"idle": 2, "busy": 0, "other": 0}), timeout=30, what=logs)
+
+    origin.throttle = 100_000  # bytes/s: the 2 MB file keeps one worker busy until the test lets it go
+    url = origin.add_course("busy", {"a.bin": 2_000_000})
+    task_id = sqlite_store.insert_task(EMAIL, url, PENDING)
+    producer.confirm_payment([task_id])
+    wait_for(lambda: gauge_is({"idle": 1, "busy": 1, "other": 0}), timeout=30, what=logs)
+
+    origin.throttle = None  # let the download finish
+
+    def completed() -> bool:
+        row = sqlite_store.get(task_id)
+        return row is not None and row.status == COMPLETED
+
+    wait_for(completed, timeout=60, what=logs)
+    wait_for(lambda: gauge_is({"idle": 2, "busy": 0, "other": 0}), timeout=30, what=logs)
+
+    first.stop()
+    assert first.process.returncode == 0, first.log()
+    wait_for(lambda: gauge_is({"idle": 1, "busy": 0, "other": 0}), timeout=30, what=logs)
