@@ -219,7 +219,7 @@ def test_undo_attempt_only_gives_back_a_counted_attempt_of_a_processing_row(
         backend.store.mark_completed(task_id, "/done", 1, utcnow())
     elif status == FAILED:
         backend.store.mark_failed(task_id, "boom", None, utcnow())
-    assert backend.store.undo_attempt(task_id) is given_back
+    assert backend.store.undo_attempt(task_id, attempts) is given_back
     row = backend.store.get(task_id)
     assert row is not None and (row.status, row.attempts) == (status, left)
 

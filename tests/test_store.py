@@ -252,8 +252,29 @@ def test_begin_attempt_stops_counting_at_the_limit(backend: Backend) -> None:
     assert [backend.store.begin_attempt(task_id, 2) for _ in range(3)] == [1, 2, None]
     row = backend.store.get(task_id)
     assert row is not None and row.attempts == 2
-    assert backend.store.undo_attempt(task_id)
+    assert backend.store.undo_attempt(task_id, 2)
     assert backend.store.begin_attempt(task_id, 2) == 2
+
+
+def test_undo_attempt_gives_back_only_the_attempt_it_names(backend: Backend) -> None:
+    """A run that lost its lease cannot give back the attempt of the run that replaced it."""
+    task_id = add(backend.store, PROCESSING)
+    assert [backend.store.begin_attempt(task_id, 3) for _ in range(2)] == [1, 2]
+    assert backend.store.undo_attempt(task_id, 1) is False
+    row = backend.store.get(task_id)
+    assert row is not None and row.attempts == 2
+
+
+def test_mark_failed_with_an_attempt_leaves_a_reopened_row_alone(backend: Backend) -> None:
+    """A late run on attempt 3 cannot fail a row that requeue-failed reopened (attempts back to 0)."""
+    task_id = add(backend.store, PROCESSING)
+    for _ in range(3):
+        backend.store.begin_attempt(task_id, 3)
+    assert backend.store.mark_failed(task_id, "first", None, WHEN, attempt=3)
+    assert backend.store.reopen_failed([task_id]) == 1
+    assert backend.store.mark_failed(task_id, "late", None, WHEN, attempt=3) is False
+    row = backend.store.get(task_id)
+    assert row is not None and (row.status, row.attempts) == (PROCESSING, 0)
 
 
 def test_insert_task_returns_the_new_id(backend: Backend) -> None:

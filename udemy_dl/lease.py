@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from types import TracebackType
 
@@ -33,6 +34,10 @@ if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 e
 return 0
 """
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+CONFIRM_RETRY_SECONDS = 0.5
+"""How often still_held() asks again while Redis does not answer."""
 
 
 def lease_key(task_id: int) -> str:
@@ -61,6 +66,8 @@ class TaskLease:
         """Another event to set when the lease is lost (the fetch's stop event)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._confirmed = time.monotonic()
+        """When Redis last confirmed the lease is ours (monotonic seconds)."""
 
     def holder(self) -> str | None:
         value = self.connection.get(self.key)
@@ -68,6 +75,7 @@ class TaskLease:
 
     def acquire(self) -> None:
         """Take the lease, replacing a dead holder on this host; raise LeaseBusyError otherwise."""
+        self._confirmed = time.monotonic()
         if self.connection.set(self.key, self.token, nx=True, px=self.ttl_ms):
             self._start_renewing()
             return
@@ -82,14 +90,34 @@ class TaskLease:
         raise LeaseBusyError(f"task {self.task_id}: another run holds the lease ({current})")
 
     def still_held(self) -> bool:
-        """Check (and renew) now: a run about to make its work final confirms the lease is still its own."""
-        try:
-            held = bool(self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
-        except RedisError:
-            return not self.lost.is_set()  # cannot ask: trust the last renewal
-        if not held:
-            self.lost.set()
-        return held
+        """Check (and renew) now: a run about to make its work final confirms the lease is still its own.
+
+        Redis not answering is no confirmation: it is asked again until the lease's lifetime since
+        the last confirmation runs out, and then the answer is False (another run may hold it now).
+        """
+        while True:
+            asked = time.monotonic()
+            try:
+                held = bool(self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
+            except RedisError as exc:
+                left = self._confirmed + self.ttl_ms / 1000 - time.monotonic()
+                if left <= 0:
+                    self._lose(f"cannot confirm the lease, Redis unreachable for its whole lifetime: {exc}")
+                    return False
+                time.sleep(min(CONFIRM_RETRY_SECONDS, left))
+                continue
+            if not held:
+                self._lose("lease held by another run")
+                return False
+            self._confirmed = asked  # Redis set the expiry no earlier than this
+            return True
+
+    def _lose(self, why: str) -> None:
+        if not self.lost.is_set():
+            log.error("task %s: lease lost (%s); stopping this run", self.task_id, why)
+        self.lost.set()
+        if self._also_set is not None:
+            self._also_set.set()
 
     def _start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.task_id}", daemon=True)
@@ -98,17 +126,21 @@ class TaskLease:
     def _renew_loop(self) -> None:
         interval = self.ttl_ms / 3000
         while not self._stop.wait(interval):
+            asked = time.monotonic()
             try:
                 renewed = self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
             except RedisError as exc:
+                if time.monotonic() - self._confirmed >= self.ttl_ms / 1000:
+                    # Cut off for the lease's whole lifetime: it has expired, and another run may
+                    # hold it. Stop rather than go on beside that run.
+                    self._lose(f"Redis unreachable for the lease's whole lifetime: {exc}")
+                    return
                 log.warning("task %s: lease renewal failed: %s", self.task_id, exc)
-                continue  # Redis away for a moment: the lease lasts LEASE_TTL; try again next beat
+                continue  # Redis away for a moment: try again next beat
             if not renewed:
-                log.error("task %s: lease lost; stopping this run", self.task_id)
-                self.lost.set()
-                if self._also_set is not None:
-                    self._also_set.set()
+                self._lose("lease held by another run")
                 return
+            self._confirmed = asked
 
     def release(self) -> None:
         self._stop.set()
@@ -125,6 +157,14 @@ class TaskLease:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+def lease_is_held(connection: Redis, task_id: int) -> bool:
+    """Does a run hold the task's lease? A holder known dead (its PID gone on this host) does not.
+
+    Clock-free: the lease lives by Redis's own expiry, renewed by its run."""
+    value = connection.get(lease_key(task_id))
+    return isinstance(value, bytes) and not _holder_is_dead_here(value.decode())
 
 
 def _holder_is_dead_here(token: str) -> bool:

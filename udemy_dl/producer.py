@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
@@ -31,10 +31,10 @@ from rq.registry import (
 from . import defaults
 from .connection import download_queue, download_queues, redis_connection, webhook_queue
 from .errors import InvalidTaskError, TransientError
+from .outcome import fail_row
 from .settings import Settings, get_settings
-from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store, utcnow
+from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store
 from .task import TaskData, parse_task, parse_task_id
-from .webhooks import enqueue_webhook, final_event
 from .worker import job_is_running
 
 log = logging.getLogger(__name__)
@@ -217,13 +217,7 @@ class Producer:
         return result
 
     def _fail_unrunnable(self, row: TaskRow, reason: str) -> None:
-        finished_at = utcnow()
-        reason = reason[: defaults.MAX_ERROR_LENGTH]
-        settled = replace(row, status=FAILED, error_message=reason, output_path=None, finished_at=finished_at)
-        msg_id, event = final_event(settled)
-        outbox = msg_id if self.settings.webhook_url else None
-        if self.store.mark_failed(row.id, reason, None, finished_at, event=outbox):
-            enqueue_webhook(self.settings, self.connection, msg_id, event)
+        fail_row(self.settings, self.store, self.connection, row, reason)
 
     def requeue_failed(self, task_ids: Iterable[int] | None = None) -> ConfirmResult:
         """Operator's retry: `failed` rows (all, or those named) go back to `processing` and are enqueued."""
@@ -249,7 +243,8 @@ class Producer:
         queues = download_queues(self.settings, conn)
 
         def total(registry: type[BaseRegistry]) -> int:
-            return sum(registry(queue=queue).count for queue in queues)
+            # No cleanup: RQ's would judge "abandoned" by this host's clock; stats change nothing.
+            return sum(registry(queue=queue).get_job_count(cleanup=False) for queue in queues)
 
         return {
             "waiting": sum(queue.count for queue in queues),
@@ -261,7 +256,7 @@ class Producer:
             "failed": total(FailedJobRegistry),
             "workers": Worker.count(connection=conn, queue=self.queue),
             "webhooks_waiting": webhook_queue(self.settings, conn).count,
-            "webhooks_failed": FailedJobRegistry(queue=webhook_queue(self.settings, conn)).count,
+            "webhooks_failed": FailedJobRegistry(queue=webhook_queue(self.settings, conn)).get_job_count(cleanup=False),
         }
 
     def close(self) -> None:

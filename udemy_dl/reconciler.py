@@ -29,12 +29,15 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from . import defaults
+from . import crashpoints, defaults
 from .connection import download_queues, webhook_queue
-from .errors import StoreError, UdemyDlError
+from .errors import LeaseBusyError, StoreError, UdemyDlError
+from .lease import TaskLease, lease_is_held
+from .outcome import record_completed, record_failed
 from .process import pid_alive
 from .producer import Producer, priority_of
 from .settings import Settings
+from .storage import final_path, read_record
 from .store import PROCESSING, TaskRow
 from .task import TaskData
 from .webhooks import enqueue_webhook, final_event
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_LOCK = "udemy_dl:reconciler:sweep"
 RECOVER_LOCK = "udemy_dl:reconciler:recover"
+REDIS_MARKER = "udemy_dl:reconciler:redis-seen"
+"""Set by the first reconciler to look at a Redis; its absence means Redis lost its data."""
 
 
 @dataclass
@@ -60,8 +65,8 @@ class Reconciler:
         self.settings = settings
         self.producer = producer or Producer(settings)
         self.connection: Redis = self.producer.connection
-        self._redis_run_id: str | None = None
         self._sweep_due: float | None = None
+        self._looked = False
 
     # -- Redis only -------------------------------------------------------------------------
 
@@ -70,7 +75,9 @@ class Reconciler:
         job_ids = [
             job_id
             for queue in download_queues(self.settings, self.connection)
-            for job_id in StartedJobRegistry(queue=queue).get_job_ids()
+            # cleanup=False: RQ's cleanup judges "abandoned" by this host's clock against scores
+            # written with the workers' clocks; liveness here is the workers' own keys (Redis TTLs).
+            for job_id in StartedJobRegistry(queue=queue).get_job_ids(cleanup=False)
         ]
         recovered = []
         for job_id in job_ids:
@@ -90,7 +97,7 @@ class Reconciler:
         queue = webhook_queue(self.settings, self.connection)
         registry = StartedJobRegistry(queue=queue)
         recovered = []
-        for job_id in registry.get_job_ids():
+        for job_id in registry.get_job_ids(cleanup=False):
             job = self.producer.fetch_job(job_id)
             if job is None or job_is_running(self.connection, job):
                 continue
@@ -111,12 +118,12 @@ class Reconciler:
         return retired
 
     def redis_lost_data(self) -> bool:
-        """True once per Redis restart (its run_id changed since the last look)."""
-        info: dict[str, Any] = self.connection.info("server")  # type: ignore[assignment]
-        run_id = str(info.get("run_id", ""))
-        changed = self._redis_run_id is not None and run_id != self._redis_run_id
-        self._redis_run_id = run_id
-        return changed
+        """True once each time Redis is found without our data since this reconciler last looked
+        (restarted without persistence, or emptied). The marker key is set again at once, so of
+        several reconcilers only the first to look sees it; a reconciler's first look only sets it."""
+        missing = bool(self.connection.set(REDIS_MARKER, socket.gethostname(), nx=True))
+        looked, self._looked = self._looked, True
+        return missing and looked
 
     # -- one SELECT -------------------------------------------------------------------------
 
@@ -129,11 +136,11 @@ class Reconciler:
         processing = [row for row in rows if row.status == PROCESSING]
         result.processing = len(processing)
         for row in processing:
-            if self.producer.live_job(row.id) is not None:
-                continue
+            if self.producer.live_job(row.id) is not None or lease_is_held(self.connection, row.id):
+                continue  # queued, or a run holds its lease (whatever RQ's registries say of its job)
             if row.attempts >= self.settings.max_attempts:
-                self._fail(row)
-                result.failed.append(row.id)
+                if self._settle_exhausted(row):
+                    result.failed.append(row.id)
                 continue
             outcome = self.producer.add_download_job(
                 {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
@@ -163,9 +170,18 @@ class Reconciler:
         except NoSuchJobError:
             delivery = None
         if delivery is not None:
-            if delivery.get_status(refresh=False) == JobStatus.FINISHED:
+            status = delivery.get_status(refresh=False)
+            if status == JobStatus.FINISHED:
                 self.producer.store.event_delivered(row.id, pending)
-            return False
+                return False
+            if status == JobStatus.FAILED or self.producer.job_is_live(delivery):
+                return False  # retried for an hour and given up (requeue it with rq), or on its way
+            # In no queue and no live worker's hands (popped by a worker that stopped or died):
+            # the same job goes back on its queue, so the webhook-id stays the same.
+            StartedJobRegistry(queue=webhook_queue(self.settings, self.connection)).remove_executions(delivery)
+            webhook_queue(self.settings, self.connection).enqueue_job(delivery, at_front=True)
+            log.warning("task %s: delivery of %s was lost in Redis; queued again", row.id, pending)
+            return True
         msg_id, event = final_event(row)
         if msg_id != pending:
             log.warning(
@@ -177,12 +193,37 @@ class Reconciler:
             )
         return enqueue_webhook(self.settings, self.connection, pending, event)
 
-    def _fail(self, row: TaskRow) -> None:
-        from .context import get_context
-        from .worker_rq import settle_failure
-
-        reason = f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
-        settle_failure(get_context(), TaskData(task_id=row.id, email=row.email, course_url=row.course_url), reason)
+    def _settle_exhausted(self, row: TaskRow) -> bool:
+        """Settle a task whose attempts are used up and that no run holds: `completed` if a run
+        moved its verified files into place before dying, else `failed`. Done under the task's
+        lease, so no run can start (or still be going) meanwhile. True when it was failed."""
+        task = TaskData(task_id=row.id, email=row.email, course_url=row.course_url)
+        lease = TaskLease(self.connection, row.id, "reconciler")
+        try:
+            lease.acquire()
+        except LeaseBusyError:
+            return False  # a run took it just now: it decides
+        try:
+            crashpoints.crash_point(crashpoints.RECONCILER_LEASED)
+            current = self.producer.store.get(row.id)
+            if current is None or current.status != PROCESSING or current.attempts != row.attempts:
+                return False  # changed since the SELECT: the next sweep looks again
+            final = final_path(self.settings, row.id)
+            record = read_record(final) if final.is_dir() else None
+            store = self.producer.store
+            if record is not None:
+                log.warning("task %s: attempts used up, but its files are in place; recording them", row.id)
+                record_completed(self.settings, store, self.connection, task, final, record)
+                crashpoints.crash_point(crashpoints.RECONCILER_SETTLED)
+                return False
+            reason = (
+                f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
+            )
+            settled = record_failed(self.settings, store, self.connection, task, reason, attempt=row.attempts)
+            crashpoints.crash_point(crashpoints.RECONCILER_SETTLED)
+            return settled
+        finally:
+            lease.release()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -196,10 +237,14 @@ class Reconciler:
             report["recovered"] = self.recover_started()
             report["deliveries"] = self.recover_deliveries()
         if self.redis_lost_data():
-            # Runs still going lost their leases with the data; give them one renewal period to
-            # take them back, or a sweep now could start a second run beside them.
-            self._sweep_due = time.monotonic() + defaults.LEASE_TTL / 3 + 1
-            log.warning("Redis lost its data (restarted); sweeping the database in %ss", defaults.LEASE_TTL // 3 + 1)
+            # Runs still going lost their leases with the data; give them a lease's lifetime to
+            # take them back (they renew every third of it, and one cut off that long stops), or
+            # a sweep now could start a second run beside them, or fail one on its last attempt.
+            # The sweep lock holds every host's sweep off for as long: it vanished with the data.
+            grace = defaults.LEASE_TTL
+            self.connection.set(SWEEP_LOCK, socket.gethostname(), ex=grace)
+            self._sweep_due = time.monotonic() + grace
+            log.warning("Redis lost its data (restarted or emptied); sweeping the database in %ss", grace)
         due = self._sweep_due is not None and time.monotonic() >= self._sweep_due
         interval = self.settings.reconcile_interval
         if force_sweep or due or (interval and self._take(SWEEP_LOCK, interval)):

@@ -327,12 +327,14 @@ class TaskStore:
         ).matched
         return count == 1
 
-    def undo_attempt(self, task_id: int) -> bool:
-        """Give back the attempt a run counted, when the run was stopped through no fault of its own."""
+    def undo_attempt(self, task_id: int, attempt: int) -> bool:
+        """Give back attempt number *attempt*, when its run was stopped through no fault of its own;
+        only while the row still counts that attempt (a run that lost its lease must not give back
+        the attempt of the run that replaced it)."""
         count = self._execute(
             "UPDATE download_tasks SET attempts = attempts - 1, updated_at = %s "
-            "WHERE id = %s AND status = %s AND attempts > 0",
-            (utcnow(), task_id, PROCESSING),
+            "WHERE id = %s AND status = %s AND attempts = %s AND attempts > 0",
+            (utcnow(), task_id, PROCESSING, attempt),
         ).matched
         return count == 1
 
@@ -350,14 +352,34 @@ class TaskStore:
         return count == 1
 
     def mark_failed(
-        self, task_id: int, reason: str, output_path: str | None, now: datetime, event: str | None = None
+        self,
+        task_id: int,
+        reason: str,
+        output_path: str | None,
+        now: datetime,
+        event: str | None = None,
+        attempt: int | None = None,
     ) -> bool:
-        """processing -> failed at *now*, with the reason and *event* pending. False when the row was
-        not `processing`."""
+        """processing -> failed at *now*, with the reason and *event* pending. With *attempt*, only
+        while the row still counts that many attempts (not reopened since). False when the row was
+        not `processing` (or no longer at that attempt)."""
+        params: tuple[Any, ...] = (
+            FAILED,
+            reason[: defaults.MAX_ERROR_LENGTH],
+            output_path,
+            now,
+            now,
+            event,
+            task_id,
+            PROCESSING,
+        )
+        condition = ""
+        if attempt is not None:
+            condition, params = " AND attempts = %s", (*params, attempt)
         count = self._execute(
             "UPDATE download_tasks SET status = %s, error_message = %s, output_path = %s, "
-            "finished_at = %s, updated_at = %s, pending_event = %s WHERE id = %s AND status = %s",
-            (FAILED, reason[: defaults.MAX_ERROR_LENGTH], output_path, now, now, event, task_id, PROCESSING),
+            f"finished_at = %s, updated_at = %s, pending_event = %s WHERE id = %s AND status = %s{condition}",
+            params,
         ).matched
         return count == 1
 

@@ -13,26 +13,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 
-from . import defaults, metrics
+from . import crashpoints, defaults, metrics
 from .context import Context, get_context, reset_context
-from .errors import Interrupted, InvalidTaskError, PermanentError, StoreError, TransientError
+from .errors import Interrupted, InvalidTaskError, LeaseBusyError, PermanentError, StoreError, TransientError
 from .lease import TaskLease
+from .outcome import record_completed, record_failed, resend_final_event
 from .process import HAND_BACK
 from .settings import Settings
-from .storage import final_path, keep_failed, promote, read_record, staging_lock, staging_path, write_record
-from .store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore, utcnow
+from .storage import final_path, promote, read_record, staging_lock, staging_path, write_record
+from .store import COMPLETED, FAILED, PROCESSING, TaskStore, utcnow
 from .task import TaskData, parse_task, parse_task_id
 from .webhooks import PROGRESS as EVENT_PROGRESS
 from .webhooks import STARTED as EVENT_STARTED
-from .webhooks import build_event, enqueue_webhook, event_id, final_event
+from .webhooks import build_event, enqueue_webhook, event_id
 
-__all__ = ["get_context", "process_download", "reset_context", "settle_failure"]
+__all__ = ["get_context", "process_download", "reset_context"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class ProgressReporter:
     _event_time: float = field(default_factory=time.monotonic)
 
     def __call__(self, done: int, total: int | None, files_done: int, files_total: int) -> None:
+        if done and files_done < files_total:
+            crashpoints.crash_point(crashpoints.MID_FETCH)
         now = time.monotonic()
         finished = files_done == files_total
         if not finished and now - self._last < defaults.PROGRESS_INTERVAL:
@@ -116,6 +120,7 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
     # decided by the one run that holds it, never by a duplicate beside a run in progress.
     lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=HAND_BACK)
     lease.acquire()  # LeaseBusyError: another run is at it; this one steps aside and is retried later
+    crashpoints.crash_point(crashpoints.AFTER_LEASE)
     try:
         with staging_lock(ctx.settings, task.task_id):
             return _run_leased(ctx, task, job, lease)
@@ -127,6 +132,7 @@ def _run_leased(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease)
     # The usual case costs one statement: count the attempt of a paid task that has attempts left.
     attempt = ctx.store.begin_attempt(task.task_id, ctx.settings.max_attempts)
     if attempt is not None:
+        crashpoints.crash_point(crashpoints.AFTER_ATTEMPT)
         return _attempt(ctx, task, attempt, job, lease)
     row = ctx.store.get(task.task_id)
     if row is None:
@@ -134,21 +140,28 @@ def _run_leased(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease)
         return {"success": False, "taskId": task.task_id, "error": "no such task"}
     if row.status == COMPLETED:
         log.info("task %s: already completed, nothing to do", task.task_id)
-        _notify(ctx, row)
+        resend_final_event(ctx.settings, ctx.redis, row)
         return {"success": True, "taskId": task.task_id, "skipped": True, "outputPath": row.output_path}
     if row.status == FAILED:
-        _notify(ctx, row)
+        resend_final_event(ctx.settings, ctx.redis, row)
         return {"success": False, "taskId": task.task_id, "skipped": True, "error": row.error_message}
     if row.status != PROCESSING:
         log.warning("task %s: status is %s (not paid), not fetching", task.task_id, row.status)
         return {"success": False, "taskId": task.task_id, "error": f"task is {row.status}, not processing"}
     if row.attempts >= ctx.settings.max_attempts:
+        final = final_path(ctx.settings, task.task_id)
+        record = read_record(final) if final.is_dir() else None
+        if record is not None:
+            # A run moved the verified files into place and died before recording them: they
+            # are the result, whatever the attempt count says.
+            log.warning("task %s: attempts used up, but its files are in place; recording them", task.task_id)
+            return _record_completed(ctx, task, final, record)
         # Earlier runs used every attempt without a result: each died (killed, out of memory).
         reason = f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
         log.error("task %s: %s", task.task_id, reason)
         metrics.inc(ctx.redis, "failures", reason="AttemptsExhausted")
         metrics.inc(ctx.redis, "tasks", outcome="failed")
-        settle_failure(ctx, task, reason)
+        _settle_failure(ctx, task, reason, row.attempts, lease)
         return {"success": False, "taskId": task.task_id, "error": reason}
     # The row changed between the two statements (reopened meanwhile, say): let RQ run it again.
     raise TransientError(f"task {task.task_id}: row changed while its attempt was being counted")
@@ -171,8 +184,9 @@ def _attempt(ctx: Context, task: TaskData, attempt: int, job: Job | None, lease:
         return result
     except Interrupted:
         outcome = "handed_back"
-        # Not this attempt's fault: give the attempt back. The bytes so far stay in staging.
-        ctx.store.undo_attempt(task.task_id)
+        # Not this attempt's fault: give the attempt back (unless a run that took the lease over
+        # has counted its own since). The bytes so far stay in staging.
+        ctx.store.undo_attempt(task.task_id, attempt)
         if lease.lost.is_set():
             log.warning("task %s: lease lost mid-run; leaving the task to the run that holds it", task.task_id)
             return {"success": False, "taskId": task.task_id, "leaseLost": True}
@@ -185,14 +199,17 @@ def _attempt(ctx: Context, task: TaskData, attempt: int, job: Job | None, lease:
         outcome = "failed"
         metrics.inc(ctx.redis, "failures", reason=type(exc).__name__)
         log.error("task %s: permanent error: %s", task.task_id, exc)
-        settle_failure(ctx, task, str(exc))
+        if not _settle_failure(ctx, task, str(exc), attempt, lease):
+            return {"success": False, "taskId": task.task_id, "leaseLost": True}
         return {"success": False, "taskId": task.task_id, "error": str(exc)}
     except Exception as exc:
         metrics.inc(ctx.redis, "failures", reason=type(exc).__name__)
         if _is_last_attempt(job, attempt, ctx.settings):
             outcome = "failed"
             log.error("task %s: attempt %s failed, no attempts left: %s", task.task_id, attempt, exc)
-            settle_failure(ctx, task, f"{type(exc).__name__}: {exc} (after {attempt} attempts)")
+            reason = f"{type(exc).__name__}: {exc} (after {attempt} attempts)"
+            if not _settle_failure(ctx, task, reason, attempt, lease):
+                return {"success": False, "taskId": task.task_id, "leaseLost": True}
         else:
             log.warning("task %s: attempt %s failed, will retry: %s", task.task_id, attempt, exc)
         raise
@@ -212,33 +229,36 @@ def _download(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease) -
         result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=HAND_BACK)
         record = result.record(task.course_url)
         write_record(staging, record)
-        if not lease.still_held():  # another run took over: its copy of the folder is the one that counts
+        crashpoints.crash_point(crashpoints.AFTER_RECORD)
+        if not lease.still_held():  # another run took over, or Redis could not say: its copy counts
             raise Interrupted("lease lost before the files were moved into place")
         promote(staging, final)
+        crashpoints.crash_point(crashpoints.AFTER_RENAME)
     else:
         log.info("task %s: files already in place at %s, recording them", task.task_id, final)
-    finished_at = utcnow()
-    total = int(record.get("bytes", 0))
-    settled = _settled_row(task, COMPLETED, finished_at, str(final), total=total)
-    msg_id, event = final_event(settled, record)
-    if _settle(
-        ctx,
-        task.task_id,
-        COMPLETED,
-        finished_at,
-        ctx.store.mark_completed(task.task_id, str(final), total, finished_at, event=_outbox(ctx, msg_id)),
-    ):
-        log.info("task %s: completed, %s files, %s bytes in %s", task.task_id, len(record["files"]), total, final)
-        enqueue_webhook(ctx.settings, ctx.redis, msg_id, event)
-    else:
-        log.warning("task %s: row was no longer processing; left as it is", task.task_id)
+    return _record_completed(ctx, task, final, record)
+
+
+def _record_completed(ctx: Context, task: TaskData, final: Path, record: dict[str, Any]) -> dict[str, Any]:
+    record_completed(ctx.settings, ctx.store, ctx.redis, task, final, record)
     return {
         "success": True,
         "taskId": task.task_id,
         "outputPath": str(final),
-        "bytes": total,
-        "files": len(record["files"]),
+        "bytes": int(record.get("bytes", 0)),
+        "files": len(record.get("files", [])),
     }
+
+
+def _settle_failure(ctx: Context, task: TaskData, reason: str, attempt: int, lease: TaskLease) -> bool:
+    """Fail the task, as the run that holds its lease at *attempt*. False when the lease is no
+    longer ours (or Redis cannot confirm it): the run that holds it now decides, and this one
+    leaves the row and the staging folder alone."""
+    if not lease.still_held():
+        log.warning("task %s: lease lost; not recording this run's failure: %s", task.task_id, reason)
+        return False
+    record_failed(ctx.settings, ctx.store, ctx.redis, task, reason, attempt=attempt)
+    return True
 
 
 def _progress_notifier(ctx: Context, task: TaskData) -> Callable[[dict[str, Any]], None]:
@@ -251,34 +271,6 @@ def _progress_notifier(ctx: Context, task: TaskData) -> Callable[[dict[str, Any]
             log.warning("task %s: progress event not queued: %s", task.task_id, exc)
 
     return notify
-
-
-def settle_failure(ctx: Context, task: TaskData, reason: str) -> None:
-    """Last word on a task that cannot succeed: keep its files aside, mark it failed, tell the payment service."""
-    kept = keep_failed(ctx.settings, task.task_id, staging_path(ctx.settings, task.task_id), reason)
-    finished_at = utcnow()
-    reason = reason[: defaults.MAX_ERROR_LENGTH]
-    msg_id, event = final_event(_settled_row(task, FAILED, finished_at, str(kept), error=reason))
-    if _settle(
-        ctx,
-        task.task_id,
-        FAILED,
-        finished_at,
-        ctx.store.mark_failed(task.task_id, reason, str(kept), finished_at, event=_outbox(ctx, msg_id)),
-    ):
-        enqueue_webhook(ctx.settings, ctx.redis, msg_id, event)
-    else:
-        log.warning("task %s: row was no longer processing; failure not recorded", task.task_id)
-
-
-def _settle(ctx: Context, task_id: int, status: str, finished_at: datetime, changed: bool) -> bool:
-    """Did our status change take effect? Also true when the update was applied but its answer
-    was lost (the store retried a statement that had in fact committed): the row then carries
-    our status and our finish time."""
-    if changed:
-        return True
-    row = ctx.store.get(task_id)
-    return row is not None and row.status == status and row.finished_at == finished_at
 
 
 def _reject_bad_input(ctx: Context, task_data: object, exc: InvalidTaskError) -> dict[str, Any]:
@@ -295,48 +287,17 @@ def _reject_bad_input(ctx: Context, task_data: object, exc: InvalidTaskError) ->
     row = ctx.store.get(task_id)
     if row is not None and row.status == PROCESSING:
         task = TaskData(task_id=task_id, email=row.email, course_url=row.course_url)
-        settle_failure(ctx, task, f"bad task data: {exc}")
+        lease = TaskLease(ctx.redis, task_id, "bad-input")
+        try:
+            lease.acquire()
+        except LeaseBusyError:
+            log.warning("task %s: a run holds its lease; leaving the outcome to it", task_id)
+            return {"success": False, "taskId": task_id, "error": str(exc)}
+        try:
+            record_failed(ctx.settings, ctx.store, ctx.redis, task, f"bad task data: {exc}", attempt=row.attempts)
+        finally:
+            lease.release()
     return {"success": False, "taskId": task_id, "error": str(exc)}
-
-
-def _notify(ctx: Context, row: TaskRow) -> None:
-    """Queue again the final event of a task already settled, while the payment service has not
-    acknowledged it: a run that died after the status change but before queuing its webhook must
-    not leave the payment service uninformed. The webhook-id is the one the first run used."""
-    if row.finished_at is None or not row.pending_event:
-        return
-    msg_id, event = final_event(row)
-    enqueue_webhook(ctx.settings, ctx.redis, msg_id, event)
-
-
-def _outbox(ctx: Context, msg_id: str) -> str | None:
-    """What the status change records as the pending final event: nothing when no webhook is sent."""
-    return msg_id if ctx.settings.webhook_url else None
-
-
-def _settled_row(
-    task: TaskData,
-    status: str,
-    finished_at: datetime,
-    output_path: str,
-    total: int | None = None,
-    error: str | None = None,
-) -> TaskRow:
-    """The row as this run's status change leaves it (what final_event reads)."""
-    return TaskRow(
-        id=task.task_id,
-        email=task.email,
-        course_url=task.course_url,
-        status=status,
-        attempts=0,
-        progress=100 if status == COMPLETED else 0,
-        error_message=error,
-        output_path=output_path,
-        bytes=total,
-        started_at=None,
-        finished_at=finished_at,
-        updated_at=finished_at,
-    )
 
 
 def _send(ctx: Context, task_id: int, event_type: str, data: dict[str, Any], finished_at: datetime) -> None:
