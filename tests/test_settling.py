@@ -32,8 +32,8 @@ from udemy_dl.task import TaskData
 from udemy_dl.webhooks import final_event
 from udemy_dl.worker_rq import process_download
 
-from .conftest import PrivateRedis, wait_for
-from .test_reconciler import Rig, live_workers, rig  # noqa: F401 (fixtures)
+from .conftest import Backend, PrivateRedis, wait_for
+from .test_reconciler import Rig
 
 pytestmark = pytest.mark.usefixtures("redis_conn")
 
@@ -59,16 +59,17 @@ def final_event_ids(redis: Redis, settings: Settings) -> list[str]:
 
 
 @pytest.fixture
-def hooked_rig(rig: Rig, configure: Callable[..., Settings]) -> Rig:
-    """The rig with a webhook receiver configured (nothing listens: deliveries only get queued)."""
-    rig.settings = configure(
-        DATABASE_URL=rig.settings.database_url or "",
+def hooked_rig(configure: Callable[..., Settings], redis_conn: Redis, backend: Backend) -> Rig:
+    """The reconciler's world on each store back end, with a webhook receiver configured (nothing
+    listens: deliveries only get queued)."""
+    settings = configure(
+        DATABASE_URL=backend.url,
         ALLOWED_HOSTS="cdn.example",
         WEBHOOK_URL="http://127.0.0.1:9/hook",
         API_SECRET_KEY="whsec_" + "A" * 44,
         MAX_ATTEMPTS="3",
     )
-    return rig
+    return Rig(settings, backend.store, redis_conn)
 
 
 # -- a run that died after its rename, on its last attempt (issue 8, item 2) ----------------------
@@ -149,9 +150,7 @@ def test_after_redis_is_emptied_no_host_sweeps_before_runs_retook_their_leases(
     assert hooked_rig.row(task_id).status == PROCESSING
 
 
-def test_a_reconciler_with_a_fast_clock_does_not_take_live_jobs_for_abandoned(
-    hooked_rig: Rig, live_workers: list[Any]
-) -> None:
+def test_a_reconciler_with_a_fast_clock_does_not_take_live_jobs_for_abandoned(hooked_rig: Rig) -> None:
     """RQ's registry scores are written with the worker's clock; read by a host whose clock is two
     minutes ahead, a live job looks abandoned. The reconciler must not act on that: the job stays
     started, and its task (last attempt, lease held) is neither failed nor queued again."""
@@ -162,18 +161,20 @@ def test_a_reconciler_with_a_fast_clock_does_not_take_live_jobs_for_abandoned(
     queue = Queue(hooked_rig.settings.queue_name, connection=hooked_rig.redis)
     worker = Worker([queue], connection=hooked_rig.redis, name=f"live-{task_id}-{time.monotonic_ns()}")
     worker.register_birth()
-    live_workers.append(worker)
     queue.remove(job)
     worker.prepare_execution(job)
     worker.prepare_job_execution(job)
     registry = StartedJobRegistry(queue=queue)
     # As the skewed reconciler sees it: the job's expiry already two minutes past.
-    for member in hooked_rig.redis.zrange(registry.key, 0, -1):
+    members: list[bytes] = hooked_rig.redis.zrange(registry.key, 0, -1)  # type: ignore[assignment]
+    for member in members:
         hooked_rig.redis.zadd(registry.key, {member: time.time() - 120})
     plant_live_lease(hooked_rig.redis, task_id)
 
-    reconciler = hooked_rig.reconciler()
-    report = reconciler.run_once(force_sweep=True)
+    try:
+        report = hooked_rig.reconciler().run_once(force_sweep=True)
+    finally:
+        worker.register_death()
 
     assert report["recovered"] == [] and report["sweep"].failed == [] and report["sweep"].requeued == []
     assert Job.fetch(job.id, connection=hooked_rig.redis).get_status() == JobStatus.STARTED
