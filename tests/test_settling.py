@@ -21,6 +21,7 @@ from rq.registry import StartedJobRegistry
 from udemy_dl import defaults
 from udemy_dl.context import get_context
 from udemy_dl.errors import PermanentError
+from udemy_dl.fetch import FetchedFile, FetchResult
 from udemy_dl.lease import TaskLease, lease_key
 from udemy_dl.outcome import record_failed
 from udemy_dl.producer import job_id_for
@@ -232,6 +233,32 @@ def test_a_run_that_lost_its_lease_does_not_record_its_failure(hooked_rig: Rig) 
     row = hooked_rig.row(task_id)
     assert (row.status, row.attempts) == (PROCESSING, 1)
     assert (staging_path(hooked_rig.settings, task_id) / "theirs").is_file()
+    assert final_event_ids(hooked_rig.redis, hooked_rig.settings) == []
+
+
+class LeaseLosingBeforeRenameFetcher(LeaseStealingFetcher):
+    """A fetch that succeeds, but another run takes the lease just before the files would move."""
+
+    def fetch(self, url: str, staging: Path, **_: object) -> object:
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "lesson.mp4").write_bytes(b"x" * 10)
+        plant_live_lease(self.redis, self.task_id)
+        return FetchResult(title="Course", files=(FetchedFile(path="lesson.mp4", size=10, sha256="0" * 64),))
+
+
+def test_a_run_that_lost_its_lease_before_the_rename_moves_nothing_into_place(hooked_rig: Rig) -> None:
+    """The lease changed hands after the fetch: the run hands the task back (its attempt given
+    back), moves nothing into place and settles nothing; the run that holds the lease decides."""
+    task_id = hooked_rig.task(PROCESSING)
+    get_context().fetcher = LeaseLosingBeforeRenameFetcher(hooked_rig.redis, task_id)  # type: ignore[assignment]
+
+    result = process_download(payload(hooked_rig, task_id))
+
+    assert result.get("leaseLost") is True, result
+    assert not final_path(hooked_rig.settings, task_id).exists()
+    assert (staging_path(hooked_rig.settings, task_id) / "lesson.mp4").is_file()
+    row = hooked_rig.row(task_id)
+    assert (row.status, row.attempts) == (PROCESSING, 0)
     assert final_event_ids(hooked_rig.redis, hooked_rig.settings) == []
 
 
