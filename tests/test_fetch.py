@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,16 @@ def files_under(folder: Path) -> list[str]:
     if not folder.exists():
         return []
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def resolve_to_loopback(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    """Make DNS answer 127.0.0.1 for *host* (as a hostile or misconfigured DNS record would)."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
+        return real_getaddrinfo("127.0.0.1" if name == host else name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 def fetcher_for(*servers: ContentOrigin, token: str | None = None, **options: Any) -> Fetcher:
@@ -384,14 +395,17 @@ def test_redirect_loop_gives_up(origin: ContentOrigin, staging: Path) -> None:
     assert len(origin.requests.paths()) <= 10
 
 
-def test_pattern_allowed_host_on_an_internal_address_is_refused(origin: ContentOrigin, staging: Path) -> None:
-    """A host allowed only by a `*` pattern that turns out to be an internal address is refused at connect time,
-    before any request is sent (so DNS cannot smuggle an internal target in)."""
+def test_pattern_allowed_host_on_an_internal_address_is_refused(
+    origin: ContentOrigin, staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host allowed only by a `*.` pattern whose name resolves to an internal address is refused at connect
+    time, before any request (or token) is sent: DNS cannot smuggle an internal target in."""
     port = origin.host_port.rsplit(":", 1)[1]
-    url = origin.add_course("internal", {"a.bin": 10})
-    fetcher = Fetcher({f"127.0.0.*:{port}"}, timeout=TIMEOUT)
+    origin.add_course("internal", {"a.bin": 10})
+    resolve_to_loopback(monkeypatch, "origin.cdn.test")
+    fetcher = Fetcher({f"*.cdn.test:{port}"}, token="origin-token", timeout=TIMEOUT)
     with pytest.raises(HostNotAllowedError, match="internal address"):
-        fetcher.fetch(url, staging)
+        fetcher.fetch(f"http://origin.cdn.test:{port}/courses/internal", staging)
     assert origin.requests.paths() == []
 
 

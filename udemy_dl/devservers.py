@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
@@ -42,13 +45,27 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Background:
-    """Runs an HTTP server in a daemon thread; use as a context manager or call start/stop."""
+    """Runs an HTTP server in a daemon thread; use as a context manager or call start/stop.
+
+    With *tls* (a server-side SSLContext) it speaks HTTPS; the TLS handshake of each connection
+    happens in that connection's own thread, so a client that connects and goes away (or never
+    starts TLS) holds up nobody else.
+    """
 
     server: _Server
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        handler: type[BaseHTTPRequestHandler],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.server = _Server((host, port), handler)
         self.server.owner = self  # type: ignore[attr-defined]
+        self.tls = tls
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -58,7 +75,7 @@ class _Background:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host_port}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host_port}"
 
     def start(self) -> _Background:
         self.thread.start()
@@ -94,10 +111,12 @@ class ContentOrigin(_Background):
     """Serves files from *root* and JSON manifests registered with add_course().
 
     Faults for tests: fail_next(path, n) answers 500 n times; see the attributes set in __init__
-    for cut connections, ignored Range requests, redirects, padding and throttling.
+    for cut connections, ignored Range or If-Range, redirects, padding, throttling, chunked bodies,
+    validators, unsatisfiable ranges, lying Content-Range headers and bodies longer than announced.
+    With *tls* (a server-side SSLContext) it serves HTTPS.
     """
 
-    def __init__(self, root: Path, token: str | None = None, port: int = 0) -> None:
+    def __init__(self, root: Path, token: str | None = None, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.root = root
         self.token = token
         self.manifests: dict[str, dict[str, Any]] = {}
@@ -114,8 +133,26 @@ class ContentOrigin(_Background):
         """path -> Location answered with a 302."""
         self.padding: dict[str, int] = {}
         """path -> extra bytes appended to the file's body (more than the manifest declares)."""
+        self.chunked = False
+        """When set, files are sent with `Transfer-Encoding: chunked` (no Content-Length); a `truncate`
+        cut at or past the end then leaves out only the final empty chunk."""
+        self.honour_if_range = True
+        """When cleared, a Range request is answered 206 even if its If-Range names another version."""
+        self.send_etag = True
+        """Whether file responses carry an ETag (size and mtime)."""
+        self.send_last_modified = False
+        """Whether file responses carry Last-Modified (the file's mtime); If-Range may then name it."""
+        self.unsatisfiable: dict[str, int] = {}
+        """path -> how many of the next Range requests are answered 416 `bytes */<size>`, whatever they ask."""
+        self.content_range: dict[str, Callable[[int, int], str]] = {}
+        """path -> f(start, size) giving the Content-Range sent on a 206 in place of the true one
+        (the body is still the true range)."""
+        self.overrun: dict[str, int] = {}
+        """path -> extra bytes written after the body, beyond what Content-Length announced."""
+        self.filenames: dict[str, str] = {}
+        """path -> file name sent as `Content-Disposition: attachment; filename*=UTF-8''<name>`."""
         self.bytes_sent: dict[str, int] = {}
-        super().__init__(_OriginHandler, port=port)
+        super().__init__(_OriginHandler, port=port, tls=tls)
 
     def count_sent(self, path: str, count: int) -> None:
         with self.lock:
@@ -142,10 +179,13 @@ class ContentOrigin(_Background):
             self.failures[path] = times
 
     def _take_failure(self, path: str) -> bool:
+        return self._take(self.failures, path)
+
+    def _take(self, counts: dict[str, int], path: str) -> bool:
         with self.lock:
-            left = self.failures.get(path, 0)
+            left = counts.get(path, 0)
             if left > 0:
-                self.failures[path] = left - 1
+                counts[path] = left - 1
                 return True
             return False
 
@@ -199,25 +239,37 @@ class _OriginHandler(BaseHTTPRequestHandler):
         padding = origin.padding.get(path, 0)
         size = stat.st_size + padding
         etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+        last_modified = formatdate(stat.st_mtime, usegmt=True)
+        validators = ([etag] if origin.send_etag else []) + ([last_modified] if origin.send_last_modified else [])
         start = 0
         range_header = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
         match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
-        if match and not origin.ignore_range and (if_range is None or if_range == etag):
+        current = if_range is None or not origin.honour_if_range or if_range in validators
+        if match and not origin.ignore_range and current:
             start = int(match.group(1))
-            if start >= size:
+            if start >= size or origin._take(origin.unsatisfiable, path):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            lie = origin.content_range.get(path)
+            self.send_header("Content-Range", lie(start, size) if lie else f"bytes {start}-{size - 1}/{size}")
         else:
             self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(size - start))
-        self.send_header("ETag", etag)
+        if origin.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(size - start))
+        if origin.send_etag:
+            self.send_header("ETag", etag)
+        if origin.send_last_modified:
+            self.send_header("Last-Modified", last_modified)
+        if path in origin.filenames:
+            self.send_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(origin.filenames[path])}")
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         cut = origin.truncate.get(path)
@@ -236,7 +288,7 @@ class _OriginHandler(BaseHTTPRequestHandler):
                 if not chunk:
                     chunk = b"\0" * min(want, size - position)
                 try:
-                    self.wfile.write(chunk)
+                    self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if origin.chunked else chunk)
                 except (BrokenPipeError, ConnectionResetError):
                     return
                 finally:
@@ -247,6 +299,16 @@ class _OriginHandler(BaseHTTPRequestHandler):
                     ahead = sent / origin.throttle - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)  # pacing the transfer rate, not synchronisation
+        try:
+            if origin.chunked:
+                if cut is not None and position >= cut:
+                    self.close_connection = True  # every byte sent, but not the final empty chunk
+                    return
+                self.wfile.write(b"0\r\n\r\n")
+            elif origin.overrun.get(path):
+                self.wfile.write(b"X" * origin.overrun[path])
+        except (BrokenPipeError, ConnectionResetError):
+            return
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ class BadManifestError(PermanentError):
     """Raised when the origin's manifest is not the documented shape."""
 
 
+class UnwritablePathError(BadManifestError):
+    """Raised when a manifest path cannot exist on the download disk: a name longer than the file system
+    allows, a path that is not valid text, or a file where a folder must be (or the reverse)."""
+
+
 class OriginRefusedError(PermanentError):
     """Raised when the origin answers 4xx (not 408/429): the content is not there for us."""
 

@@ -5,23 +5,32 @@ arrive. Partial data lives in the staging folder's `.parts/` and survives retrie
 an interrupted file continues with a validated Range request, and a file already complete and
 verified is never fetched again. Every connection is checked against ALLOWED_HOSTS, on the URL
 and on the address actually connected to.
+
+A resume is trusted only when the origin proves it continues the same file: a 206 starting at our
+offset, running to the end of the same total, carrying the ETag and Last-Modified stored when the
+file was started. Anything else (a changed or missing validator, a Content-Range that does not fit,
+a 416, a spliced result caught by the sha256) starts the file again from byte 0; a part that already
+holds every byte is verified and put in place. Nothing in the staging folder is followed through a
+symlink, and when the fetch ends the folder holds the course's regular files and folders only.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from http.client import HTTPException
+from http.client import HTTPException, IncompleteRead
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
@@ -39,6 +48,7 @@ from .errors import (
     OriginRefusedError,
     TooLargeError,
     UnsafePathError,
+    UnwritablePathError,
 )
 from .safety import check_peer_allowed, check_url_allowed, join_inside, safe_filename, safe_relative_path
 from .storage import RECORD_NAME
@@ -47,6 +57,10 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 PARTS_DIRNAME = ".parts"
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+"""Standard variables naming a CA bundle to verify HTTPS origins with (a private CA), read by
+new_session although the session otherwise ignores the environment."""
+_UNWRITABLE_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
 ProgressCallback = Callable[[int, "int | None", int, int], None]
 """on_progress(bytes_done, bytes_total or None, files_done, files_total)."""
 
@@ -122,6 +136,12 @@ class _Progress:
                 self.transferred += count
             self._report()
 
+    def take_back(self, count: int) -> None:
+        """Uncount bytes that were counted as done but will be fetched again (a resume that did not verify)."""
+        with self.lock:
+            self.done -= count
+            self._report()
+
     def file_done(self) -> None:
         with self.lock:
             self.files_done += 1
@@ -172,6 +192,9 @@ def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int) -> HTTPAdap
 def new_session(allowed_hosts: Collection[str], pool_size: int) -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # no proxies or .netrc from the environment: only the configured origin
+    ca_bundle = next((os.environ[name] for name in CA_BUNDLE_VARIABLES if os.environ.get(name)), None)
+    if ca_bundle:
+        session.verify = ca_bundle  # an origin whose certificate comes from the operator's own CA
     adapter = _guarded_adapter(allowed_hosts, pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -210,8 +233,11 @@ class Fetcher:
 
     # -- HTTP -------------------------------------------------------------------------------
 
-    def _open(self, url: str, headers: dict[str, str] | None = None) -> requests.Response:
-        """GET *url*, following redirects only to allowed hosts; the token goes only to allowed hosts."""
+    def _open(self, url: str, headers: dict[str, str] | None = None, accept: Collection[int] = ()) -> requests.Response:
+        """GET *url*, following redirects only to allowed hosts; the token goes only to allowed hosts.
+
+        A status in *accept* is handed back like a 2xx, for the caller to judge.
+        """
         for _ in range(MAX_REDIRECTS + 1):
             check_url_allowed(url, self.allowed_hosts)
             sent = dict(headers or {})
@@ -225,7 +251,8 @@ class Fetcher:
                 response.close()
                 url = urljoin(url, response.headers["Location"])
                 continue
-            self._check_status(url, response)
+            if response.status_code not in accept:
+                self._check_status(url, response)
             return response
         raise FetchError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
 
@@ -258,31 +285,43 @@ class Fetcher:
         if staging.is_symlink():
             raise UnsafePathError(f"staging folder is a symlink: {staging}")
         parts = staging / PARTS_DIRNAME
-        parts.mkdir(exist_ok=True)
+        _real_folder(parts)
         single = _read_json(parts / "course.json")
         if single and single.get("url") == course_url and isinstance(single.get("name"), str):
             # An earlier attempt found a single file here: resume it without asking for the course again.
-            spec = FileSpec(path=PurePosixPath(single["name"]), url=course_url, size=single.get("size"))
-            result = self._fetch_specs([spec], staging, on_progress)
-            shutil.rmtree(parts, ignore_errors=True)
-            return FetchResult(title=single["name"], files=result[0], bytes_transferred=result[1])
+            size = single.get("size")
+            spec = FileSpec(
+                path=PurePosixPath(single["name"]), url=course_url, size=size if isinstance(size, int) else None
+            )
+            check_fits([spec], staging)
+            files, transferred = self._fetch_specs([spec], staging, on_progress)
+            _finish_staging(staging, [spec])
+            return FetchResult(title=single["name"], files=files, bytes_transferred=transferred)
         response = self._open(course_url)
         if _is_json(response):
             manifest = _read_limited(response, defaults.MANIFEST_MAX_BYTES)
             title, specs = parse_manifest(manifest, response.url or course_url)
             for spec in specs:
                 check_url_allowed(spec.url, self.allowed_hosts)
+            check_fits(specs, staging)
             files, transferred = self._fetch_specs(specs, staging, on_progress)
         else:
             name = safe_filename(_filename(response, course_url))
             if name == RECORD_NAME:
                 name = f"file-{name}"
+            name = fit_name(name, _pathconf(staging, "PC_NAME_MAX", 255))
             size = _content_length(response)
-            _write_json(parts / "course.json", {"url": course_url, "name": name, "size": size})
             spec = FileSpec(path=PurePosixPath(name), url=course_url, size=size)
+            specs = [spec]
+            try:
+                check_fits(specs, staging)
+            except UnwritablePathError:
+                response.close()
+                raise
+            _write_json(parts / "course.json", {"url": course_url, "name": name, "size": size})
             title = name
-            files, transferred = self._fetch_specs([spec], staging, on_progress, opened=response)
-        shutil.rmtree(parts, ignore_errors=True)
+            files, transferred = self._fetch_specs(specs, staging, on_progress, opened=response)
+        _finish_staging(staging, specs)
         return FetchResult(title=title, files=files, bytes_transferred=transferred)
 
     def _fetch_specs(
@@ -336,9 +375,14 @@ class Fetcher:
             raise TooLargeError(f"course is {total} bytes; the download disk holds only {usage.total}")
         present = 0
         for spec in specs:
-            for candidate in (join_inside(staging, spec.path), _part_paths(staging, spec)[0]):
-                if candidate.is_file() and not candidate.is_symlink():
-                    present += candidate.stat().st_size
+            try:
+                for candidate in (join_inside(staging, spec.path), _part_paths(staging, spec)[0]):
+                    present += _regular_size(candidate)
+            except OSError as exc:
+                mapped = _path_error(spec, exc)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
         needed = total - present + defaults.DISK_HEADROOM
         if needed > usage.free:
             raise NoSpaceError(f"course needs {needed} more bytes on the download disk, {usage.free} free")
@@ -346,6 +390,24 @@ class Fetcher:
     # -- one file ---------------------------------------------------------------------------
 
     def _fetch_file(
+        self,
+        spec: FileSpec,
+        staging: Path,
+        progress: _Progress,
+        cancel: threading.Event,
+        opened: requests.Response | None,
+    ) -> FetchedFile:
+        try:
+            return self._fetch_one(spec, staging, progress, cancel, opened)
+        except OSError as exc:
+            if opened is not None:
+                opened.close()
+            mapped = _path_error(spec, exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def _fetch_one(
         self,
         spec: FileSpec,
         staging: Path,
@@ -362,40 +424,120 @@ class Fetcher:
             log.info("already fetched and verified: %s", spec.path)
             progress.add(done.size, transferred=False)
             return done
-        for path in (target, part):
-            if path.is_symlink():
-                raise UnsafePathError(f"refusing to write through a symlink: {str(spec.path)!r}")
+        if target.is_symlink():
+            raise UnsafePathError(f"refusing to write through a symlink: {str(spec.path)!r}")
+        _clear_way(staging, target)
+        for internal in (part, state_file):
+            _drop_if_not_regular(internal)  # .parts holds only what we wrote there: anything else goes
         state = _read_json(state_file) or {}
-        offset = part.stat().st_size if part.is_file() and state.get("url") == spec.url else 0
-        if offset and spec.size is not None and offset > spec.size:
-            offset = 0
-        response = opened
-        resumed = False
+        offset = _regular_size(part) if state.get("url") == spec.url else 0
         if offset:
-            if response is not None:
-                response.close()
-            headers = {"Range": f"bytes={offset}-"}
-            validator = state.get("etag") or state.get("lastModified")
-            if validator:
-                headers["If-Range"] = validator
-            response = self._open(spec.url, headers)
-            resumed = _resumable(response, offset, state)
-            if response.status_code == 206 and not resumed:
-                # A range we cannot use (wrong start, or the file changed): start over, whole.
-                response.close()
-                response = self._open(spec.url)
-            elif not resumed:
-                log.info("origin ignored the Range request for %s: fetching it whole", spec.path)
-        elif response is None:
-            response = self._open(spec.url)
+            if opened is not None:
+                opened.close()
+                opened = None
+            resumed = self._resume(spec, target, part, state_file, state, offset, progress, cancel)
+            if resumed is not None:
+                return resumed
+            _discard(part, state_file)
+        response = opened if opened is not None else self._open(spec.url)
         try:
-            return self._receive(response, spec, target, part, state_file, offset if resumed else 0, progress, cancel)
+            return self._receive(response, spec, target, part, state_file, 0, progress, cancel)
         finally:
             response.close()
 
+    def _resume(
+        self,
+        spec: FileSpec,
+        target: Path,
+        part: Path,
+        state_file: Path,
+        state: dict[str, Any],
+        offset: int,
+        progress: _Progress,
+        cancel: threading.Event,
+    ) -> FetchedFile | None:
+        """Finish a file from the *offset* bytes of its part file; None when it must start again from byte 0.
+
+        The part is continued only with a 206 that proves it is the same file (see _resumable), or
+        verified as it is when it already holds every byte (by the declared size, or by the origin's
+        416 `bytes */<size>`). A continued file that then fails verification starts again at once.
+        """
+        stored_total = state.get("total") if isinstance(state.get("total"), int) else None
+        known = spec.size if spec.size is not None else stored_total
+        if known is not None and offset > known:
+            log.info("%s: part holds %s bytes, more than the %s expected: fetching it again", spec.path, offset, known)
+            return None
+        if known is not None and offset == known:
+            # Received whole by one version (a part is only ever continued when the origin proves the
+            # version unchanged): the connection broke, or the run stopped, before it was put in place.
+            log.info("%s: part already holds all %s bytes: verifying it", spec.path, offset)
+            return self._continue(None, spec, target, part, state_file, offset, known, progress, cancel)
+        validator = _if_range_validator(state)
+        if validator is None and spec.sha256 is None:
+            log.info(
+                "%s: no ETag, Last-Modified or sha256 proves the part is of this file: fetching it again", spec.path
+            )
+            return None
+        headers = {"Range": f"bytes={offset}-"}
+        if validator:
+            headers["If-Range"] = validator
+        response = self._open(spec.url, headers, accept=(416,))
+        try:
+            if response.status_code == 416:
+                total = _unsatisfied_total(response)
+                if total == offset and known in (None, total) and _same_version(response, state, required=False):
+                    log.info("%s: origin says the part's %s bytes are the whole file: verifying it", spec.path, offset)
+                    return self._continue(None, spec, target, part, state_file, offset, total, progress, cancel)
+                log.info(
+                    "%s: origin answered 416 to a resume at byte %s (Content-Range %r): fetching it again",
+                    spec.path,
+                    offset,
+                    response.headers.get("Content-Range"),
+                )
+                return None
+            if response.status_code != 206:
+                log.info("origin ignored the Range request for %s: fetching it whole", spec.path)
+                return self._receive(response, spec, target, part, state_file, 0, progress, cancel)
+            if not _resumable(response, offset, known, state):
+                log.info(
+                    "%s: the 206 (Content-Range %r, ETag %r, Last-Modified %r) does not continue the part at byte %s: "
+                    "fetching it again",
+                    spec.path,
+                    response.headers.get("Content-Range"),
+                    response.headers.get("ETag"),
+                    response.headers.get("Last-Modified"),
+                    offset,
+                )
+                return None
+            expected = known if known is not None else _range_total(response)
+            return self._continue(response, spec, target, part, state_file, offset, expected, progress, cancel)
+        finally:
+            response.close()
+
+    def _continue(
+        self,
+        response: requests.Response | None,
+        spec: FileSpec,
+        target: Path,
+        part: Path,
+        state_file: Path,
+        offset: int,
+        expected_total: int | None,
+        progress: _Progress,
+        cancel: threading.Event,
+    ) -> FetchedFile | None:
+        """Append *response* (None: nothing) to the part and verify; None if the result does not verify."""
+        try:
+            return self._receive(
+                response, spec, target, part, state_file, offset, progress, cancel, expected_total=expected_total
+            )
+        except IntegrityError as exc:
+            log.warning("%s: the resumed file did not verify (%s): fetching it again", spec.path, exc)
+            return None
+
     def _receive(
         self,
-        response: requests.Response,
+        response: requests.Response | None,
         spec: FileSpec,
         target: Path,
         part: Path,
@@ -403,23 +545,31 @@ class Fetcher:
         offset: int,
         progress: _Progress,
         cancel: threading.Event,
+        expected_total: int | None = None,
     ) -> FetchedFile:
-        """Stream *response* into the part file (appending after *offset* when resuming), then verify."""
+        """Stream *response* into the part file (appending after *offset* when resuming), then verify.
+
+        Resuming, *expected_total* is the file's whole size if known and *response* may be None (the
+        part is complete). Bytes counted as done are taken back if the file does not verify.
+        """
         digest = hashlib.sha256()
-        expected_total = spec.size
         resumed = offset > 0
+        counted = 0
         if resumed:
-            with open(part, "rb") as handle:
+            with _open_file(part, "rb") as handle:
                 for block in iter(lambda: handle.read(defaults.CHUNK_SIZE), b""):
                     digest.update(block)
             size = offset
+            if spec.size is not None:
+                expected_total = spec.size
             progress.add(offset, transferred=False)
-            expected_total = expected_total if expected_total is not None else _range_total(response)
+            counted = offset
             log.info("resuming %s at byte %s", spec.path, offset)
         else:
+            assert response is not None
             size = 0
             length = _content_length(response)
-            expected_total = expected_total if expected_total is not None else length
+            expected_total = spec.size if spec.size is not None else length
             _write_json(
                 state_file,
                 {
@@ -431,8 +581,8 @@ class Fetcher:
             )
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(part, "ab" if resumed else "wb") as out:
-                for chunk in _body_chunks(response):
+            with _open_file(part, "ab" if resumed else "wb") as out:
+                for chunk in _body_chunks(response) if response is not None else ():
                     if cancel.is_set():
                         raise _Cancelled()
                     _check_stop(self._stop)
@@ -444,11 +594,13 @@ class Fetcher:
                     digest.update(chunk)
                     out.write(chunk)
                     progress.add(len(chunk))
+                    counted += len(chunk)
         except (requests.RequestException, HTTPException, ConnectionError, TimeoutError) as exc:
             # The bytes so far stay in the part file: the next attempt continues from them.
             raise FetchError(f"{spec.path}: transfer broke after {size} bytes: {exc}") from exc
         except (IntegrityError, TooLargeError):
             _discard(part, state_file)
+            progress.take_back(counted)
             raise
         actual_sha = digest.hexdigest()
         problem = None
@@ -460,6 +612,7 @@ class Fetcher:
             if expected_total is not None and size < expected_total:
                 raise FetchError(problem)  # a short body: keep its bytes, the next attempt resumes
             _discard(part, state_file)
+            progress.take_back(counted)
             raise IntegrityError(problem)
         os.replace(part, target)
         _write_json(state_file, {"url": spec.url, "done": True, "size": size, "sha256": actual_sha})
@@ -481,7 +634,13 @@ def _body_chunks(response: requests.Response) -> Iterator[bytes | memoryview]:
     buffer = bytearray(defaults.READ_BUFFER_SIZE)
     view = memoryview(buffer)
     while True:
-        count = fp.readinto(buffer)  # type: ignore[union-attr]
+        try:
+            count = fp.readinto(buffer)  # type: ignore[union-attr]
+        except IncompleteRead as exc:
+            # A chunked body cut short: what this read did receive is still body, hand it on first.
+            if exc.partial:
+                yield exc.partial
+            raise
         if not count:
             break
         yield view[:count]
@@ -501,17 +660,23 @@ def parse_manifest(document: bytes, manifest_url: str) -> tuple[str, list[FileSp
     title = data.get("title")
     title = title if isinstance(title, str) and title.strip() else "course"
     specs: list[FileSpec] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for number, item in enumerate(data["files"], start=1):
         if not isinstance(item, dict):
             raise BadManifestError(f"manifest file #{number} is not an object")
         path = safe_relative_path(item.get("path"))
-        if str(path) == RECORD_NAME:
-            raise UnsafePathError(f"manifest file #{number}: path {RECORD_NAME!r} is reserved")
+        if path.parts[0] == RECORD_NAME:
+            raise UnsafePathError(f"manifest file #{number}: path {str(path)!r}: {RECORD_NAME!r} is reserved")
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnwritablePathError(
+                f"manifest file #{number}: path {str(path)!r} is not valid Unicode text"
+            ) from None
         key = str(path).lower()
         if key in seen:
             raise BadManifestError(f"manifest file #{number}: duplicate path {str(path)!r}")
-        seen.add(key)
+        seen[key] = number
         url = item.get("url")
         if not isinstance(url, str) or not url.strip():
             raise BadManifestError(f"manifest file #{number} ({path}) has no url")
@@ -526,7 +691,53 @@ def parse_manifest(document: bytes, manifest_url: str) -> tuple[str, list[FileSp
         )
     if not specs:
         raise BadManifestError(f"manifest at {manifest_url} lists no files")
+    for number, spec in enumerate(specs, start=1):
+        for folder in list(spec.path.parents)[:-1]:
+            other = seen.get(str(folder).lower())
+            if other is not None:
+                raise UnwritablePathError(
+                    f"manifest file #{number} ({str(spec.path)!r}) needs {str(folder)!r} to be a folder, "
+                    f"but file #{other} is a file by that name"
+                )
     return title, specs
+
+
+def check_fits(specs: list[FileSpec], staging: Path) -> None:
+    """Refuse, before anything is fetched, paths the download disk cannot hold: a name longer than its
+    NAME_MAX bytes, or a whole path (under *staging*) of PATH_MAX bytes or more."""
+    name_max = _pathconf(staging, "PC_NAME_MAX", 255)
+    path_max = _pathconf(staging, "PC_PATH_MAX", 4096)
+    base = len(os.fsencode(staging.absolute()))
+    for number, spec in enumerate(specs, start=1):
+        try:
+            names = [part.encode("utf-8") for part in spec.path.parts]
+        except UnicodeEncodeError:
+            raise UnwritablePathError(f"file #{number}: path {str(spec.path)!r} is not valid Unicode text") from None
+        for name in names:
+            if len(name) > name_max:
+                raise UnwritablePathError(
+                    f"file #{number}: name {name.decode()!r} is {len(name)} bytes; "
+                    f"the download disk allows {name_max} bytes per name"
+                )
+        length = base + 1 + len(b"/".join(names))
+        if length >= path_max:
+            raise UnwritablePathError(
+                f"file #{number}: path {str(spec.path)!r} would be {length} bytes long in {str(staging)!r}; "
+                f"the download disk allows fewer than {path_max}"
+            )
+
+
+def fit_name(name: str, limit: int) -> str:
+    """Shorten a file name of our own choosing to *limit* UTF-8 bytes, keeping a short extension."""
+    if len(name.encode()) <= limit:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    if not dot or not stem or len(extension.encode()) > 16:
+        stem, extension = name, ""
+    else:
+        extension = f".{extension}"
+    budget = limit - len(extension.encode())
+    return (stem.encode()[:budget].decode("utf-8", "ignore").rstrip() or "download") + extension
 
 
 def _part_paths(staging: Path, spec: FileSpec) -> tuple[Path, Path]:
@@ -555,17 +766,151 @@ def _discard(*paths: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _path_error(spec: FileSpec, exc: OSError) -> Exception:
+    """The error to raise for an OSError met while writing *spec* (*exc* itself if it says nothing about the
+    path): a path the disk cannot hold is permanent, a symlink met on the way is refused."""
+    if exc.errno in _UNWRITABLE_ERRNOS:
+        return UnwritablePathError(f"file path {str(spec.path)!r} cannot be written on the download disk: {exc}")
+    if exc.errno == errno.ELOOP:
+        return UnsafePathError(f"refusing to write through a symlink: {str(spec.path)!r}")
+    return exc
+
+
+def _pathconf(folder: Path, name: str, fallback: int) -> int:
+    try:
+        value = os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return fallback
+    return value if value > 0 else fallback
+
+
+def _open_file(path: Path, mode: str) -> BinaryIO:
+    """Open a file in the staging folder without following a symlink (ELOOP) or blocking on a FIFO."""
+    flags = {
+        "rb": os.O_RDONLY,
+        "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+        "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    }[mode]
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"not a regular file: {str(path)!r}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)  # type: ignore[return-value]
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _regular_size(path: Path) -> int:
+    """The size of *path* if it is a regular file (not through a symlink), else 0."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+
+def _kind(mode: int) -> str:
+    return "symlink" if stat.S_ISLNK(mode) else "folder" if stat.S_ISDIR(mode) else "special file"
+
+
+def _drop_if_not_regular(path: Path) -> None:
+    """Remove whatever stands at *path* unless it is a regular file (never following a symlink)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode):
+        return
+    log.warning("removing %s from the staging folder: a %s, not one of ours", path, _kind(info.st_mode))
+    _remove(path, info.st_mode)
+
+
+def _remove(path: Path, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _real_folder(path: Path) -> None:
+    """Make *path* a real folder, removing a symlink or file standing in its place (never following it)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        path.mkdir()
+        return
+    if stat.S_ISDIR(info.st_mode):
+        return
+    log.warning("removing %s from the staging folder: a %s, not a folder", path, _kind(info.st_mode))
+    path.unlink()
+    path.mkdir()
+
+
+def _clear_way(staging: Path, target: Path) -> None:
+    """Remove what an earlier attempt (for another version of the manifest) left where *target* must go:
+    a file where one of its folders must be, or a folder where it must be. The manifest itself cannot
+    ask for both (parse_manifest refuses it), and join_inside has refused symlinks on the way."""
+    relative = target.relative_to(staging)
+    for folder in [staging.joinpath(*relative.parts[:depth]) for depth in range(1, len(relative.parts))]:
+        try:
+            info = os.lstat(folder)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(info.st_mode):
+            log.warning("removing %s from the staging folder: a folder must be there", folder)
+            folder.unlink()
+            return
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        log.warning("removing folder %s from the staging folder: a file must be there", target)
+        shutil.rmtree(target)
+
+
+def _finish_staging(staging: Path, specs: list[FileSpec]) -> None:
+    """Leave in *staging* only the course's files (regular files) and their folders (real folders).
+
+    Drops `.parts`, and anything an earlier attempt or anyone else left: symlinks, special files,
+    files of an older manifest. Nothing is followed; what is not ours is removed, not read.
+    """
+    shutil.rmtree(staging / PARTS_DIRNAME, ignore_errors=True)
+    files = {spec.path for spec in specs}
+    folders = {folder for spec in specs for folder in list(spec.path.parents)[:-1]}
+    for root, dirs, names in os.walk(staging):
+        relative_root = PurePosixPath(Path(root).relative_to(staging).as_posix())
+        for name in [*dirs, *names]:
+            path = Path(root) / name
+            relative = relative_root / name
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode) and relative in folders:
+                continue
+            if stat.S_ISREG(info.st_mode) and (relative in files or relative == PurePosixPath(RECORD_NAME)):
+                continue
+            if name in dirs:
+                dirs.remove(name)
+            log.warning("removing %s from the staging folder: a %s the course does not list", path, _kind(info.st_mode))
+            _remove(path, info.st_mode)
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        with _open_file(path, "rb") as handle:
+            data = json.loads(handle.read().decode("utf-8"))
+    except (OSError, ValueError, UnsafePathError):
         return None
     return data if isinstance(data, dict) else None
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(data), encoding="utf-8")
+    temp.unlink(missing_ok=True)  # a symlink planted there is removed, never written through
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "wb") as out:
+        out.write(json.dumps(data).encode("utf-8"))
     os.replace(temp, path)
 
 
@@ -596,23 +941,64 @@ def _content_length(response: requests.Response) -> int | None:
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+_VALIDATORS = (("etag", "ETag"), ("lastModified", "Last-Modified"))
+"""Transfer-state key and response header of each validator stored when a file is started."""
 
 
-def _resumable(response: requests.Response, offset: int, state: dict[str, Any]) -> bool:
-    """A 206 that starts where our bytes end, for the same file (same total size) as before."""
-    if response.status_code != 206 or _range_start(response) != offset:
+def _resumable(response: requests.Response, offset: int, expected: int | None, state: dict[str, Any]) -> bool:
+    """A 206 that continues the part: from *offset* to the end of the same total as before (and as
+    *expected*), as long as Content-Length says, with every validator stored at the start unchanged."""
+    if response.status_code != 206:
         return False
-    total = _range_total(response)
-    return state.get("total") is None or total is None or total == state["total"]
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    if match is None or match.group(3) == "*":
+        return False
+    start, end, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    if start != offset or end != total - 1:
+        return False
+    if total != expected and expected is not None:
+        return False
+    if state.get("total") is not None and total != state["total"]:
+        return False
+    length = _content_length(response)
+    if length is not None and length != end - start + 1:
+        return False
+    return _same_version(response, state, required=True)
 
 
-def _range_start(response: requests.Response) -> int | None:
-    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+def _same_version(response: requests.Response, state: dict[str, Any], required: bool) -> bool:
+    """Whether *response* carries the validators stored when the file was started. With *required*, a
+    stored validator the response leaves out counts as a difference."""
+    for key, header in _VALIDATORS:
+        stored = state.get(key)
+        if not stored:
+            continue
+        answered = response.headers.get(header)
+        if answered is None and not required:
+            continue
+        if answered != stored:
+            return False
+    return True
+
+
+def _if_range_validator(state: dict[str, Any]) -> str | None:
+    """The stored validator to send as If-Range: a strong ETag, else Last-Modified (a weak ETag may not be used)."""
+    etag = state.get("etag")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):
+        return etag
+    modified = state.get("lastModified")
+    return modified if isinstance(modified, str) and modified else None
+
+
+def _unsatisfied_total(response: requests.Response) -> int | None:
+    """The whole size a 416 reports in `Content-Range: bytes */<size>`, if it does."""
+    match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
     return int(match.group(1)) if match else None
 
 
 def _range_total(response: requests.Response) -> int | None:
-    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
     return int(match.group(3)) if match and match.group(3) != "*" else None
 
 

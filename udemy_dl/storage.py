@@ -6,13 +6,14 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import LeaseBusyError
+from .errors import LeaseBusyError, UnsafePathError
 from .settings import Settings
 
 RECORD_NAME = "manifest.json"
@@ -65,9 +66,27 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 
 def promote(staging: Path, final: Path) -> None:
-    """Move a verified staging folder into place in one rename (same file system)."""
+    """Move a verified staging folder into place in one rename (same file system).
+
+    Only regular files and real folders are moved: a symlink or a special file anywhere in the
+    tree (checked without following links) raises UnsafePathError and nothing moves.
+    """
+    check_plain_tree(staging)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, final)
+
+
+def check_plain_tree(folder: Path) -> None:
+    """Raise UnsafePathError unless *folder* is a real folder holding only regular files and real folders."""
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        raise UnsafePathError(f"refusing to move {str(folder)!r} into place: not a real folder")
+    for root, dirs, names in os.walk(folder):  # never descends into a symlinked folder
+        for name in [*dirs, *names]:
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                relative = Path(root, name).relative_to(folder).as_posix()
+                kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                raise UnsafePathError(f"refusing to move {str(folder)!r} into place: {relative!r} is {kind}")
 
 
 def keep_failed(settings: Settings, task_id: int, staging: Path, reason: str) -> Path:
