@@ -333,9 +333,14 @@ class Fetcher:
     ) -> tuple[tuple[FetchedFile, ...], int]:
         declared = [spec.size for spec in specs]
         total = sum(s for s in declared if s is not None) if all(s is not None for s in declared) else None
-        if total is not None and self.max_task_bytes and total > self.max_task_bytes:
-            raise TooLargeError(f"course is {total} bytes, more than MAX_TASK_BYTES={self.max_task_bytes}")
-        self._check_disk(staging, specs, total)
+        try:
+            if total is not None and self.max_task_bytes and total > self.max_task_bytes:
+                raise TooLargeError(f"course is {total} bytes, more than MAX_TASK_BYTES={self.max_task_bytes}")
+            self._check_disk(staging, specs, total)
+        except BaseException:
+            if opened is not None:
+                opened.close()  # the single file's response, not read: its connection is not kept waiting
+            raise
         progress = _Progress(on_progress, total, len(specs), limit=self.max_task_bytes)
         self._progress = progress
         cancel = threading.Event()
