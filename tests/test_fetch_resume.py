@@ -82,16 +82,31 @@ def test_part_complete_when_the_connection_broke_before_the_last_chunk_is_verifi
     """A chunked body whose every byte arrived but whose final empty chunk did not: the next attempt's Range
     request is answered 416 `bytes */<size>`, which says the part is complete; it is verified and put in place,
     not refused for good."""
-    url = origin.add_course("whole", {"big.bin": SIZE}, with_checksums=False)
+    size = 8 * 256 * 1024  # whole chunks of the origin's, whole reads of ours: every byte reaches the part
+    url = origin.add_course("whole", {"big.bin": size}, with_checksums=False)
     origin.chunked = True
-    origin.truncate[file_path("whole")] = SIZE
+    origin.truncate[file_path("whole")] = size
     with pytest.raises(FetchError):
         fetcher_for(origin).fetch(url, staging)
     del origin.truncate[file_path("whole")]
     result = fetcher_for(origin).fetch(url, staging)
     assert_in_place(result, staging, expected_sha(origin, "whole"))
-    assert requests_for(origin, file_path("whole"))[1].get("Range") == f"bytes={SIZE}-"
-    assert origin.bytes_sent[file_path("whole")] == SIZE  # nothing sent twice
+    assert requests_for(origin, file_path("whole"))[1].get("Range") == f"bytes={size}-"
+    assert origin.bytes_sent[file_path("whole")] == size  # nothing sent twice
+
+
+def test_chunked_body_cut_mid_read_keeps_every_byte_received(origin: ContentOrigin, staging: Path) -> None:
+    """A chunked body cut inside one of our reads: the bytes of that read are kept too, so the resume asks for
+    exactly the bytes that never arrived."""
+    url = origin.add_course("midread", {"big.bin": SIZE}, with_checksums=False)
+    origin.chunked = True
+    origin.truncate[file_path("midread")] = 1_000_000
+    with pytest.raises(FetchError):
+        fetcher_for(origin).fetch(url, staging)
+    del origin.truncate[file_path("midread")]
+    result = fetcher_for(origin).fetch(url, staging)
+    assert_in_place(result, staging, expected_sha(origin, "midread"))
+    assert requests_for(origin, file_path("midread"))[1].get("Range") == "bytes=1000000-"
 
 
 def test_part_complete_when_killed_before_the_rename_is_put_in_place(

@@ -1,0 +1,111 @@
+"""The fetch fixes seen from the task's side, with real RQ workers, Redis and MariaDB: a complete part file left by
+a killed run completes the task; an unwritable manifest fails it on the first attempt; a symlink planted in the
+staging folder never reaches the final folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from udemy_dl.errors import FetchError
+from udemy_dl.fetch import PARTS_DIRNAME, Fetcher
+from udemy_dl.settings import Settings
+from udemy_dl.storage import staging_path
+from udemy_dl.store import COMPLETED, FAILED, TaskStore
+
+from .conftest import MYSQL_TEST_URL
+from .test_worker_rq import Service, make_service
+
+
+@pytest.fixture
+def svc(
+    configure: Callable[..., Settings],
+    redis_conn: Redis,
+    origin: ContentOrigin,
+    receiver: WebhookReceiver,
+    webhook_secret: str,
+    mysql_store: TaskStore,
+) -> Service:
+    """The service on MariaDB, wired to this test's origin and receiver."""
+    return make_service(configure, redis_conn, origin, receiver, webhook_secret, mysql_store, MYSQL_TEST_URL)
+
+
+def test_complete_part_left_by_a_killed_run_completes_the_task(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed between the last write and the rename left every byte in the part file: the next run
+    verifies it and completes the task (it used to fail for good on the origin's 416)."""
+
+    class Killed(BaseException):
+        pass
+
+    url = svc.origin.add_course("killed", {"big.bin": 2_000_000})
+    task_id = svc.confirm(url)
+    real_replace = os.replace
+
+    def killed_at_rename(source: Any, target: Any) -> None:
+        if str(source).endswith(".part"):
+            raise Killed()
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_at_rename)
+    with pytest.raises(Killed):
+        Fetcher({svc.origin.host_port}).fetch(url, staging_path(svc.settings, task_id))
+    monkeypatch.setattr(os, "replace", real_replace)
+    svc.run_jobs()
+    row = svc.row(task_id)
+    assert (row.status, row.attempts, row.error_message) == (COMPLETED, 1, None)
+    assert svc.origin.bytes_sent["/files/killed/big.bin"] == 2_000_000
+
+
+def test_chunked_body_cut_before_its_last_chunk_completes_the_task(svc: Service) -> None:
+    """Every byte arrived but not the final empty chunk: the retry's Range request meets a 416 `bytes */N`, and the
+    task completes on its second attempt instead of failing."""
+    size = 8 * 256 * 1024  # whole chunks of the origin's, whole reads of ours: every byte reaches the part
+    url = svc.origin.add_course("chunked", {"big.bin": size}, with_checksums=False)
+    svc.origin.chunked = True
+    svc.origin.truncate["/files/chunked/big.bin"] = size
+    task_id = svc.paid_task(url)
+    with pytest.raises(FetchError):
+        Fetcher({svc.origin.host_port}).fetch(url, staging_path(svc.settings, task_id))
+    del svc.origin.truncate["/files/chunked/big.bin"]
+    svc.store.begin_attempt(task_id, svc.settings.max_attempts)
+    svc.producer().add_download_job(svc.payload(task_id))
+    svc.run_jobs()
+    row = svc.row(task_id)
+    assert (row.status, row.error_message) == (COMPLETED, None)
+
+
+@pytest.mark.parametrize("paths", [["a", "a/b"], ["é" * 200 + ".mp4"]], ids=["file-and-folder", "long-name"])
+def test_unwritable_manifest_fails_on_the_first_attempt(svc: Service, paths: list[str]) -> None:
+    """A manifest whose paths cannot exist on the disk fails the task at once: one attempt, no retry scheduled."""
+    files = [{"path": path, "url": "/files/x/data.bin"} for path in paths]
+    task_id = svc.confirm(svc.origin.set_manifest("/courses/unwritable", {"files": files}))
+    svc.run_jobs()
+    row = svc.row(task_id)
+    assert (row.status, row.attempts) == (FAILED, 1)
+    assert svc.origin.requests.paths() == ["/courses/unwritable"]
+
+
+def test_symlink_planted_in_staging_never_reaches_the_final_folder(svc: Service, tmp_path: Path) -> None:
+    """A `.parts` symlink and a stray symlink in the task's staging folder: the task completes, nothing is written
+    through them, and the final folder holds regular files and folders only."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    url = svc.origin.add_course("planted", {"a.bin": 5000})
+    task_id = svc.confirm(url)
+    staging = staging_path(svc.settings, task_id)
+    staging.mkdir(parents=True)
+    (staging / PARTS_DIRNAME).symlink_to(outside, target_is_directory=True)
+    (staging / "stray").symlink_to("/etc/passwd")
+    svc.run_jobs()
+    row = svc.row(task_id)
+    assert row.status == COMPLETED
+    final = Path(row.output_path or "")
+    assert sorted(p.name for p in final.iterdir()) == ["a.bin", "manifest.json"]
+    assert not any(p.is_symlink() for p in final.rglob("*"))
+    assert list(outside.iterdir()) == []
