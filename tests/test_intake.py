@@ -12,9 +12,12 @@ import hashlib
 import http.client
 import importlib.util
 import json
+import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +30,7 @@ from typing import Any, cast
 import pytest
 from redis import Redis
 from rq import Queue
+from standardwebhooks import Webhook
 
 from udemy_dl import intake as intake_module
 from udemy_dl.errors import ConfigError
@@ -39,6 +43,7 @@ from udemy_dl.webhooks import generate_secret, sign_headers
 from .conftest import MYSQL_TEST_URL, Backend, in_ci
 
 EMAIL = "buyer@shop.example"
+CONFIRM = "/orders/confirm"
 COURSE = "https://cdn.example/courses/1"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "INTAKE.md"
 CLOSED_REDIS = "redis://127.0.0.1:1/0"
@@ -86,15 +91,26 @@ class Intake:
         finally:
             connection.close()
 
-    def signed(self, body: str, msg_id: str | None = None, at: datetime | None = None) -> dict[str, str]:
-        return sign_headers(self.secret, msg_id or new_msg_id(), body, now=at)
+    def signed(
+        self, method: str, target: str, body: str = "", msg_id: str | None = None, at: datetime | None = None
+    ) -> dict[str, str]:
+        return signed_request(self.secret, method, target, body, msg_id=msg_id, at=at)
 
     def confirm(self, payload: object, **sign: Any) -> Reply:
         body = payload if isinstance(payload, str) else json.dumps(payload)
-        return self.request("POST", "/orders/confirm", body.encode(), self.signed(body, **sign))
+        return self.request("POST", CONFIRM, body.encode(), self.signed("POST", CONFIRM, body, **sign))
 
     def task(self, task_id: int | str, signed: bool = True) -> Reply:
-        return self.request("GET", f"/tasks/{task_id}", headers=self.signed("") if signed else {})
+        target = f"/tasks/{task_id}"
+        return self.request("GET", target, headers=self.signed("GET", target) if signed else {})
+
+
+def signed_request(
+    secret: str, method: str, target: str, body: str = "", msg_id: str | None = None, at: datetime | None = None
+) -> dict[str, str]:
+    """Standard Webhooks headers for one intake request, written from docs/INTAKE.md and not from the server's
+    code: the signed content is `<METHOD> <request-target>\\n<body>`."""
+    return sign_headers(secret, msg_id or new_msg_id(), f"{method} {target}\n{body}", now=at)
 
 
 def start_intake(settings: Settings, secret: str) -> Iterator[Intake]:
@@ -212,7 +228,7 @@ def test_a_replayed_webhook_id_gets_the_first_answer(intake: Intake, mysql_store
     """The very same signed message sent twice: the second answer is the first one, flagged, and nothing moves."""
     ids = pending_tasks(mysql_store, 2)
     body = json.dumps({"taskIds": ids})
-    headers = intake.signed(body, msg_id="msg_replay")
+    headers = intake.signed("POST", CONFIRM, body, msg_id="msg_replay")
     first = intake.request("POST", "/orders/confirm", body.encode(), headers)
     assert first.json()["enqueued"] == ids
     assert cast(int, redis_conn.ttl(REPLAY_KEY.format("msg_replay"))) > 300
@@ -242,7 +258,7 @@ def test_a_replay_waits_for_the_first_answer_then_gets_it(
     key = REPLAY_KEY.format("msg_slow")
     digest = hashlib.sha256(body.encode()).hexdigest()
     redis_conn.set(key, json.dumps({"body": digest}), ex=60)  # the first request, still at work
-    headers = intake.signed(body, msg_id="msg_slow")
+    headers = intake.signed("POST", CONFIRM, body, msg_id="msg_slow")
     replies: list[Reply] = []
     thread = threading.Thread(
         target=lambda: replies.append(intake.request("POST", "/orders/confirm", body.encode(), headers))
@@ -307,7 +323,7 @@ def test_concurrent_confirmations_make_one_job(intake: Intake, mysql_store: Task
 
 
 def _bad_signature(intake: Intake, body: str) -> dict[str, str]:
-    return sign_headers(generate_secret(), new_msg_id(), body)
+    return signed_request(generate_secret(), "POST", CONFIRM, body)
 
 
 def _no_headers(intake: Intake, body: str) -> dict[str, str]:
@@ -315,25 +331,25 @@ def _no_headers(intake: Intake, body: str) -> dict[str, str]:
 
 
 def _no_signature_header(intake: Intake, body: str) -> dict[str, str]:
-    headers = intake.signed(body)
+    headers = intake.signed("POST", CONFIRM, body)
     del headers["webhook-signature"]
     return headers
 
 
 def _six_minutes_old(intake: Intake, body: str) -> dict[str, str]:
-    return intake.signed(body, at=datetime.now(UTC) - timedelta(minutes=6))
+    return intake.signed("POST", CONFIRM, body, at=datetime.now(UTC) - timedelta(minutes=6))
 
 
 def _six_minutes_ahead(intake: Intake, body: str) -> dict[str, str]:
-    return intake.signed(body, at=datetime.now(UTC) + timedelta(minutes=6))
+    return intake.signed("POST", CONFIRM, body, at=datetime.now(UTC) + timedelta(minutes=6))
 
 
 def _garbled_signature(intake: Intake, body: str) -> dict[str, str]:
-    return {**intake.signed(body), "webhook-signature": "v1 no-comma-here"}
+    return {**intake.signed("POST", CONFIRM, body), "webhook-signature": "v1 no-comma-here"}
 
 
 def _signed_for_other_body(intake: Intake, body: str) -> dict[str, str]:
-    return intake.signed(body.replace("]", ", 1]"))
+    return intake.signed("POST", CONFIRM, body.replace("]", ", 1]"))
 
 
 @pytest.mark.parametrize(
@@ -366,6 +382,137 @@ def test_unauthenticated_confirm_is_401_and_changes_nothing(
     assert snapshot(redis_conn, mysql_store, ids) == before
     assert {row.status for row in mysql_store.get_many(ids)} == {PENDING}
     assert queued(redis_conn) == []
+
+
+# -- signatures cover the method and the request-target ----------------------------------------------
+
+
+def test_a_body_only_signature_is_refused_saying_it_must_cover_method_and_path(
+    intake: Intake, mysql_store: TaskStore, redis_conn: Redis
+) -> None:
+    """Headers signed over the empty body alone (the old scheme) used to read any task for five minutes: now 401,
+    with a reason that says what to sign. The same for a confirmation signed over its body alone."""
+    first, second = pending_tasks(mysql_store, 2)
+    body_only = sign_headers(intake.secret, new_msg_id(), "")
+    for task_id in (first, second):
+        reply = intake.request("GET", f"/tasks/{task_id}", headers=body_only)
+        assert reply.status == 401, reply.raw
+        assert "must cover the method and the path" in reply.error
+
+    before = snapshot(redis_conn, mysql_store, [first, second])
+    body = json.dumps({"taskIds": [first, second]})
+    reply = intake.request("POST", CONFIRM, body.encode(), sign_headers(intake.secret, new_msg_id(), body))
+    assert reply.status == 401, reply.raw
+    assert "must cover the method and the path" in reply.error
+    assert snapshot(redis_conn, mysql_store, [first, second]) == before
+
+
+def test_a_task_read_signed_for_one_task_does_not_read_another(intake: Intake, mysql_store: TaskStore) -> None:
+    first, second = pending_tasks(mysql_store, 2)
+    headers = intake.signed("GET", f"/tasks/{first}")
+    assert intake.request("GET", f"/tasks/{first}", headers=headers).status == 200
+    reply = intake.request("GET", f"/tasks/{second}", headers=headers)
+    assert reply.status == 401, reply.raw
+    assert "no matching signature" in reply.error.lower()
+
+
+@pytest.mark.parametrize(
+    ("signed_target", "sent_target", "status"),
+    [
+        ("/tasks/{}", "/tasks/{}?x=1", 401),
+        ("/tasks/{}?x=1", "/tasks/{}", 401),
+        ("/tasks/{}?x=1", "/tasks/{}?x=1", 200),
+        ("/tasks/{}?", "/tasks/{}?", 200),
+        ("/tasks/{}", "/tasks/{}?", 401),
+        ("/tasks/{}", "/tasks/%3{}", 401),
+    ],
+    ids=["query-added", "query-dropped", "same-query", "empty-query", "empty-query-added", "percent-encoded"],
+)
+def test_the_signed_path_is_the_raw_request_target_with_its_query(
+    intake: Intake, mysql_store: TaskStore, signed_target: str, sent_target: str, status: int
+) -> None:
+    """The path signed is the request-target exactly as sent: query string included, percent-encoding not undone."""
+    (task_id,) = pending_tasks(mysql_store, 1)
+    if "%3" in sent_target:  # /tasks/%3N reads task N only for single-digit ids; use the encoded form of the id
+        sent_target = "/tasks/" + "".join(f"%3{digit}" for digit in str(task_id))
+    headers = intake.signed("GET", signed_target.format(task_id))
+    reply = intake.request("GET", sent_target.format(task_id), headers=headers)
+    assert reply.status == status, reply.raw
+
+
+def test_a_confirmation_signed_for_another_method_or_path_is_401(
+    intake: Intake, mysql_store: TaskStore, redis_conn: Redis
+) -> None:
+    ids = pending_tasks(mysql_store, 1)
+    body = json.dumps({"taskIds": ids})
+    before = snapshot(redis_conn, mysql_store, ids)
+    for method, target in (("PUT", CONFIRM), ("POST", CONFIRM + "?priority=high"), ("POST", "/orders/confirm/")):
+        reply = intake.request("POST", CONFIRM, body.encode(), intake.signed(method, target, body))
+        assert reply.status == 401, (method, target, reply.raw)
+        assert "no matching signature" in reply.error.lower()
+    assert snapshot(redis_conn, mysql_store, ids) == before
+
+
+def test_a_signature_among_several_that_covers_the_request_is_enough(intake: Intake, mysql_store: TaskStore) -> None:
+    """Standard Webhooks allows several space-separated signatures (as while a key is rotated): one match will do."""
+    (task_id,) = pending_tasks(mysql_store, 1)
+    target = f"/tasks/{task_id}"
+    headers = intake.signed("GET", target)
+    stale = signed_request(generate_secret(), "GET", target)["webhook-signature"]
+    headers["webhook-signature"] = f"{stale} {headers['webhook-signature']}"
+    assert intake.request("GET", target, headers=headers).status == 200
+
+
+SIGNING_VECTOR = re.compile(r"<!-- signing-vector: (\{.*?\}) -->", re.DOTALL)
+
+
+def doc_block(language: str, containing: str) -> str:
+    """The fenced *language* block of docs/INTAKE.md that contains *containing*."""
+    for block in re.findall(rf"```{language}\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.DOTALL):
+        if containing in block:
+            return str(block)
+    raise AssertionError(f"no {language} block containing {containing!r} in docs/INTAKE.md")
+
+
+def signing_vector() -> dict[str, str]:
+    match = SIGNING_VECTOR.search(DOCS.read_text(encoding="utf-8"))
+    assert match is not None, "docs/INTAKE.md has no signing-vector comment"
+    return cast(dict[str, str], json.loads(match.group(1)))
+
+
+def test_the_signing_example_in_the_docs_is_right() -> None:
+    """docs/INTAKE.md's worked example: its stated signature is what Standard Webhooks gives over
+    `METHOD PATH\\n` + body, what its Python lines print and what its openssl lines print; and the intake takes it."""
+    vector = signing_vector()
+    content = f"{vector['method']} {vector['target']}\n{vector['body']}"
+    at = datetime.fromtimestamp(int(vector["timestamp"]), UTC)
+    expected = sign_headers(vector["secret"], vector["id"], content, now=at)["webhook-signature"]
+    assert vector["signature"] == expected
+    made = intake_module.sign_request(
+        vector["secret"], vector["method"], vector["target"], vector["body"], vector["id"], at
+    )
+    assert made["webhook-signature"] == expected, "udemy_dl.intake.sign_request, the helper for Python callers"
+
+    namespace: dict[str, Any] = {"__name__": "intake_docs_vector"}
+    exec(compile(doc_block("python", "hmac.new"), str(DOCS), "exec"), namespace)
+    assert namespace["signature"] == expected
+
+    if shutil.which("openssl") is None or shutil.which("bash") is None:
+        pytest.skip("openssl or bash is missing: the shell example was not run")
+    shell = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", doc_block("sh", "openssl dgst")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.strip() == expected
+
+    headers = {"webhook-id": vector["id"], "webhook-timestamp": vector["timestamp"], "webhook-signature": expected}
+    intake_module.verify_request(
+        Webhook(vector["secret"]), vector["method"], vector["target"], vector["body"], headers, now=at
+    )
 
 
 # -- confirm: malformed bodies ----------------------------------------------------------------------
@@ -425,7 +572,7 @@ def test_malformed_body_is_400_naming_the_problem_and_changes_nothing(
     before = snapshot(redis_conn, mysql_store, ids)
     body = make_body(ids[0])
     raw = body.encode("utf-8", "surrogateescape")
-    headers = intake.signed(raw.decode("utf-8", "replace"))
+    headers = intake.signed("POST", CONFIRM, raw.decode("utf-8", "replace"))
     reply = intake.request("POST", "/orders/confirm", raw, headers)
     assert reply.status == 400, reply.raw
     assert expected.format(ids[0]) in reply.error
@@ -444,7 +591,7 @@ def test_oversized_body_is_413_and_changes_nothing(intake: Intake, mysql_store: 
     ids = pending_tasks(mysql_store, 1)
     before = snapshot(redis_conn, mysql_store, ids)
     body = json.dumps({"taskIds": ids, "pad": "x" * MAX_BODY_BYTES})
-    reply = intake.request("POST", "/orders/confirm", body.encode(), intake.signed(body))
+    reply = intake.request("POST", CONFIRM, body.encode(), intake.signed("POST", CONFIRM, body))
     assert reply.status == 413 and "at most 65536" in reply.error
     assert snapshot(redis_conn, mysql_store, ids) == before
 
@@ -521,17 +668,249 @@ def test_unknown_task_is_404(intake: Intake) -> None:
 def test_task_status_unsigned_or_badly_signed_is_401(intake: Intake, mysql_store: TaskStore) -> None:
     (task_id,) = pending_tasks(mysql_store, 1)
     assert intake.task(task_id, signed=False).status == 401
-    headers = sign_headers(generate_secret(), new_msg_id(), "")
+    headers = signed_request(generate_secret(), "GET", f"/tasks/{task_id}")
     assert intake.request("GET", f"/tasks/{task_id}", headers=headers).status == 401
-    old = intake.signed("", at=datetime.now(UTC) - timedelta(minutes=6))
+    old = intake.signed("GET", f"/tasks/{task_id}", at=datetime.now(UTC) - timedelta(minutes=6))
     assert intake.request("GET", f"/tasks/{task_id}", headers=old).status == 401
 
 
-@pytest.mark.parametrize("raw", ["abc", "0", "-1", "1.5", "%20", "99999999999999999999"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "abc",
+        "0",
+        "-1",
+        "1.5",
+        "%20",
+        "99999999999999999999",
+        "%D9%A3",  # U+0663 ARABIC-INDIC DIGIT THREE
+        "%C2%B2",  # ², isdigit() but not int()
+        "+1",
+        "%2B1",
+        "1_000",
+        "0x1",
+        "01",
+        "1" * 4301,
+        "%",
+        "%ff",
+        "1%00",
+    ],
+    ids=repr,
+)
 def test_task_id_that_is_not_a_positive_integer_is_400(intake: Intake, raw: str) -> None:
     reply = intake.task(raw)
     assert reply.status == 400, reply.raw
     assert "task id must be a positive integer" in reply.error
+
+
+# -- bad input is a 4xx, never a 500 ------------------------------------------------------------------
+
+
+class LogRecords(logging.Handler):
+    """Every record the intake logs while a test runs (whatever other tests did to propagation)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def tracebacks(self) -> list[str]:
+        """Records at ERROR or above, or that carry an exception: what a request must never cause."""
+        return [
+            f"{record.levelname} {record.getMessage()} {record.exc_info!r}"
+            for record in self.records
+            if record.levelno >= logging.ERROR or record.exc_info or "Traceback" in record.getMessage()
+        ]
+
+
+@pytest.fixture
+def intake_log() -> Iterator[LogRecords]:
+    yield from capture_intake_log()
+
+
+def capture_intake_log() -> Iterator[LogRecords]:
+    handler = LogRecords()
+    logger = logging.getLogger("udemy_dl")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10) -> Reply | None:
+    """Send *data* as is on a new connection, end the sending side, and read the first answer (None if the server
+    closed without one, e.g. with a reset after refusing a body it did not read)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # a broken pipe, a reset: refused before the whole body was read, the answer is there
+            pass
+        response = http.client.HTTPResponse(sock)
+        try:
+            response.begin()
+            raw = response.read()
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            return None
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, raw)
+
+
+def wire(line: str) -> bytes:
+    """A request or header line as a client would put it on the wire: ISO-8859-1 (what HTTP parsers decode) where
+    it can be, else UTF-8 (whose bytes the server then reads as ISO-8859-1)."""
+    try:
+        return line.encode("iso-8859-1")
+    except UnicodeEncodeError:
+        return line.encode("utf-8")
+
+
+def request_bytes(method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: intake", *(f"{name}: {value}" for name, value in headers)]
+    return b"".join(wire(line) + b"\r\n" for line in lines) + b"\r\n" + body
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["²", "¹²", "\u0661\u0662", "-1", "+5", "1_0", "0x10", "1e3", "5 5", "5,5", "1" * 4301, "", "\u0661"],
+    ids=repr,
+)
+def test_content_length_that_is_not_ascii_digits_is_400_without_a_traceback(
+    intake: Intake, intake_log: LogRecords, value: str
+) -> None:
+    """`²` is str.isdigit() but not int(): it used to be a 500 with a traceback in the log."""
+    body = json.dumps({"taskIds": [1]})
+    headers = [("Content-Length", value), *intake.signed("POST", CONFIRM, body).items()]
+    reply = raw_exchange(intake.port, request_bytes("POST", CONFIRM, headers, body.encode()))
+    assert reply is not None and reply.status == 400, reply
+    assert "Content-Length" in reply.error
+    assert reply.headers.get("connection") == "close"
+    assert intake_log.tracebacks() == []
+
+
+def test_two_content_lengths_are_400(intake: Intake, intake_log: LogRecords) -> None:
+    """Two Content-Length headers (even equal ones) could frame the body two ways: refused."""
+    body = json.dumps({"taskIds": [1]})
+    length = str(len(body))
+    headers = [("Content-Length", length), ("Content-Length", length), *intake.signed("POST", CONFIRM, body).items()]
+    reply = raw_exchange(intake.port, request_bytes("POST", CONFIRM, headers, body.encode()))
+    assert reply is not None and reply.status == 400, reply
+    assert "Content-Length" in reply.error
+    assert intake_log.tracebacks() == []
+
+
+HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
+    ("4301-digit-id", b'{"taskIds": [' + b"7" * 4301 + b"]}", "4301 digits"),
+    ("4301-digit-negative", b'{"taskIds": [-' + b"7" * 4301 + b"]}", "4301 digits"),
+    ("nan", b'{"taskIds": [NaN]}', "NaN is not JSON"),
+    ("infinity", b'{"taskIds": [1, -Infinity]}', "-Infinity is not JSON"),
+    ("duplicate-key", b'{"taskIds": [1], "taskIds": [2]}', 'duplicate key "taskIds"'),
+    ("nested-duplicate-key", b'{"taskIds": [{"a": 1, "a": 2}]}', 'duplicate key "a"'),
+    ("deep", b'{"taskIds": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+    ("lone-surrogate", b'{"taskIds": [1], "priority": "\\ud800"}', "priority must be one of"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), [b[1:] for b in HOSTILE_BODIES], ids=[b[0] for b in HOSTILE_BODIES])
+def test_hostile_json_is_400_naming_the_problem_without_a_traceback(
+    intake: Intake, intake_log: LogRecords, mysql_store: TaskStore, redis_conn: Redis, body: bytes, expected: str
+) -> None:
+    """A number too long for int() used to escape as a 500; NaN/Infinity (not JSON) and duplicate keys (two
+    readings of one body) were accepted."""
+    ids = pending_tasks(mysql_store, 1)
+    before = snapshot(redis_conn, mysql_store, ids)
+    reply = intake.request("POST", CONFIRM, body, intake.signed("POST", CONFIRM, body.decode()))
+    assert reply.status == 400, reply.raw
+    assert expected in reply.error
+    assert len(reply.raw) < 2000, "the answer quotes the input at length"
+    assert snapshot(redis_conn, mysql_store, ids) == before
+    assert intake_log.tracebacks() == []
+
+
+def test_a_value_nested_just_short_of_the_parser_limit_is_400(intake: Intake, intake_log: LogRecords) -> None:
+    """Every depth up to and past the JSON parser's own limit: 400 each time (quoting such a value in the error
+    message must not fail where parsing it did not)."""
+    statuses = set()
+    for depth in range(900, 1001, 4):
+        body = '{"taskIds": [' + "[" * depth + "]" * depth + "]}"
+        statuses.add(intake.request("POST", CONFIRM, body.encode(), intake.signed("POST", CONFIRM, body)).status)
+    assert statuses == {400}
+    assert intake_log.tracebacks() == []
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("http://[/tasks/1", "origin-form"),
+        ("http://intake/tasks/1", "origin-form"),
+        ("*", "origin-form"),
+        ("tasks/1", "origin-form"),
+    ],
+)
+def test_a_request_target_that_is_not_a_path_is_400(
+    intake: Intake, intake_log: LogRecords, target: str, expected: str
+) -> None:
+    """`http://[/…` made urlsplit raise: a 500. Only a path (origin-form) is a request-target the intake serves."""
+    reply = raw_exchange(intake.port, request_bytes("GET", target, list(intake.signed("GET", target).items())))
+    assert reply is not None and reply.status == 400, reply
+    assert expected in reply.error
+    assert intake_log.tracebacks() == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"), [("FROB", "/tasks/1", 405), ("get", "/healthz", 405), ("BREW", "/x", 404)]
+)
+def test_an_unknown_method_is_a_4xx_not_501(
+    intake: Intake, intake_log: LogRecords, method: str, path: str, status: int
+) -> None:
+    reply = raw_exchange(intake.port, request_bytes(method, path, []))
+    assert reply is not None and reply.status == status, reply
+    assert intake_log.tracebacks() == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\u0661\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660",
+        "1_700_000_000",
+        "1e9",
+        "nan",
+        "inf",
+        "-1",
+        "9" * 40,
+        "²",
+        "1700000000.5",
+    ],
+    ids=repr,
+)
+def test_a_malformed_timestamp_is_401(intake: Intake, intake_log: LogRecords, value: str) -> None:
+    """webhook-timestamp is Unix seconds in ASCII digits; float() would read `1_700_000_000` or `1e9` too."""
+    target = "/tasks/1"
+    headers = {**intake.signed("GET", target), "webhook-timestamp": value}
+    reply = raw_exchange(intake.port, request_bytes("GET", target, list(headers.items())))
+    assert reply is not None and reply.status == 401, reply
+    assert "malformed" in reply.error
+    assert intake_log.tracebacks() == []
+
+
+@pytest.mark.parametrize(
+    "value", ["msg\x1bforged", "x" * 257, "msg id", "msg_é"], ids=["escape", "long", "space", "non-ascii"]
+)
+def test_a_webhook_id_that_is_not_short_printable_ascii_is_401(
+    intake: Intake, intake_log: LogRecords, value: str
+) -> None:
+    """The webhook-id is logged and becomes a Redis key: 1 to 256 printable ASCII characters, no spaces."""
+    body = json.dumps({"taskIds": [1]})
+    headers = [("Content-Length", str(len(body))), *intake.signed("POST", CONFIRM, body, msg_id=value).items()]
+    reply = raw_exchange(intake.port, request_bytes("POST", CONFIRM, headers, body.encode()))
+    assert reply is not None and reply.status == 401, reply
+    assert "webhook-id" in reply.error
+    assert intake_log.tracebacks() == []
 
 
 # -- /healthz and /metrics --------------------------------------------------------------------------
@@ -628,7 +1007,7 @@ def test_keep_alive_connection_serves_several_requests(intake: Intake, mysql_sto
     try:
         statuses = []
         for _ in range(3):
-            connection.request("GET", f"/tasks/{task_id}", headers=intake.signed(""))
+            connection.request("GET", f"/tasks/{task_id}", headers=intake.signed("GET", f"/tasks/{task_id}"))
             response = connection.getresponse()
             response.read()
             statuses.append(response.status)
@@ -643,11 +1022,9 @@ def test_the_python_example_in_the_docs_works(
     intake: Intake, mysql_store: TaskStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """docs/INTAKE.md's Python client, run as written: it confirms, reads a status and gets a 404."""
-    match = re.search(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.DOTALL)
-    assert match is not None, "no python block in docs/INTAKE.md"
     monkeypatch.setenv("INTAKE_URL", f"http://127.0.0.1:{intake.port}")
     namespace: dict[str, Any] = {"__name__": "intake_docs_example"}
-    exec(compile(match.group(1), str(DOCS), "exec"), namespace)
+    exec(compile(doc_block("python", "def intake_request"), str(DOCS), "exec"), namespace)
     ids = pending_tasks(mysql_store, 2)
     assert namespace["confirm_payment"](ids) == (202, {"enqueued": ids, "alreadyQueued": [], "refused": []})
     status, answer = namespace["task_status"](ids[0])
@@ -704,7 +1081,7 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         (task_id,) = pending_tasks(mysql_store, 1)
         body = json.dumps({"taskIds": [task_id]})
-        headers = sign_headers(secret, new_msg_id(), body)
+        headers = signed_request(secret, "POST", CONFIRM, body)
         connection.request("POST", "/orders/confirm", body=body.encode(), headers=headers)
         response = connection.getresponse()
         assert (response.status, json.loads(response.read())["enqueued"]) == (202, [task_id])

@@ -197,6 +197,8 @@ BAD_REQUESTS: list[tuple[str, Callable[[list[int]], list[object]], int, str]] = 
     ("bad-signature", lambda ids: ["--bad-signature", *ids], 401, "no matching signature"),
     ("old-timestamp", lambda ids: ["--old-timestamp", *ids], 401, "too old"),
     ("unsigned", lambda ids: ["--unsigned", *ids], 401, "missing header"),
+    ("body-only-signature", lambda ids: ["--body-only-signature", *ids], 401, "must cover the method and the path"),
+    ("signed-for-another-path", lambda ids: ["--signed-path", "/orders/confirm?x=1", *ids], 401, "no matching"),
     ("not-json", lambda ids: ["--body", f"taskIds={ids[0]}"], 400, "not valid JSON"),
     ("ids-not-a-list", lambda ids: ["--body", json.dumps({"taskIds": ids[0]})], 400, "must be a list"),
     ("ids-missing", lambda ids: ["--body", json.dumps({"ids": ids})], 400, "unknown field"),
@@ -253,6 +255,20 @@ def test_node_client_status_of_unknown_task_is_404_and_wrong_key_is_401(
     assert "HTTP 404" in missing.stderr
     wrong = run_client("--status", 1, secret_key=generate_secret())
     assert wrong.returncode == 1 and "HTTP 401" in wrong.stderr, wrong.explain()
+
+
+def test_node_client_signature_reads_only_the_task_it_was_made_for(
+    run_client: Callable[..., NodeResult], mysql_store: TaskStore
+) -> None:
+    """Node signs method and path: a status read signed for another task, or over the body alone, is 401."""
+    first, second = (mysql_store.insert_task(EMAIL, "https://cdn.example/courses/s", PENDING) for _ in range(2))
+    assert run_client("--status", first).returncode == 0
+    other = run_client("--status", first, "--signed-path", f"/tasks/{second}")
+    assert other.returncode == 1 and "HTTP 401" in other.stderr, other.explain()
+    assert "no matching signature" in other.answer["error"].lower()
+    body_only = run_client("--status", first, "--body-only-signature")
+    assert body_only.returncode == 1 and "HTTP 401" in body_only.stderr, body_only.explain()
+    assert "must cover the method and the path" in body_only.answer["error"]
 
 
 def test_node_client_refuses_bad_usage_without_calling(run_client: Callable[..., NodeResult]) -> None:

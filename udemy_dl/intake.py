@@ -1,14 +1,19 @@
 """The intake: an HTTP front door for producers in any language (`udemy-dl serve`, SPEC §10).
 
     POST /orders/confirm   signed; {"taskIds": [int, ...], "priority": "normal"|"high"} -> 202
-    GET  /tasks/<id>       signed over an empty body -> 200 task status, or 404
+    GET  /tasks/<id>       signed (empty body) -> 200 task status, or 404
     GET  /metrics          Prometheus text format (no signature)
     GET  /healthz          200 when Redis and the database answer, else 503 naming what does not
 
 Requests are signed like our webhooks (Standard Webhooks: webhook-id, webhook-timestamp and
-webhook-signature over the raw body, with API_SECRET_KEY), so the payment service needs one
-secret and one library for both directions. Every request is checked completely before anything
-changes: a 4xx answer means nothing was written to Redis or the database.
+webhook-signature, with API_SECRET_KEY), so the payment service needs one secret and one library
+for both directions. What a request signs as the Standard Webhooks "payload" is not the body
+alone but `<METHOD> <request-target>\n<body>` (request_content), so a signature is good for one
+method on one path (query string included) and nothing else. Every request is checked completely
+before anything changes: a 4xx answer means nothing was written to Redis or the database.
+
+Bad input of any shape is a 4xx with a reason: numbers are read with ASCII-digit patterns, never
+str.isdigit() or an unbounded int(); tests/test_intake_properties.py fuzzes the whole request.
 
 A confirmation is idempotent twice over: confirm_payment itself changes nothing for a task that
 is already queued or done, and a replayed webhook-id (the same signed message sent again within
@@ -21,7 +26,10 @@ a small pool, since a database connection must not be used by two threads at onc
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import hmac
 import importlib
 import json
 import logging
@@ -31,18 +39,20 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from redis import Redis
 from redis.exceptions import RedisError
-from standardwebhooks import Webhook, WebhookVerificationError
+from standardwebhooks import Webhook
 
 from . import defaults
 from .connection import redis_connection
@@ -50,6 +60,7 @@ from .errors import ConfigError, StoreError, TransientError
 from .producer import Producer
 from .settings import Settings
 from .store import TaskRow, TaskStore, open_store
+from .webhooks import sign_headers
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +98,24 @@ MAX_IDLE_STORES = 8
 WEBHOOK_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 JSON_TYPE = "application/json; charset=utf-8"
 
+SIGNATURE_TOLERANCE = 5 * 60
+"""Seconds a webhook-timestamp may be off the server's clock, either way (as in Standard Webhooks)."""
+
+MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,256}")
+"""A webhook-id: 1 to 256 printable ASCII characters, no spaces (it is logged and becomes a Redis key)."""
+
+TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
+"""A webhook-timestamp: Unix seconds in ASCII digits (float() would also take `1e9`, `nan` or `1_700_000_000`)."""
+
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+"""A Content-Length: ASCII digits only (`²` is str.isdigit() but not int()), short enough for int()."""
+
+MAX_NUMBER_DIGITS = 40
+"""Longest integer read from a JSON body; a task id has at most 19 digits (int() of a much longer
+string is slow, and over 4300 digits it raises)."""
+
+SIGNING_DOC = "docs/INTAKE.md, Signing a request"
+
 
 # -- request validation ----------------------------------------------------------------------------
 
@@ -114,6 +143,93 @@ def bad_request(message: str, field: str | None = None) -> HttpError:
     return HttpError(400, message, field)
 
 
+# -- signing --------------------------------------------------------------------------------------------
+
+
+def request_content(method: str, target: str, body: str) -> str:
+    """What a request's signature covers, given to Standard Webhooks as its payload: the method, one space, the
+    request-target exactly as sent on the request line (path and query string, percent-encoding untouched), a line
+    feed, then the body (empty for a GET). The HMAC input is therefore `<id>.<timestamp>.<METHOD> <target>\\n<body>`.
+    """
+    return f"{method} {target}\n{body}"
+
+
+def sign_request(
+    secret: str, method: str, target: str, body: str = "", msg_id: str | None = None, now: datetime | None = None
+) -> dict[str, str]:
+    """The webhook-* headers (and Content-Type) for one request to the intake, signed now: the helper for a Python
+    caller. *target* is the path and query string exactly as they will be sent."""
+    return sign_headers(secret, msg_id or f"msg_{uuid.uuid4().hex}", request_content(method, target, body), now=now)
+
+
+def _unauthorized(message: str) -> HttpError:
+    return HttpError(401, message)
+
+
+def _signature_bytes(webhook: Webhook, msg_id: str, at: datetime, content: str) -> bytes:
+    return base64.b64decode(webhook.sign(msg_id=msg_id, timestamp=at, data=content).split(",", 1)[1])
+
+
+def verify_request(
+    webhook: Webhook,
+    method: str,
+    target: str,
+    body: str,
+    headers: Mapping[str, str],
+    now: datetime | None = None,
+) -> str:
+    """Check the Standard Webhooks headers of one request over request_content(); return its webhook-id.
+
+    HttpError 401 when a header is missing or malformed, the timestamp is more than 5 minutes off, or no
+    signature matches; a signature over the body alone (the scheme before method and path were signed) is told so.
+    """
+    present = {name: headers[name] for name in WEBHOOK_HEADERS if headers.get(name)}
+    missing = [name for name in WEBHOOK_HEADERS if name not in present]
+    if missing:
+        raise _unauthorized(f"missing header(s) {', '.join(missing)}: sign the request (Standard Webhooks)")
+    msg_id, stamp, signatures = (present[name] for name in WEBHOOK_HEADERS)
+    if not MSG_ID_RE.fullmatch(msg_id):
+        raise _unauthorized(
+            "signature verification failed: malformed webhook-id: 1 to 256 printable ASCII characters, no spaces"
+        )
+    if not TIMESTAMP_RE.fullmatch(stamp.strip(" \t")):
+        raise _unauthorized("signature verification failed: malformed webhook-timestamp: Unix seconds, ASCII digits")
+    signed_at = int(stamp.strip(" \t"))
+    clock = (now or datetime.now(UTC)).timestamp()
+    if signed_at < clock - SIGNATURE_TOLERANCE:
+        raise _unauthorized("signature verification failed: Message timestamp too old")
+    if signed_at > clock + SIGNATURE_TOLERANCE:
+        raise _unauthorized("signature verification failed: Message timestamp too new")
+    offered: list[bytes] = []
+    for item in signatures.split(" "):
+        version, comma, value = item.partition(",")
+        if not comma:
+            raise _unauthorized("signature verification failed: malformed webhook-signature: expected v1,<base64>")
+        if version != "v1":
+            continue
+        try:
+            offered.append(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError):
+            raise _unauthorized("signature verification failed: malformed webhook-signature: bad base64") from None
+    at = datetime.fromtimestamp(signed_at, UTC)
+    expected = _signature_bytes(webhook, msg_id, at, request_content(method, target, body))
+    if any(hmac.compare_digest(expected, signature) for signature in offered):
+        return msg_id
+    body_only = _signature_bytes(webhook, msg_id, at, body)
+    if any(hmac.compare_digest(body_only, signature) for signature in offered):
+        raise _unauthorized(
+            "signature verification failed: it covers the body only; the signature must cover the method and the "
+            f"path too: sign `<METHOD> <path>\\n<body>` ({SIGNING_DOC})"
+        )
+    raise _unauthorized(
+        "signature verification failed: No matching signature found "
+        f"(it covers webhook-id, webhook-timestamp, method, path with query string, and body: {SIGNING_DOC})"
+    )
+
+
+# -- request validation, continued ------------------------------------------------------------------------
+
+
 def _json_type(value: object) -> str:
     """The JSON name of *value*'s type, as a JavaScript caller would call it."""
     if value is None:
@@ -131,8 +247,50 @@ def _json_type(value: object) -> str:
 
 def _shown(value: object, limit: int = 40) -> str:
     """*value* as JSON, shortened, for an error message."""
-    text = json.dumps(value)
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RecursionError):  # a value the parser could read but not write back
+        text = f"<{_json_type(value)}>"
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class RefusedJson(ValueError):
+    """JSON that Python's parser would read but the intake does not take: NaN and Infinity (not JSON), duplicate
+    keys (two readings of one body), numbers too long to be a task id."""
+
+
+def _json_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_NUMBER_DIGITS:
+        raise RefusedJson(f"a number has {digits} digits (a task id has at most 19)")
+    return int(text)
+
+
+def _json_constant(name: str) -> Any:
+    raise RefusedJson(f"{name} is not JSON")
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise RefusedJson(f"duplicate key {_shown(key)}")
+        data[key] = value
+    return data
+
+
+def load_json(text: str) -> Any:
+    """Parse a request body strictly; HttpError 400 saying why it is not acceptable JSON."""
+    try:
+        return json.loads(text, parse_int=_json_int, parse_constant=_json_constant, object_pairs_hook=_json_object)
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RefusedJson as exc:
+        raise bad_request(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # anything else the parser refuses
+        raise bad_request(f"body is not valid JSON: {_shown(str(exc), 80)}") from None
 
 
 @dataclass(frozen=True)
@@ -148,12 +306,7 @@ CONFIRM_FIELDS = ("taskIds", "priority")
 
 def parse_confirm_body(text: str) -> ConfirmRequest:
     """Validate a confirmation body completely; HttpError 400 names the field and the value at fault."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise bad_request("body is not valid JSON: nested too deeply") from None
+    data = load_json(text)
     if not isinstance(data, dict):
         raise bad_request(f'body must be a JSON object like {{"taskIds": [1, 2]}}, got {_json_type(data)}')
     unknown = sorted(key for key in data if key not in CONFIRM_FIELDS)
@@ -178,7 +331,7 @@ def parse_confirm_body(text: str) -> ConfirmRequest:
                 f"taskIds[{index}] must be a positive integer, got {_shown(value)} ({_json_type(value)})", "taskIds"
             )
         if value > MAX_TASK_ID:
-            raise bad_request(f"taskIds[{index}] is too large: {value} (at most {MAX_TASK_ID})", "taskIds")
+            raise bad_request(f"taskIds[{index}] is too large: {_shown(value)} (at most {MAX_TASK_ID})", "taskIds")
         task_ids.append(value)
     priority = data.get("priority", "normal")
     if priority not in defaults.PRIORITIES:
@@ -318,19 +471,9 @@ class IntakeApp:
 
     # -- authentication
 
-    def verify(self, body: str, headers: Mapping[str, str]) -> str:
-        """Check the Standard Webhooks signature of *body*; return the webhook-id, else HttpError 401."""
-        present = {name: headers[name] for name in WEBHOOK_HEADERS if headers.get(name)}
-        missing = [name for name in WEBHOOK_HEADERS if name not in present]
-        if missing:
-            raise HttpError(401, f"missing header(s) {', '.join(missing)}: sign the request (Standard Webhooks)")
-        try:
-            self.webhook.verify(body, present, json_parse=False)
-        except WebhookVerificationError as exc:
-            raise HttpError(401, f"signature verification failed: {exc}") from None
-        except (ValueError, TypeError, OverflowError):  # a malformed signature or timestamp header
-            raise HttpError(401, "signature verification failed: malformed webhook headers") from None
-        return present["webhook-id"]
+    def verify(self, method: str, target: str, body: str, headers: Mapping[str, str]) -> str:
+        """Check the request's signature (verify_request); return the webhook-id, else HttpError 401."""
+        return verify_request(self.webhook, method, target, body, headers)
 
     # -- routes
 
@@ -497,7 +640,14 @@ class IntakeHandler(BaseHTTPRequestHandler):
     # -- answers
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, unknown method...) answered as JSON."""
+        """http.server's own errors (bad request line, headers too long...) answered as JSON.
+
+        A method http.server has no do_<METHOD> for (it would answer 501) is routed like any other, so it gets
+        404 or 405 with Allow: a client's odd request is a 4xx.
+        """
+        if code == HTTPStatus.NOT_IMPLEMENTED and self.command and getattr(self, "headers", None) is not None:
+            self._dispatch()
+            return
         reason = message or self.responses.get(code, ("error",))[0]
         self._send(Answer.of_json(code, {"error": reason}), close=True)
 
@@ -520,21 +670,31 @@ class IntakeHandler(BaseHTTPRequestHandler):
 
     # -- reading
 
+    def _content_length(self) -> int | None:
+        """The declared body length, None when there is none; HttpError 400 unless it is one number in ASCII digits."""
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return None
+        if len(values) > 1:
+            self._body_pending = True
+            raise bad_request(f"{len(values)} Content-Length headers: send exactly one")
+        raw = str(values[0]).strip(" \t")
+        if not CONTENT_LENGTH_RE.fullmatch(raw):
+            self._body_pending = True
+            raise bad_request(f"Content-Length is not a number of bytes in ASCII digits: {_shown(raw)}")
+        return int(raw)
+
     def _read_body(self) -> bytes:
         """The request body (Content-Length only); HttpError 411/413/400 otherwise."""
         if self.headers.get("Transfer-Encoding"):
             self._body_pending = True
             raise HttpError(411, "chunked bodies are not supported: send Content-Length")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
+        length = self._content_length()
+        if length is None:
             if self.command == "POST":
                 raise HttpError(411, "Content-Length is required")
             self._body_pending = False
             return b""
-        if not raw.strip().isdigit():
-            self._body_pending = True
-            raise bad_request(f"Content-Length is not a number: {_shown(raw)}")
-        length = int(raw)
         if length > MAX_BODY_BYTES:
             self._body_pending = True
             if length <= DRAIN_BODY_BYTES:
@@ -588,7 +748,7 @@ class IntakeHandler(BaseHTTPRequestHandler):
             try:
                 if app.stopping:
                     raise HttpError(503, "shutting down", None, {"Retry-After": "1"})
-                answer = self._route(urlsplit(self.path).path)
+                answer = self._route(self._path())
             except HttpError as exc:
                 answer = Answer.of_json(exc.status, exc.body(), exc.headers)
             except StoreError as exc:
@@ -605,6 +765,20 @@ class IntakeHandler(BaseHTTPRequestHandler):
                 answer = Answer.of_json(500, {"error": "internal error"})
             self._send(answer)
             self._started = 0.0
+
+    def _target(self) -> str:
+        """The request-target exactly as sent on the request line: what a signature covers."""
+        words = (self.requestline or "").split()
+        return words[1] if len(words) >= 2 else self.path
+
+    def _path(self) -> str:
+        """The path to route on, without the query string; HttpError 400 unless the target is a path (origin-form:
+        not `http://host/...`, not `*`)."""
+        if not self.path.startswith("/"):
+            raise bad_request(
+                f"the request-target must be a path such as /tasks/1 (origin-form), got {_shown(self._target())}"
+            )
+        return self.path.split("?", 1)[0]
 
     def _route(self, path: str) -> Answer:
         match = TASK_PATH_RE.fullmatch(path)
@@ -625,7 +799,7 @@ class IntakeHandler(BaseHTTPRequestHandler):
             return self.app.metrics()
         assert match is not None
         self._no_body()
-        self.app.verify("", self._webhook_headers())
+        self.app.verify(self.command, self._target(), "", self._webhook_headers())
         return self.app.task(parse_path_task_id(match.group(1)))
 
     def _no_body(self) -> None:
@@ -641,7 +815,7 @@ class IntakeHandler(BaseHTTPRequestHandler):
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise bad_request("body is not UTF-8 text") from None
-        msg_id = self.app.verify(text, self._webhook_headers())
+        msg_id = self.app.verify(self.command, self._target(), text, self._webhook_headers())
         request = parse_confirm_body(text)
         return self.app.confirm(request, msg_id, body)
 

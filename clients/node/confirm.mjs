@@ -2,7 +2,9 @@
 // A Node.js client of the udemy_dl intake (`udemy-dl serve`): confirm paid orders, read a task's status.
 //
 // Requests are signed with Standard Webhooks (the `standardwebhooks` npm package) using the same
-// API_SECRET_KEY (whsec_...) that signs the webhooks udemy_dl sends to the payment service.
+// API_SECRET_KEY (whsec_...) that signs the webhooks udemy_dl sends to the payment service. The
+// payload signed is `<METHOD> <path and query>\n<body>`, so a signature is good for one request only
+// (docs/INTAKE.md, "Signing a request").
 //
 //   INTAKE_URL=http://127.0.0.1:8080 API_SECRET_KEY=whsec_... node confirm.mjs 101 102 103
 //   node confirm.mjs --priority high 104          # VIP order
@@ -18,6 +20,8 @@
 //   --bad-signature    sign with a random key instead of API_SECRET_KEY
 //   --old-timestamp    sign with a timestamp 6 minutes in the past
 //   --unsigned         send no webhook-* headers at all
+//   --body-only-signature  sign the body alone, without method and path (the intake refuses it)
+//   --signed-path PATH sign for PATH instead of the path actually requested
 
 import { randomBytes, randomUUID } from "node:crypto";
 import { realpathSync } from "node:fs";
@@ -29,13 +33,24 @@ const DEFAULT_URL = "http://127.0.0.1:8080";
 const TIMEOUT_MS = 30_000;
 
 /**
+ * What a request's signature covers (the Standard Webhooks payload): the method, a space, the request-target
+ * as sent on the request line (path and query string), a line feed, then the body.
+ */
+export function signedContent(method, target, body) {
+  return `${method} ${target}\n${body}`;
+}
+
+/**
  * Send one signed request to the intake and return {status, body} (body parsed from JSON when it is JSON).
  *
- * The signature covers webhook-id, webhook-timestamp and the exact body text, so the body must be sent
- * byte for byte as signed (a GET signs the empty string).
+ * The signature covers webhook-id, webhook-timestamp, the method, the path with its query string, and the exact
+ * body text, so the body must be sent byte for byte as signed (a GET has an empty body). The path signed is the
+ * one fetch sends: the pathname and search of the URL built here.
  */
 export async function intakeRequest(method, path, body = "", options = {}) {
   const baseUrl = (options.baseUrl ?? process.env.INTAKE_URL ?? DEFAULT_URL).replace(/\/+$/, "");
+  const url = new URL(`${baseUrl}${path}`);
+  const target = `${url.pathname}${url.search}`;
   const secret = options.secret ?? process.env.API_SECRET_KEY;
   const headers = { accept: "application/json" };
   if (body !== "") {
@@ -50,9 +65,10 @@ export async function intakeRequest(method, path, body = "", options = {}) {
     const key = options.badSignature ? `whsec_${randomBytes(32).toString("base64")}` : secret;
     headers["webhook-id"] = msgId;
     headers["webhook-timestamp"] = String(Math.floor(signedAt.getTime() / 1000));
-    headers["webhook-signature"] = new Webhook(key).sign(msgId, signedAt, body);
+    const payload = options.bodyOnlySignature ? body : signedContent(method, options.signedPath ?? target, body);
+    headers["webhook-signature"] = new Webhook(key).sign(msgId, signedAt, payload);
   }
-  const response = await fetch(`${baseUrl}${path}`, {
+  const response = await fetch(url, {
     method,
     headers,
     body: body === "" ? undefined : body,
@@ -106,6 +122,8 @@ async function main(argv) {
       "bad-signature": { type: "boolean", default: false },
       "old-timestamp": { type: "boolean", default: false },
       unsigned: { type: "boolean", default: false },
+      "body-only-signature": { type: "boolean", default: false },
+      "signed-path": { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -118,6 +136,8 @@ async function main(argv) {
     badSignature: values["bad-signature"],
     ageSeconds: values["old-timestamp"] ? 6 * 60 : 0,
     unsigned: values.unsigned,
+    bodyOnlySignature: values["body-only-signature"],
+    signedPath: values["signed-path"],
   };
   let method;
   let path;
