@@ -865,7 +865,7 @@ def _clear_way(staging: Path, target: Path) -> None:
             return
         if not stat.S_ISDIR(info.st_mode):
             log.warning("removing %s from the staging folder: a folder must be there", folder)
-            folder.unlink()
+            folder.unlink(missing_ok=True)  # another file of the course may have removed it first
             return
     try:
         info = os.lstat(target)
