@@ -114,6 +114,73 @@ def test_bad_setting_exits_3_naming_the_variable(variable: str, value: str) -> N
     assert variable in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "secret"),
+    [
+        ("REDIS_URL", "redis://127.0.0.1:6379/ten", None),
+        ("REDIS_URL", "redis://127.0.0.1:abc/0", None),
+        ("REDIS_URL", "redis://:s3c/ret@127.0.0.1:6379/0", "s3c"),
+        ("REDIS_URL", "redis://:s3c#ret@127.0.0.1:6379/0", "s3c"),
+        ("DATABASE_URL", "mysql://root:pw-9@127.0.0.1:abc/udemy_dl_test", "pw-9"),
+        ("DATABASE_URL", "mysql://root:s3c/ret@127.0.0.1/udemy_dl_test", "s3c"),
+        ("REDIS_PORT", "70000", None),
+    ],
+)
+def test_malformed_url_or_port_exits_3_without_a_traceback(variable: str, value: str, secret: str | None) -> None:
+    """A malformed REDIS_URL/DATABASE_URL/port is a configuration error (exit 3, which systemd does not
+    restart), named on stderr: no traceback, no exit 1, no password, and `/ten` is not read as db 0."""
+    result = cli("health", **{"DATABASE_URL": "sqlite:///x.db", "ALLOWED_HOSTS": "cdn.example", variable: value})
+    assert result.returncode == RET_CONFIG, explain(result)
+    assert variable in result.stderr and "Traceback" not in result.stderr
+    if secret is not None:
+        assert secret not in result.stdout + result.stderr, explain(result)
+
+
+REQUIRED_ARGUMENTS = {
+    "confirm-payment": ["1"],
+    "enqueue": ["--task-id", "1", "--email", "buyer@shop.example", "--course-url", "https://cdn.example/c"],
+}
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_command_exits_3_on_a_malformed_setting(command: str) -> None:
+    """Whatever the command, a bad value stops it with exit 3 naming the variable (systemd's
+    RestartPreventExitStatus=3 relies on it)."""
+    result = cli(*command.split(), *REQUIRED_ARGUMENTS.get(command, []), REDIS_URL="redis://127.0.0.1:6379/ten")
+    assert result.returncode == RET_CONFIG, explain(result)
+    assert "REDIS_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "environ", "variable"),
+    [
+        ("health", {"DATABASE_URL": "sqlite:///x.db"}, "ALLOWED_HOSTS"),
+        ("health", {"ALLOWED_HOSTS": "cdn.example"}, "DATABASE_URL"),
+        ("reconciler", {}, "DATABASE_URL"),
+        ("reconcile", {}, "DATABASE_URL"),
+        ("pool", {"DATABASE_URL": "sqlite:///x.db"}, "ALLOWED_HOSTS"),
+    ],
+)
+def test_missing_setting_a_command_needs_exits_3(command: str, environ: dict[str, str], variable: str) -> None:
+    """A setting a command cannot do without is a configuration error too (exit 3), not a failed
+    health check (5), nor a loop that logs the same warning forever."""
+    try:
+        result = subprocess.run(
+            [*cli_command(), command],
+            env={**os.environ, "REDIS_URL": CLOSED_REDIS, **environ},
+            cwd=os.getcwd(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{command} did not stop on a missing {variable}: {exc.stderr!r}")
+    assert result.returncode == RET_CONFIG, explain(result)
+    assert variable in result.stdout + result.stderr
+
+
 def test_bad_setting_in_dotenv_exits_3(tmp_path: Path) -> None:
     """A malformed value in `.env` (in the working directory) is caught the same way."""
     (tmp_path / ".env").write_text("RETRY_DELAY=soon\n", encoding="utf-8")

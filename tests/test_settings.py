@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -266,3 +267,205 @@ def test_every_variable_read_is_listed_in_variables() -> None:
     read |= {"REDIS_URL", "DATABASE_URL", "ALLOWED_HOSTS", "WEBHOOK_URL", "API_SECRET_KEY"}
     assert read <= set(module.VARIABLES), sorted(read - set(module.VARIABLES))
     assert len(module.VARIABLES) == len(set(module.VARIABLES))
+
+
+# -- URLs and typed values are checked whole at load (a bad value never reaches redis-py or the store)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"REDIS_URL": "redis://127.0.0.1:6379/ten"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:6379/-1"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:6379/1/2"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:abc/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:70000/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:0/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis:///0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache example/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://[not-ipv6]:6379/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache.example/0#x"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache.example/0?db=ten"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache.example/0?colour=blue"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache.example/?socket_timeout=soon"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache.example/0?ssl_ca_certs=/etc/ca.pem"}, "REDIS_URL"),
+        ({"REDIS_URL": "REDIS://cache.example/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis:/cache.example/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "unix://"}, "REDIS_URL"),
+        ({"REDIS_URL": "unix://cache.example/run/redis.sock"}, "REDIS_URL"),
+        ({"REDIS_URL": "unix:///run/redis.sock?db=x"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache.example/0", "REDIS_SENTINELS": "s1:26379", "REDIS_DB": "x"}, "REDIS_DB"),
+        ({"REDIS_URL": "unix:///run/redis.sock", "REDIS_SENTINELS": "s1:26379"}, "REDIS_URL"),
+        ({"REDIS_PORT": "70000"}, "REDIS_PORT"),
+        ({"REDIS_PORT": "6379x"}, "REDIS_PORT"),
+        ({"REDIS_URL": "redis://cache.example/0", "REDIS_PORT": "abc"}, "REDIS_PORT"),
+        ({"REDIS_DB": "ten"}, "REDIS_DB"),
+        ({"REDIS_DB": "-1"}, "REDIS_DB"),
+        ({"REDIS_HOST": "cache.example/0"}, "REDIS_HOST"),
+        ({"REDIS_HOST": "user@cache.example"}, "REDIS_HOST"),
+        ({"REDIS_HOST": "cache.example:6379"}, "REDIS_HOST"),
+        ({"REDIS_SENTINELS": "bad host:26379"}, "REDIS_SENTINELS"),
+        ({"DATABASE_URL": "mysql://u:p@db.example:abc/shop"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u:p@db.example:99999/shop"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u:p@db.example/"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u:p@db.example"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u:p@/shop"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://db.example/shop"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u@db.example/shop/more"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u@db.example/shop?charset=latin1"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u@db.example/shop#x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite://"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:///"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite://db.example/tasks.db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:tasks.db"}, "DATABASE_URL"),
+        ({"DB_HOST": "db.example", "DB_USER": "u", "DB_NAME": "shop", "DB_PORT": "65536"}, "DB_PORT"),
+        ({"DB_PORT": "abc"}, "DB_PORT"),
+        ({"DB_HOST": "db example", "DB_USER": "u", "DB_NAME": "shop"}, "DB_HOST"),
+        ({"DB_HOST": "db.example", "DB_USER": "u", "DB_NAME": "shop/x"}, "DB_NAME"),
+        ({"WEBHOOK_URL": "https://pay.example:abc/hook"}, "WEBHOOK_URL"),
+        ({"WEBHOOK_URL": "https:///hook"}, "WEBHOOK_URL"),
+        ({"WORKER_COUNT": "1_000"}, "WORKER_COUNT"),
+        ({"WORKER_COUNT": "\u0663"}, "WORKER_COUNT"),
+        ({"STOP_TIMEOUT": "99999999999999999999"}, "STOP_TIMEOUT"),
+        ({"WEBHOOK_RETRY_INTERVALS": "10,\u0663"}, "WEBHOOK_RETRY_INTERVALS"),
+        ({"QUEUE_NAME": "t\u00e2ches"}, "QUEUE_NAME"),
+        ({"LOG_DIR": "/var/log/udemy\ndl"}, "LOG_DIR"),
+        ({"PID_DIR": __file__}, "PID_DIR"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "-".join(f"{k}={v!r}" for k, v in value.items()),
+)
+def test_malformed_value_is_refused_at_load(environ: dict[str, str], variable: str) -> None:
+    """A URL, port, database number, host, count or folder that is malformed (or would silently mean
+    something else, like `redis://…/ten` meaning db 0) is a ConfigError naming its variable at load."""
+    with pytest.raises(ConfigError) as caught:
+        load(**environ)
+    assert caught.value.variable == variable, str(caught.value)
+    assert variable in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/15",
+        "redis://:p%2Fw@cache.example:6379/0",
+        "redis://user:p%40ss@cache.example/3",
+        "redis://cache.example",
+        "redis://cache.example/",
+        "rediss://:PASSWORD@redis.internal:6380/0?ssl_ca_certs=/etc/ssl/certs/redis-ca.pem",
+        "rediss://cache.example/0?ssl_cert_reqs=required&ssl_check_hostname=true",
+        "redis://[::1]:6379/2",
+        "redis://cache.example/0?socket_timeout=2.5&health_check_interval=10",
+        "unix:///run/redis/redis.sock?db=0",
+        "unix://:pw@/run/redis/redis.sock",
+    ],
+)
+def test_well_formed_redis_url_is_accepted(url: str) -> None:
+    """Every form the docs show keeps working."""
+    assert load(REDIS_URL=url).redis_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://root@127.0.0.1:3306/udemy_dl_test",
+        "mysql://shop:s3cr%2Ft@db.example/shop_db",
+        "mysql://shop@[::1]/shop",
+        "sqlite:////var/lib/udemy_dl/tasks.db",
+        "sqlite:///./udemy_dl.sqlite3",
+        "sqlite:///relative/tasks.db",
+    ],
+)
+def test_well_formed_database_url_is_accepted(url: str) -> None:
+    assert load(DATABASE_URL=url).database_url == url
+
+
+def test_redis_url_database_number_is_used() -> None:
+    """The database number is part of the URL redis-py is given, not dropped."""
+    from redis import Redis
+
+    for url, db in (("redis://cache.example:6379/7", 7), ("unix:///run/redis.sock?db=4", 4)):
+        client = Redis.from_url(load(REDIS_URL=url).redis_url)
+        assert client.connection_pool.connection_kwargs["db"] == db
+
+
+def test_redis_host_ipv6_is_bracketed() -> None:
+    """REDIS_HOST=::1 makes redis://[::1]:6379/0, not an unparseable redis://::1:6379/0."""
+    assert load(REDIS_HOST="::1").redis_url == "redis://[::1]:6379/0"
+    url = load(DB_HOST="::1", DB_USER="u", DB_NAME="n").database_url
+    assert url is not None and urlsplit(url).hostname == "::1"
+
+
+# -- passwords with characters that mean something in a URL --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "password", "shown"),
+    [
+        ("redis://:s3c/ret@cache.example:6379/0", "s3c/ret", "cache.example:6379/0"),
+        ("redis://:s3c#ret@cache.example:6379/0", "s3c#ret", "cache.example:6379/0"),
+        ("redis://:s3c?ret@cache.example:6379/0", "s3c?ret", "cache.example:6379/0"),
+        ("redis://user:a/b?c#d@e@cache.example/0", "a/b?c#d@e", "cache.example/0"),
+        ("mysql://shop:pw/x@db.example:3306/shop", "pw/x", "db.example:3306/shop"),
+        ("mysql://shop:p:w@db.example/shop", "p:w", "db.example/shop"),
+        ("unix://:p/w@/run/redis.sock", "p/w", "/run/redis.sock"),
+        ("https://hook:h?k/w@pay.example/hook", "h?k/w", "pay.example/hook"),
+    ],
+)
+def test_redact_url_hides_a_password_holding_url_characters(url: str, password: str, shown: str) -> None:
+    """The userinfo runs from `://` to the last `@` before the host, whatever `/`, `?` or `#` it holds."""
+    redacted = redact_url(url)
+    for piece in {password, *(part for part in re.split(r"[/?#@:]", password) if len(part) >= 2)}:
+        assert piece not in redacted, redacted
+    assert redacted.endswith("***@" + shown), redacted
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://:pw-x@bad host/0", "user:pw-x@cache.example", "redis://:pw-x@cache\\evil/0", "redis://:pw-x@ca\nche/0"],
+)
+def test_redact_url_redacts_everything_it_cannot_parse(url: str) -> None:
+    """A URL that cannot be parsed with confidence shows its scheme at most."""
+    redacted = redact_url(url)
+    assert "pw-x" not in redacted and "cache" not in redacted, redacted
+
+
+def test_redact_url_hides_a_password_in_the_query() -> None:
+    """redis-py also takes the password from `?password=`."""
+    redacted = redact_url("redis://cache.example/0?password=q-pw-1&db=2")
+    assert "q-pw-1" not in redacted and "db=2" in redacted
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "password"),
+    [
+        ("REDIS_URL", "redis://:s3c/ret@127.0.0.1:6379/0", "s3c/ret"),
+        ("REDIS_URL", "redis://:s3c#ret@127.0.0.1:6379/0", "s3c#ret"),
+        ("REDIS_URL", "rediss://u:s3c?ret@127.0.0.1:6379/0", "s3c?ret"),
+        ("DATABASE_URL", "mysql://shop:s3c/ret@db.example/shop", "s3c/ret"),
+        ("DATABASE_URL", "mysql://shop:s3c#ret@db.example/shop", "s3c#ret"),
+        ("WEBHOOK_URL", "https://hook:s3c/ret@pay.example/hook", "s3c/ret"),
+    ],
+)
+def test_unencoded_url_characters_in_a_password_are_refused_without_echo(
+    variable: str, url: str, password: str
+) -> None:
+    """A password with an unencoded `/`, `?` or `#` would be read as part of the host, port or path:
+    it is refused, naming the variable and the fix, and the message holds no part of the password."""
+    with pytest.raises(ConfigError) as caught:
+        load(**{variable: url})
+    message = str(caught.value)
+    assert caught.value.variable == variable
+    assert "percent-encode" in message
+    for piece in re.split(r"[/?#]", password):
+        assert piece not in message, message
+
+
+def test_at_sign_in_a_password_is_used_as_given() -> None:
+    """An unencoded `@` is unambiguous (the host follows the last one): accepted, and the password arrives whole."""
+    from redis import Redis
+
+    settings = load(REDIS_URL="redis://:p@ss@cache.example:6379/0")
+    kwargs = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
+    assert (kwargs["password"], kwargs["host"], kwargs["db"]) == ("p@ss", "cache.example", 0)
+    assert "p@ss" not in settings.redis_url_redacted

@@ -149,18 +149,22 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
             failures.append(f"workers: none listening on queue {settings.queue_name!r}")
     except Exception as exc:
         failures.append(f"redis: {settings.redis_url_redacted}: {type(exc).__name__}: {exc}")
-    try:
-        open_store(settings.require_database()).ping()
-    except (ConfigError, StoreError) as exc:
-        failures.append(f"database: {settings.database_url_redacted}: {exc}")
+    if settings.database_url:  # not set: the config check below names the variable
+        try:
+            open_store(settings.database_url).ping()
+        except StoreError as exc:
+            failures.append(f"database: {settings.database_url_redacted}: {exc}")
+    config_error = False
     try:
         settings.require_worker_ready()
     except ConfigError as exc:
         failures.append(f"config: {exc}")
+        config_error = True
     if failures:
         for failure in failures:
             print(f"UNHEALTHY {failure}")
-        return RET_UNHEALTHY
+        # A configuration error is exit 3 whatever else failed: fixing it comes first.
+        return RET_CONFIG if config_error else RET_UNHEALTHY
     print(f"healthy: redis ok, database ok, {workers} worker(s)")
     return RET_OK
 
@@ -168,6 +172,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from .reconciler import Reconciler
 
+    settings.require_database()
     reconciler = Reconciler(settings)
     recovered = reconciler.recover_started()
     result = reconciler.sweep()
@@ -241,6 +246,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
     from .reconciler import run_reconciler
 
+    settings.require_database()  # without it every round would fail the same way: stop with exit 3 instead
     run_reconciler(settings)
     return RET_OK
 

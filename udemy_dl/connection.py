@@ -9,7 +9,7 @@ from redis import Redis
 from redis.sentinel import Sentinel
 from rq import Queue
 
-from .settings import Settings
+from .settings import Settings, redis_db_of
 
 CLIENT_OPTIONS: dict[str, Any] = {
     "socket_connect_timeout": 5,
@@ -28,7 +28,10 @@ def redis_connection(settings: Settings) -> Redis:
     REDIS_SENTINEL_MASTER and follows a failover (password and database from REDIS_URL/REDIS_*).
     """
     if not settings.redis_sentinels:
-        return Redis.from_url(settings.redis_url, **CLIENT_OPTIONS)
+        options = dict(CLIENT_OPTIONS)
+        if settings.redis_url.startswith("unix:"):
+            del options["socket_keepalive"]  # a TCP option: redis-py's socket connection refuses it
+        return Redis.from_url(settings.redis_url, **options)
     parts = urlsplit(settings.redis_url)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(settings.redis_sentinels),
@@ -39,7 +42,7 @@ def redis_connection(settings: Settings) -> Redis:
         },
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
-        db=int(parts.path.lstrip("/") or 0),
+        db=redis_db_of(settings.redis_url),
         ssl=parts.scheme == "rediss",
     )
     master: Redis = sentinel.master_for(settings.redis_sentinel_master, **CLIENT_OPTIONS)  # type: ignore[no-untyped-call]

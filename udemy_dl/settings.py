@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import NamedTuple
+from urllib.parse import parse_qsl, quote, unquote
 
 from dotenv import dotenv_values
 
@@ -59,14 +62,74 @@ VARIABLES = (
 """Every environment variable the settings read (tests and tools clear or pass exactly these)."""
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_HOSTPORT_SHAPE = re.compile(r"(?:\[[0-9A-Za-z:.%_~-]*\]|[A-Za-z0-9._~%-]*)(?::[A-Za-z0-9]*)?")
+"""What a host[:port] may look like for redact_url to trust its own split (validation is stricter)."""
+_SECRET_QUERY_NAME = re.compile(r"pass|secret|token|auth|^key$|api_?key", re.IGNORECASE)
+
+
+class _UrlParts(NamedTuple):
+    scheme: str
+    userinfo: str | None
+    """Everything between `://` and the last `@` of the authority: None when there is no `@`."""
+    hostport: str
+    tail: str
+    """Path, query and fragment: empty, or starting with `/`, `?` or `#`."""
+
+
+def _split_url(url: str) -> _UrlParts | None:
+    """Split `scheme://userinfo@host:port/tail`, or None when *url* does not start with `scheme://`.
+
+    The userinfo runs to the LAST `@` of the authority, whatever `/`, `?` or `#` it holds (a password
+    with an unencoded `/` must not turn into the host, the port or the path, as urlsplit makes it). An
+    authority that starts with `/` (sqlite:///path, unix:///socket) is empty.
+    """
+    match = _SCHEME.match(url)
+    if match is None:
+        return None
+    rest = url[match.end() :]
+    userinfo: str | None = None
+    if "@" in rest and not rest.startswith(("/", "?", "#")):
+        userinfo, _, rest = rest.rpartition("@")
+    end = next((index for index, char in enumerate(rest) if char in "/?#"), len(rest))
+    return _UrlParts(match.group(1), userinfo, rest[:end], rest[end:])
+
+
+def _redact_query(tail: str) -> str:
+    """The tail with the value of every query parameter that names a password, token or key as `***`."""
+    path, question, rest = tail.partition("?")
+    if not question:
+        return tail
+    query, hash_mark, fragment = rest.partition("#")
+    items = []
+    for item in query.split("&"):
+        name, equals, _ = item.partition("=")
+        items.append(f"{name}=***" if equals and _SECRET_QUERY_NAME.search(unquote(name)) else item)
+    return f"{path}?{'&'.join(items)}{hash_mark}{fragment}"
+
+
 def redact_url(url: str) -> str:
-    """Return *url* with any password replaced by `***`, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """Return *url* with any password replaced by `***`, for logs and messages.
+
+    The password is everything after the first `:` of the userinfo (see _split_url), so one holding
+    `/`, `?`, `#`, `@` or `:` is hidden whole. A URL that cannot be split with confidence (no
+    `scheme://` but an `@`, a space or control character, a host part that is no host) shows its
+    scheme and nothing else.
+    """
+    parts = _split_url(url)
+    if parts is None:
+        return "***" if "@" in url or not url.isprintable() else url
+    confident = (
+        not any(char.isspace() or not char.isprintable() or char == "\\" for char in url)
+        and _HOSTPORT_SHAPE.fullmatch(parts.hostport) is not None
+    )
+    if not confident:
+        return f"{parts.scheme}://***"
+    shown = parts.hostport + _redact_query(parts.tail)
+    if parts.userinfo is None:
+        return f"{parts.scheme}://{shown}"
+    user, colon, _ = parts.userinfo.partition(":")
+    return f"{parts.scheme}://{user}{':***' if colon else ''}@{shown}"
 
 
 @dataclass(frozen=True)
@@ -143,53 +206,289 @@ def _get(env: Mapping[str, str | None], name: str) -> str | None:
     return value or None
 
 
-def _int(env: Mapping[str, str | None], name: str, default: int, minimum: int = 0) -> int:
+MAX_INT = 2**31 - 1
+"""Largest count or number of seconds a setting takes (what a shell's arithmetic and Redis TTLs hold)."""
+MAX_WORKERS = 1000
+"""Most worker processes (WORKER_COUNT) or parallel fetches (FETCH_CONCURRENCY): more is a typo."""
+
+_WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+
+
+def _shown(raw: str) -> str:
+    """*raw* for a message: quoted with control characters escaped, and cut short."""
+    return repr(raw if len(raw) <= 40 else raw[:40] + "...")
+
+
+def _in_range(text: str, minimum: int, maximum: int) -> bool:
+    """True when *text* is ASCII digits (an optional `-`) for a number in [minimum, maximum]."""
+    return _WHOLE_NUMBER.fullmatch(text) is not None and len(text) <= 30 and minimum <= int(text) <= maximum
+
+
+def _whole_number(variable: str, raw: str, minimum: int, maximum: int, what: str = "") -> int:
+    """*raw* as a whole number in [minimum, maximum]: ASCII digits only (no `1_000`, `+5`, `٣` or `1.5`)."""
+    if not _WHOLE_NUMBER.fullmatch(raw):
+        raise ConfigError(variable, f"{what}expected a whole number, got {_shown(raw)}")
+    if not _in_range(raw, minimum, maximum):
+        raise ConfigError(variable, f"{what}must be from {minimum} to {maximum}, got {_shown(raw)}")
+    return int(raw)
+
+
+def _int(env: Mapping[str, str | None], name: str, default: int, minimum: int = 0, maximum: int = MAX_INT) -> int:
     raw = _get(env, name)
     if raw is None:
         return default
+    return _whole_number(name, raw, minimum, maximum)
+
+
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+
+
+def _is_ipv6(text: str) -> bool:
     try:
-        value = int(raw)
+        ipaddress.IPv6Address(text)
     except ValueError:
-        raise ConfigError(name, f"expected a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(name, f"must be at least {minimum}, got {value}")
-    return value
+        return False
+    return True
 
 
-def _redis_url(env: Mapping[str, str | None]) -> str:
-    url = _get(env, "REDIS_URL")
-    if url:
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError("REDIS_URL", f"scheme must be redis://, rediss:// or unix://, got {redact_url(url)!r}")
-        return url
-    host = _get(env, "REDIS_HOST") or "localhost"
-    port = _int(env, "REDIS_PORT", defaults.REDIS_PORT, minimum=1)
+def _host(variable: str, text: str) -> str:
+    """A host name or IP address; an IPv6 address comes back in brackets, ready for a URL."""
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if ":" in inner and _is_ipv6(inner):
+        return f"[{inner}]"
+    if inner != text or len(text) > 253 or not _HOSTNAME.fullmatch(text):
+        raise ConfigError(
+            variable, f"expected a host name or IP address (an IPv6 address in brackets), got {_shown(text)}"
+        )
+    return text
+
+
+def _hostport(variable: str, hostport: str) -> tuple[str, int | None]:
+    """The host (possibly empty: the caller decides) and port of a URL's `host:port`."""
+    if hostport.startswith("["):
+        end = hostport.find("]") + 1
+        host, rest = (hostport[:end], hostport[end:]) if end else (hostport, "")
+    else:
+        host, colon, port = hostport.partition(":")
+        rest = colon + port
+    if host:
+        host = _host(variable, host)
+    if not rest:
+        return host, None
+    if not rest.startswith(":"):
+        raise ConfigError(variable, f"expected host:port after the '@', got {_shown(hostport)}")
+    return host, _whole_number(variable, rest[1:], 1, 65535, "the port: ")
+
+
+def _parse_url(variable: str, url: str, schemes: tuple[str, ...], any_case: bool = False) -> _UrlParts:
+    """Split *url* (see _split_url), refusing what could be read two ways. Never echoes a password."""
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise ConfigError(variable, "holds a space or a control character (percent-encode it, e.g. a space as %20)")
+    parts = _split_url(url)
+    scheme = parts.scheme.lower() if parts is not None and any_case else parts.scheme if parts else None
+    if parts is None or scheme not in schemes:
+        expected = ", ".join(f"{name}://" for name in schemes)
+        raise ConfigError(variable, f"must start with one of {expected} (in lower case), got {redact_url(url)!r}")
+    if parts.userinfo is not None and any(char in parts.userinfo for char in "/?#[]"):
+        # urlsplit (and so redis-py and the store) would read part of the password as the host, the
+        # port or the path: refuse rather than guess, and say how to write it.
+        raise ConfigError(
+            variable,
+            "the user name or password holds an unencoded '/', '?', '#', '[' or ']' (or an '@' follows the "
+            "host): percent-encode them (/ as %2F, ? as %3F, # as %23, [ as %5B, ] as %5D, @ as %40)",
+        )
+    return parts
+
+
+def _no_fragment(variable: str, tail: str) -> str:
+    if "#" in tail:
+        raise ConfigError(variable, "holds a '#' after the host: percent-encode it as %23 (a #fragment means nothing)")
+    return tail
+
+
+_REDIS_OPTIONS = {
+    "db": "database",
+    "socket_timeout": "seconds",
+    "socket_connect_timeout": "seconds",
+    "timeout": "seconds",
+    "retry_on_timeout": "flag",
+    "health_check_interval": "count",
+    "max_connections": "positive",
+    "client_name": "text",
+    "username": "text",
+    "password": "text",
+}
+"""`?name=value` options redis-py takes from a URL for every scheme, and what their values are."""
+_REDIS_TCP_OPTIONS = {"socket_keepalive": "flag"}
+_REDIS_TLS_OPTIONS = {
+    "ssl_cert_reqs": "cert_reqs",
+    "ssl_check_hostname": "flag",
+    "ssl_ca_certs": "text",
+    "ssl_ca_path": "text",
+    "ssl_certfile": "text",
+    "ssl_keyfile": "text",
+    "ssl_password": "text",
+    "ssl_ciphers": "text",
+}
+_FLAGS = frozenset({"0", "1", "true", "false", "yes", "no"})
+"""Values redis-py reads as a boolean the way they read (it takes `off` as true)."""
+_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
+
+
+def _redis_options(variable: str, scheme: str, query: str) -> dict[str, str]:
+    """The URL's `?name=value&...` options, each known to redis-py for *scheme* and well-formed."""
+    known = {**_REDIS_OPTIONS, **(_REDIS_TLS_OPTIONS if scheme == "rediss" else {})}
+    known.update(_REDIS_TCP_OPTIONS if scheme != "unix" else {})
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise ConfigError(variable, "the ?options must be name=value pairs joined by '&'") from None
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        kind = known.get(name)
+        if kind is None:
+            raise ConfigError(
+                variable, f"unknown option {_shown(name)} for {scheme}:// (known: {', '.join(sorted(known))})"
+            )
+        if name in options:
+            raise ConfigError(variable, f"option ?{name}= is given twice")
+        shown = "(hidden)" if _SECRET_QUERY_NAME.search(name) else _shown(value)
+        valid = {
+            "database": _in_range(value, 0, MAX_INT),
+            "seconds": _SECONDS.fullmatch(value) is not None and float(value) > 0,
+            "count": _in_range(value, 0, MAX_INT),
+            "positive": _in_range(value, 1, MAX_INT),
+            "flag": value.lower() in _FLAGS,
+            "cert_reqs": value in ("none", "optional", "required"),
+            "text": value != "",
+        }[kind]
+        if not valid:
+            expected = {
+                "database": "a database number of 0 or more",
+                "seconds": "seconds above 0",
+                "count": "a whole number of 0 or more",
+                "positive": "a whole number of 1 or more",
+                "flag": "one of " + ", ".join(sorted(_FLAGS)),
+                "cert_reqs": "none, optional or required",
+                "text": "a value",
+            }[kind]
+            raise ConfigError(variable, f"option ?{name}= expects {expected}, got {shown}")
+        options[name] = value
+    return options
+
+
+def _check_redis_url(url: str, sentinels: bool) -> None:
+    """Refuse a REDIS_URL that redis-py would read other than as written (`/ten` as db 0, say) or not at all."""
+    variable = "REDIS_URL"
+    parts = _parse_url(variable, url, ("redis", "rediss", "unix"))
+    path, _, query = _no_fragment(variable, parts.tail).partition("?")
+    options = _redis_options(variable, parts.scheme, query)
+    host, port = _hostport(variable, parts.hostport)
+    if parts.scheme == "unix":
+        if host or port is not None:
+            raise ConfigError(variable, "unix:// takes no host: unix:///path/to/redis.sock[?db=N]")
+        if path.strip("/") == "":
+            raise ConfigError(variable, "unix:// needs the socket's path: unix:///path/to/redis.sock[?db=N]")
+        if sentinels:
+            raise ConfigError(variable, "a unix:// socket cannot be used with REDIS_SENTINELS (use redis:// or rediss://)")
+        return
+    if not host:
+        raise ConfigError(variable, f"needs a host: {parts.scheme}://[[user]:password@]host[:port][/db]")
+    number = unquote(path[1:])
+    if number:
+        _whole_number(variable, number, 0, MAX_INT, "the database number after the host: ")
+        if "db" in options:
+            raise ConfigError(variable, "the database is given twice (after the host and as ?db=)")
+
+
+def redis_db_of(url: str) -> int:
+    """The database number a REDIS_URL (checked at load) names: after the host, or `?db=`; else 0."""
+    parts = _split_url(url)
+    if parts is None:
+        return 0
+    path, _, query = parts.tail.partition("?")
+    chosen = dict(parse_qsl(query)).get("db") or (unquote(path[1:]) if parts.scheme != "unix" else "")
+    return int(chosen) if chosen.isdigit() else 0
+
+
+def _redis_url(env: Mapping[str, str | None], sentinels: bool = False) -> str:
+    # REDIS_HOST/PORT/DB are checked even when REDIS_URL overrides them: a bad value is a mistake either way.
+    host = _host("REDIS_HOST", _get(env, "REDIS_HOST") or "localhost")
+    port = _int(env, "REDIS_PORT", defaults.REDIS_PORT, minimum=1, maximum=65535)
     db = _int(env, "REDIS_DB", 0)
-    password = _get(env, "REDIS_PASSWORD")
-    auth = f":{quote(password, safe='')}@" if password else ""
-    return f"redis://{auth}{host}:{port}/{db}"
+    url = _get(env, "REDIS_URL")
+    if url is None:
+        password = _get(env, "REDIS_PASSWORD")
+        auth = f":{quote(password, safe='')}@" if password else ""
+        url = f"redis://{auth}{host}:{port}/{db}"
+    _check_redis_url(url, sentinels)
+    return url
+
+
+def _db_name(variable: str, name: str) -> str:
+    if not name:
+        raise ConfigError(variable, "needs a database name")
+    if len(name) > 64 or "/" in name or not name.isprintable() or name.endswith(" "):
+        raise ConfigError(
+            variable, f"the database name must be at most 64 printable characters, no '/', got {_shown(name)}"
+        )
+    return name
+
+
+def _check_database_url(url: str) -> None:
+    """Refuse a DATABASE_URL the store would read other than as written, or not at all."""
+    variable = "DATABASE_URL"
+    parts = _parse_url(variable, url, ("mysql", "sqlite"))
+    path, question, _ = _no_fragment(variable, parts.tail).partition("?")
+    if question:
+        raise ConfigError(variable, "takes no ?options (percent-encode a '?' in a name or path as %3F)")
+    if parts.scheme == "sqlite":
+        file = unquote(path)[1:]
+        if parts.userinfo is not None or parts.hostport or not file or file.endswith("/"):
+            raise ConfigError(
+                variable, "expected sqlite:/// then a file path: sqlite:///./udemy_dl.sqlite3 or sqlite:////abs/path.db"
+            )
+        return
+    usage = "mysql://user[:password]@host[:port]/database"
+    if parts.userinfo is None or not parts.userinfo.partition(":")[0]:
+        raise ConfigError(variable, f"needs a user: {usage}")
+    host, _ = _hostport(variable, parts.hostport)
+    if not host:
+        raise ConfigError(variable, f"needs a host: {usage}")
+    if not path[1:]:
+        raise ConfigError(variable, f"needs a database name after the host: {usage}")
+    if "/" in path[1:]:
+        raise ConfigError(variable, f"the database name after the host holds a '/' (percent-encode it as %2F): {usage}")
+    _db_name(variable, unquote(path[1:]))
 
 
 def _database_url(env: Mapping[str, str | None]) -> str | None:
-    url = _get(env, "DATABASE_URL")
-    if url:
-        scheme = urlsplit(url).scheme
-        if scheme not in ("mysql", "sqlite"):
-            raise ConfigError("DATABASE_URL", f"scheme must be mysql:// or sqlite:///, got {scheme!r}")
-        return url
-    host = _get(env, "DB_HOST")
-    if not host:
-        return None
-    port = _int(env, "DB_PORT", defaults.MYSQL_PORT, minimum=1)
+    # DB_* are checked even when DATABASE_URL overrides them: a bad value is a mistake either way.
+    raw_host = _get(env, "DB_HOST")
+    host = _host("DB_HOST", raw_host) if raw_host else None
+    port = _int(env, "DB_PORT", defaults.MYSQL_PORT, minimum=1, maximum=65535)
     user = _get(env, "DB_USER")
     name = _get(env, "DB_NAME")
+    if user is not None and not user.isprintable():
+        raise ConfigError("DB_USER", f"holds a control character, got {_shown(user)}")
+    if name is not None:
+        _db_name("DB_NAME", name)
+    url = _get(env, "DATABASE_URL")
+    if url:
+        _check_database_url(url)
+        return url
+    if not host:
+        return None
     if not user:
         raise ConfigError("DB_USER", "required when DB_HOST is set")
     if not name:
         raise ConfigError("DB_NAME", "required when DB_HOST is set")
     password = _get(env, "DB_PASSWORD")
     auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
-    return f"mysql://{auth}@{host}:{port}/{quote(name, safe='')}"
+    url = f"mysql://{auth}@{host}:{port}/{quote(name, safe='')}"
+    _check_database_url(url)
+    return url
 
 
 def _allowed_hosts(env: Mapping[str, str | None]) -> frozenset[str]:
@@ -209,9 +508,21 @@ def _allowed_hosts(env: Mapping[str, str | None]) -> frozenset[str]:
 
 def _webhook_url(env: Mapping[str, str | None]) -> str | None:
     url = _get(env, "WEBHOOK_URL")
-    if url and urlsplit(url).scheme not in ("http", "https"):
-        raise ConfigError("WEBHOOK_URL", f"must be an http:// or https:// URL, got {redact_url(url)!r}")
+    if url is None:
+        return None
+    parts = _parse_url("WEBHOOK_URL", url, ("http", "https"), any_case=True)
+    host, _ = _hostport("WEBHOOK_URL", parts.hostport)
+    if not host:
+        raise ConfigError("WEBHOOK_URL", f"needs a host: http(s)://host[:port]/path, got {redact_url(url)!r}")
     return url
+
+
+def _token(env: Mapping[str, str | None], variable: str) -> str | None:
+    """A secret sent in an HTTP header: printable ASCII (a newline would forge a header). Never echoed."""
+    value = _get(env, variable)
+    if value is not None and not (value.isascii() and value.isprintable()):
+        raise ConfigError(variable, "must be printable ASCII (it is sent in an HTTP header)")
+    return value
 
 
 def _secret_key(env: Mapping[str, str | None]) -> str | None:
@@ -231,7 +542,17 @@ def _secret_key(env: Mapping[str, str | None]) -> str | None:
 
 def _path(env: Mapping[str, str | None], variable: str, default: str) -> Path:
     """A folder setting, made absolute so logs and the database name the real place."""
-    return Path(_get(env, variable) or default).expanduser().absolute()
+    raw = _get(env, variable) or default
+    if not raw.isprintable():
+        raise ConfigError(variable, f"holds a control character, got {_shown(raw)}")
+    path = Path(raw).expanduser().absolute()
+    try:
+        not_a_folder = path.exists() and not path.is_dir()
+    except OSError:  # not ours to look at (yet): whoever uses it reports why
+        not_a_folder = False
+    if not_a_folder:
+        raise ConfigError(variable, f"{str(path)!r} exists and is not a folder")
+    return path
 
 
 def _sentinels(env: Mapping[str, str | None], variable: str) -> tuple[tuple[str, int], ...]:
@@ -242,9 +563,10 @@ def _sentinels(env: Mapping[str, str | None], variable: str) -> tuple[tuple[str,
     found = []
     for item in raw.split(","):
         host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(variable, f"expected host:port[,host:port...], got {item.strip()!r}")
-        found.append((host.strip("[]"), int(port)))
+        if not host:
+            raise ConfigError(variable, f"expected host:port[,host:port...], got {_shown(item.strip())}")
+        host = _host(variable, host)
+        found.append((host.strip("[]"), _whole_number(variable, port, 1, 65535, "the port: ")))
     return tuple(found)
 
 
@@ -253,13 +575,10 @@ def _intervals(env: Mapping[str, str | None], variable: str, default: tuple[int,
     raw = _get(env, variable)
     if raw is None:
         return default
-    try:
-        values = tuple(int(part) for part in raw.split(","))
-    except ValueError:
-        raise ConfigError(variable, f"expected comma-separated whole seconds, got {raw!r}") from None
-    if not values or any(value < 0 for value in values):
-        raise ConfigError(variable, f"expected comma-separated whole seconds, got {raw!r}")
-    return values
+    parts = [part.strip() for part in raw.split(",")]
+    if not all(_in_range(part, 0, MAX_INT) for part in parts):
+        raise ConfigError(variable, f"expected comma-separated whole seconds, got {_shown(raw)}")
+    return tuple(int(part) for part in parts)
 
 
 def _command(env: Mapping[str, str | None], variable: str) -> tuple[str, ...] | None:
@@ -281,8 +600,8 @@ def _command(env: Mapping[str, str | None], variable: str) -> tuple[str, ...] | 
 
 def _name(env: Mapping[str, str | None], variable: str, default: str) -> str:
     value = _get(env, variable) or default
-    if not value.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(variable, f"letters, digits, '-' and '_' only, got {value!r}")
+    if not (value.isascii() and len(value) <= 200 and value.replace("-", "").replace("_", "").isalnum()):
+        raise ConfigError(variable, f"ASCII letters, digits, '-' and '_' only (at most 200), got {_shown(value)}")
     return value
 
 
@@ -293,17 +612,17 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         env.update(dotenv_values(env_file))
     env.update(os.environ if environ is None else environ)
     return Settings(
-        redis_url=_redis_url(env),
+        redis_url=_redis_url(env, sentinels=_get(env, "REDIS_SENTINELS") is not None),
         database_url=_database_url(env),
         api_secret_key=_secret_key(env),
-        content_token=_get(env, "CONTENT_TOKEN"),
+        content_token=_token(env, "CONTENT_TOKEN"),
         webhook_url=_webhook_url(env),
         allowed_hosts=_allowed_hosts(env),
         download_dir=_path(env, "DOWNLOAD_DIR", defaults.DOWNLOAD_DIR),
         failed_dir=_path(env, "FAILED_DIR", defaults.FAILED_DIR),
         log_dir=_path(env, "LOG_DIR", defaults.LOG_DIR),
         pid_dir=_path(env, "PID_DIR", defaults.PID_DIR),
-        worker_count=_int(env, "WORKER_COUNT", defaults.WORKER_COUNT, minimum=1),
+        worker_count=_int(env, "WORKER_COUNT", defaults.WORKER_COUNT, minimum=1, maximum=MAX_WORKERS),
         queue_name=_name(env, "QUEUE_NAME", defaults.DOWNLOAD_QUEUE),
         max_attempts=_int(env, "MAX_ATTEMPTS", defaults.MAX_ATTEMPTS, minimum=1),
         retry_delay=_int(env, "RETRY_DELAY", defaults.RETRY_DELAY),
@@ -311,8 +630,8 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         result_ttl=_int(env, "RESULT_TTL", defaults.RESULT_TTL),
         failure_ttl=_int(env, "FAILURE_TTL", defaults.FAILURE_TTL),
         stop_timeout=_int(env, "STOP_TIMEOUT", defaults.STOP_TIMEOUT, minimum=1),
-        fetch_concurrency=_int(env, "FETCH_CONCURRENCY", defaults.FETCH_CONCURRENCY, minimum=1),
-        max_task_bytes=_int(env, "MAX_TASK_BYTES", defaults.MAX_TASK_BYTES),
+        fetch_concurrency=_int(env, "FETCH_CONCURRENCY", defaults.FETCH_CONCURRENCY, minimum=1, maximum=MAX_WORKERS),
+        max_task_bytes=_int(env, "MAX_TASK_BYTES", defaults.MAX_TASK_BYTES, maximum=2**63 - 1),
         fetch_command=_command(env, "FETCH_COMMAND"),
         reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.RECONCILE_INTERVAL, minimum=0),
         webhook_retry_intervals=_intervals(env, "WEBHOOK_RETRY_INTERVALS", defaults.WEBHOOK_RETRY_INTERVALS),

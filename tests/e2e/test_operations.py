@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from udemy_dl.store import COMPLETED, PROCESSING, MySQLStore
 
 from .conftest import (
     E2E_HOSTNAME,
+    E2E_SETTING_VARIABLES,
     REPO_ROOT,
     UNIT_FILE,
     E2EEnv,
@@ -139,6 +141,31 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     broken.write_text(unit.read_text().replace(f"ExecStart={udemy_dl}", "ExecStart=/nonexistent/udemy-dl"))
     failed = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True, timeout=60)
     assert failed.returncode != 0
+
+
+def test_systemd_unit_does_not_restart_a_configuration_error(tmp_path: Path) -> None:
+    """Exit 3 (configuration error) must reach RestartPreventExitStatus=3: systemd applies it to the
+    main process only, so no ExecStartPre may be able to fail the start (a `-` prefix ignores its
+    status), and the main process itself exits 3 on a bad value."""
+    settings = _unit_settings(UNIT_FILE.read_text())
+    assert "3" in " ".join(settings.get("RestartPreventExitStatus", [])).split()
+    assert all(value.startswith("-") for value in settings.get("ExecStartPre", [])), settings["ExecStartPre"]
+    (exec_start,) = settings["ExecStart"]
+    argv = exec_start.split()
+    assert argv[0] == "/opt/udemy_dl/.venv/bin/udemy-dl", argv
+    env = {key: value for key, value in os.environ.items() if key not in E2E_SETTING_VARIABLES}
+    for bad in ({"REDIS_URL": "redis://127.0.0.1:6379/ten"}, {"DATABASE_URL": "mysql://u:pw@db.example:port/x"}):
+        done = subprocess.run(
+            [str(e2e_bin("udemy-dl")), *argv[1:]],
+            env={**env, **bad},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        (variable,) = bad
+        assert done.returncode == 3, (bad, done.stdout, done.stderr)
+        assert variable in done.stderr and "Traceback" not in done.stderr
 
 
 def test_stop_hands_a_running_download_back(
