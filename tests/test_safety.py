@@ -15,6 +15,7 @@ from udemy_dl.safety import (
     match_allowed,
     safe_filename,
     safe_relative_path,
+    url_target,
 )
 
 ALLOWED = frozenset({"cdn.example", "media.example:8443", "127.0.0.1:8080", "[::1]:9000"})
@@ -280,3 +281,178 @@ def test_join_inside_refuses_a_symlink_even_when_it_points_inside(tmp_path: Path
 def test_safe_filename_reduces_a_name_to_one_harmless_component(name: str, expected: str) -> None:
     """Names from URLs or Content-Disposition lose folders, leading dots and reserved characters."""
     assert safe_filename(name) == expected
+
+
+# -- the host that is checked is the host that is connected to (issue 8, item 1) ------------------
+
+PATTERN = frozenset({"*.cdn.example.com"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil.example\\.cdn.example.com/x",
+        "http://evil.example\\@eu.cdn.example.com/x",
+        "https://eu.cdn.example.com\\@evil.example/x",
+        "http://eu.cdn.example.com/a\\b",
+        "http://eu.cdn.example.com/a b",
+        "http://eu.cdn.example.com/a\tb",
+        "http://eu.cdn.example.com/x\nINFO forged line",
+        "http://eu.cdn.example.com/x\r",
+        "http://eu.cdn.example.com/x\x00",
+        "http://eu.cdn.example.com/x\x1b[31m",
+        "http://eu.cdn.example.com/x\x7f",
+        "http://eu.cdn.example.com/x\x85",
+        "http://eu.cdn.example.com/x\xa0",
+        "http://eu.cdn.example.com/x\u2028",
+        "http://eu.cdn.example.com/x\u3000",
+        "http://eu.cdn.example.com/x\u202e",
+        "http://eu.cdn.example.com/x\u200b",
+        " http://eu.cdn.example.com/x",
+    ],
+)
+def test_url_with_backslash_whitespace_or_control_character_is_refused(url: str) -> None:
+    """Backslashes, whitespace (Unicode too) and control or format characters are refused anywhere in a URL."""
+    with pytest.raises(HostNotAllowedError, match="whitespace, control characters and backslashes"):
+        check_url_allowed(url, PATTERN)
+
+
+def test_backslash_host_trick_is_judged_as_the_host_requests_connects_to() -> None:
+    """The review's repro: requests ends the host at the backslash, so the URL is for evil.example."""
+    url = "http://evil.example\\.cdn.example.com/x"
+    with pytest.raises(HostNotAllowedError):
+        check_url_allowed(url, PATTERN)
+    with pytest.raises(HostNotAllowedError):
+        url_target(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://eu%2ecdn.example.com/x",
+        "http://evil.example%2f.cdn.example.com/x",
+        "http://evil.example%40x.cdn.example.com/x",
+        "http://[fe80::1%25eth0]:9000/zone-id",
+        "http://[fe80::1%eth0]:9000/zone-id",
+    ],
+)
+def test_percent_encoded_host_or_zone_id_is_refused(url: str) -> None:
+    """A host spelled with %-escapes (or an IPv6 zone id) is read differently by different parsers: refused."""
+    with pytest.raises(HostNotAllowedError):
+        check_url_allowed(url, PATTERN | {"[fe80::1]:9000"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://a@b@eu.cdn.example.com/x",
+        "http://@eu.cdn.example.com/x",
+        "http://eu.cdn.example.com:443@evil.example/x",
+        "http://:@eu.cdn.example.com/x",
+    ],
+)
+def test_any_user_info_is_refused(url: str) -> None:
+    """Whatever stands before an '@' in the authority, the URL is refused."""
+    with pytest.raises(HostNotAllowedError, match="credentials"):
+        check_url_allowed(url, PATTERN)
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("http://Bücher.Example/x", "xn--bcher-kva.example", 80),
+        ("https://BÜCHER.example./x", "xn--bcher-kva.example", 443),
+        ("http://xn--bcher-kva.example:8080/x", "xn--bcher-kva.example", 8080),
+        ("HTTPS://EU.CDN.Example.COM./x", "eu.cdn.example.com", 443),
+        ("http://[0:0::1]:9000/x", "::1", 9000),
+        ("http://[::FFFF:7F00:1]/x", "::ffff:7f00:1", 80),
+        ("http://127.0.0.1:8080/x", "127.0.0.1", 8080),
+    ],
+)
+def test_url_target_is_the_encoded_lowercase_host_requests_connects_to(url: str, host: str, port: int) -> None:
+    """IDNA hosts are judged in their encoded form, case and one trailing dot do not matter, IPv6 is canonical."""
+    target = url_target(url)
+    assert (target.host, target.port) == (host, port)
+
+
+def test_idna_host_is_allowed_by_its_encoded_entry() -> None:
+    """requests IDNA-encodes hosts: an entry in either form allows the URL in either form."""
+    assert check_url_allowed("http://bücher.example/x", {"xn--bcher-kva.example"})
+    assert check_url_allowed("http://xn--bcher-kva.example/x", {"bücher.example"})
+    with pytest.raises(HostNotAllowedError):
+        check_url_allowed("http://bucher.example/x", {"bücher.example"})
+
+
+def test_trailing_dot_and_case_do_not_change_the_verdict() -> None:
+    """`cdn.example.` is the same name as `cdn.example`; case never matters."""
+    assert check_url_allowed("https://CDN.example./x", {"cdn.example"})
+    assert check_url_allowed("https://eu.cdn.example.com./x", PATTERN)
+    with pytest.raises(HostNotAllowedError):
+        check_url_allowed("https://cdn.example.com./x", PATTERN)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://0x7f.1:8080/x",
+        "http://2130706433:8080/x",
+        "http://127.1:8080/x",
+        "http://0127.0.0.1:8080/x",
+        "http://127.0.0.01:8080/x",
+    ],
+)
+def test_non_canonical_ipv4_is_refused(url: str) -> None:
+    """Hex, octal, shortened or integer IPv4 forms reach an address the allow-list never sees written: refused."""
+    with pytest.raises(HostNotAllowedError):
+        check_url_allowed(url, {"127.0.0.1:8080", "*.cdn.example.com"})
+
+
+@pytest.mark.parametrize("url", ["http://cdn.example:0/x", "http://*.cdn.example.com/x", "http://.cdn.example.com/x"])
+def test_url_requests_would_rewrite_or_refuse_is_refused(url: str) -> None:
+    """Port 0 (requests drops it), a `*` or empty label: refused rather than guessed."""
+    with pytest.raises(HostNotAllowedError):
+        check_url_allowed(url, {"cdn.example", "*.cdn.example.com"})
+
+
+def test_refusal_does_not_echo_credentials() -> None:
+    """Even a URL refused for its characters does not show the user info it carries."""
+    with pytest.raises(HostNotAllowedError) as caught:
+        check_url_allowed("http://user:pw-secret@eu.cdn.example.com/a b", PATTERN)
+    assert "pw-secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "a/b\x7f",
+        "a/b\x85",
+        "a/b\u2028",
+        "a/\u202egnp.exe",
+        "a/b\u200b",
+        "a/\ud800",
+        "é" * 128,
+        "a/" + "b" * 256,
+        ".",
+        "./",
+        ".//.",
+    ],
+)
+def test_manifest_path_with_unicode_controls_or_overlong_names_is_refused(raw: str) -> None:
+    """DEL, C1 controls, line separators, bidi overrides, surrogates and names over 255 bytes are refused."""
+    with pytest.raises(UnsafePathError):
+        safe_relative_path(raw)
+
+
+def test_join_inside_refuses_a_symlink_loop(tmp_path: Path) -> None:
+    """A symlink loop in the folder is an UnsafePathError, not a RuntimeError from pathlib."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    (folder / "loop").symlink_to("loop")
+    with pytest.raises(UnsafePathError):
+        join_inside(folder, PurePosixPath("loop/file.bin"))
+
+
+def test_join_inside_refuses_the_folder_itself(tmp_path: Path) -> None:
+    """An empty relative path would name the task folder, not a file in it."""
+    with pytest.raises(UnsafePathError):
+        join_inside(tmp_path, PurePosixPath())

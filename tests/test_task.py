@@ -114,3 +114,47 @@ def test_non_string_course_url_is_refused_naming_the_value(url: object) -> None:
     with pytest.raises(InvalidTaskError, match="courseUrl") as caught:
         parse_task({**GOOD, "courseUrl": url})
     assert repr(url) in str(caught.value)
+
+
+# -- control characters in task data (issue 8, item 14) -------------------------------------------
+
+CONTROLS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\u202e", "\u200b", "\ufeff"]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize("where", ["middle", "end", "start"])
+def test_control_character_in_course_url_is_refused_naming_the_value(char: str, where: str) -> None:
+    """A newline (or any control/format character) in courseUrl would forge log lines: refused, shown with repr."""
+    url = {"middle": f"https://cdn.example/c{char}INFO task 1: completed", "end": f"https://cdn.example/c{char}"}.get(
+        where, f"{char}https://cdn.example/c"
+    )
+    with pytest.raises(InvalidTaskError, match="courseUrl") as caught:
+        parse_task({**GOOD, "courseUrl": url})
+    assert repr(url) in str(caught.value)
+    assert char not in str(caught.value)
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize("where", ["local", "end", "start"])
+def test_control_character_in_email_is_refused_naming_the_value(char: str, where: str) -> None:
+    """An email holding a control or format character is refused, shown with repr (no raw control in the message)."""
+    email = {"local": f"bu{char}yer@shop.example", "end": f"buyer@shop.example{char}"}.get(
+        where, f"{char}buyer@shop.example"
+    )
+    with pytest.raises(InvalidTaskError, match="email") as caught:
+        parse_task({**GOOD, "email": email})
+    assert repr(email) in str(caught.value)
+    assert char not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["https://cdn.example/a b", "https://cdn.example/a\\b", "https://cdn.example/a\xa0b"])
+def test_whitespace_or_backslash_inside_course_url_is_refused(url: str) -> None:
+    """Blanks around courseUrl are trimmed, but whitespace or a backslash inside it is refused at once."""
+    with pytest.raises(InvalidTaskError, match="courseUrl") as caught:
+        parse_task({**GOOD, "courseUrl": url})
+    assert repr(url) in str(caught.value)
+
+
+def test_email_local_part_with_printable_unicode_is_still_accepted() -> None:
+    """Refusing controls does not refuse ordinary non-ASCII letters."""
+    assert parse_task({**GOOD, "email": "josé@shop.example"}).email == "josé@shop.example"

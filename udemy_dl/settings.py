@@ -492,17 +492,19 @@ def _database_url(env: Mapping[str, str | None]) -> str | None:
 
 
 def _allowed_hosts(env: Mapping[str, str | None]) -> frozenset[str]:
+    """Comma-separated entries, each checked by rule (safety.parse_allowed_entry) and kept in canonical form."""
+    from .safety import parse_allowed_entry  # the allow-list's own rules, shared with the URL checks
+
     raw = _get(env, "ALLOWED_HOSTS") or ""
     hosts = set()
     for item in raw.split(","):
-        item = item.strip().lower()
-        if not item:
+        if not item.strip():
             continue
-        if "/" in item or "@" in item or " " in item:
-            raise ConfigError("ALLOWED_HOSTS", f"expected host, host:port or a *.pattern, got {item!r}")
-        if item.strip("*.:") == "":
-            raise ConfigError("ALLOWED_HOSTS", f"pattern {item!r} would allow every host")
-        hosts.add(item)
+        try:
+            entry = parse_allowed_entry(item.strip())
+        except ValueError as exc:
+            raise ConfigError("ALLOWED_HOSTS", str(exc)) from None
+        hosts.add(str(entry))
     return frozenset(hosts)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidTaskError
+from .safety import describe_char, first_control_char, first_url_unsafe_char
 
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})+$")
 REQUIRED_KEYS = ("taskId", "email", "courseUrl")
@@ -50,9 +51,24 @@ def parse_task(data: object) -> TaskData:
         raise InvalidTaskError(f"task data is missing {', '.join(missing)}")
     task_id = parse_task_id(data["taskId"])
     email = data["email"]
-    if not isinstance(email, str) or not EMAIL_RE.match(email.strip()):
+    if isinstance(email, str):
+        _refuse_controls("email", email)
+    if not isinstance(email, str) or not EMAIL_RE.fullmatch(email.strip()):
         raise InvalidTaskError(f"email is not a valid address: {email!r}")
     course_url = data["courseUrl"]
     if not isinstance(course_url, str):
         raise InvalidTaskError(f"courseUrl must be a string, got {course_url!r}")
+    _refuse_controls("courseUrl", course_url)
+    bad = first_url_unsafe_char(course_url.strip())
+    if bad is not None:
+        raise InvalidTaskError(
+            f"courseUrl holds {describe_char(bad)}; whitespace and backslashes are refused inside a URL: {course_url!r}"
+        )
     return TaskData(task_id=task_id, email=email.strip(), course_url=course_url.strip())
+
+
+def _refuse_controls(key: str, value: str) -> None:
+    """Control, format and line-separator characters would forge log lines or hide text: refused, shown with repr."""
+    bad = first_control_char(value)
+    if bad is not None:
+        raise InvalidTaskError(f"{key} holds control character {describe_char(bad)}: {value!r}")
