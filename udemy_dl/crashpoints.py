@@ -13,6 +13,9 @@ run that replaces the killed one go through. UDEMY_DL_CRASH_ACTION says what hap
   marker plus `.go` exists, then go on: the test does something to the world meanwhile (cuts the
   process off from Redis, say) and then lets it continue.
 
+Several actions, comma-separated, are taken in turn (`flush-redis,pause`: Redis empties, then the
+run waits while the test looks at what the rest of the service makes of it).
+
 UDEMY_DL_CRASH_SKIP=<n> lets a process pass the point n times before it acts there (mid_fetch is
 reached at every chunk: skipping a few leaves bytes on disk for the next run to resume from).
 
@@ -86,7 +89,11 @@ def crash_point(name: str, redis: Flushable | None = None) -> None:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:
             return  # it happened once already
-    action = os.environ.get(CRASH_ACTION) or KILL
+    for action in (os.environ.get(CRASH_ACTION) or KILL).split(","):
+        _act(name, action.strip(), marker, redis)
+
+
+def _act(name: str, action: str, marker: str | None, redis: Flushable | None) -> None:
     if action == FLUSH_REDIS:
         log.warning("crash point %s: emptying Redis", name)
         (redis if redis is not None else _redis_from_settings()).flushall()

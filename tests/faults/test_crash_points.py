@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from tests.conftest import wait_for
 from tests.e2e.conftest import e2e_bin, e2e_pid_running
 from udemy_dl import crashpoints
 from udemy_dl.crashpoints import (
+    AFTER_ATTEMPT,
     AFTER_RECORD,
     FILES_COMPLETE_POINTS,
     FLUSH_REDIS,
@@ -56,7 +58,9 @@ from .test_worker_crashes import POISON_FETCHER
 MIB = 1024 * 1024
 FILE_SIZE = 2 * MIB
 FILES = 2
-"""Two files of 2 MiB each: fetched at once, so a kill mid-fetch catches both part-way or one done."""
+"""Two files of 2 MiB each, fetched at once, at every point but mid_fetch: there one file of
+4 MiB, for the chunks that come before the kill may all be the other file's, and a file with no
+byte on disk is rightly fetched again from its start."""
 
 MID_FETCH_SKIP = 4
 """mid_fetch is reached at every chunk received: the kill comes at the fifth, with bytes on disk."""
@@ -98,9 +102,12 @@ def _assert_once(faults: Faults, task: Task, status: str = COMPLETED, settle_tim
     empty, so nothing is left to be sent again under another id), and no two runs overlapped.
     """
     completed = status == COMPLETED
-    faults.assert_outcome(
-        completed=[task] if completed else [], failed=[] if completed else [task], settle_timeout=settle_timeout
-    )
+    try:
+        faults.assert_outcome(
+            completed=[task] if completed else [], failed=[] if completed else [task], settle_timeout=settle_timeout
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_evidence(faults, task)}") from exc
     wait_for(
         lambda: faults.row(task).pending_event is None,
         timeout=60,
@@ -125,8 +132,22 @@ def _assert_once(faults: Faults, task: Task, status: str = COMPLETED, settle_tim
     assert not overlaps, f"two runs of task {task.id} at once (pid, start, end): {overlaps}\n{faults.logs()}"
 
 
-def _one_task(faults: Faults) -> Task:
-    (task,) = faults.make_tasks(1, FILE_SIZE, files=FILES)
+def _evidence(faults: Faults, task: Task) -> str:
+    """The origin's requests for the task's files and the task's log lines, for a failure message."""
+    lines = [f"row: {faults.row(task)}"]
+    for item in task.files:
+        for at, headers in faults.origin.timed.for_path(item.url_path):
+            lines.append(f"origin: {at:.2f} GET {item.url_path} Range={headers.get('Range', '-')}")
+    lines += [line for line in faults.log_text().splitlines() if f"task {task.id}" in line or "crash point" in line]
+    return "\n".join(lines[-80:])
+
+
+def _one_task(faults: Faults, point: str) -> Task:
+    """The paid order of a case that arms *point* (see FILES)."""
+    if point == MID_FETCH:
+        (task,) = faults.make_tasks(1, FILE_SIZE * FILES)
+    else:
+        (task,) = faults.make_tasks(1, FILE_SIZE, files=FILES)
     return task
 
 
@@ -140,7 +161,7 @@ def test_horse_killed_at_each_step(faults: Faults, point: str) -> None:
     bytes fetched once (a kill mid-fetch resumes with a Range request) and two attempts at most."""
     faults.set_env(RECONCILE_INTERVAL="5")
     marker = _arm(faults, point)
-    task = _one_task(faults)
+    task = _one_task(faults, point)
     faults.start_pool(1)
     faults.pay([task])
     _wait_fired(faults, marker)
@@ -157,7 +178,7 @@ def test_horse_killed_on_last_attempt_after_the_files_are_complete(faults: Fault
     (issue 8 item 2: a finished download was marked failed and its files moved aside)."""
     faults.set_env(MAX_ATTEMPTS="1", RECONCILE_INTERVAL="5")
     marker = _arm(faults, point)
-    task = _one_task(faults)
+    task = _one_task(faults, point)
     faults.start_pool(1)
     faults.pay([task])
     _wait_fired(faults, marker)
@@ -175,7 +196,7 @@ def test_worker_killed_at_each_step(faults: Faults, point: str) -> None:
     task ends `completed` once, the bytes fetched once, two attempts at most."""
     faults.set_env(RECONCILE_INTERVAL="5")
     marker = _arm(faults, point, KILL_WORKER)
-    task = _one_task(faults)
+    task = _one_task(faults, point)
     pool = faults.start_pool(1)
     before = faults.pool_workers(pool)
     faults.pay([task])
@@ -215,7 +236,12 @@ def test_reconciler_killed_settling_an_exhausted_task(faults: Faults, point: str
     row = faults.row(poison)
     assert row.attempts == 2, row
     assert row.error_message and "no attempts left" in row.error_message, row.error_message
-    assert "reconciler (pid" in pool.log() and "died; starting another" in pool.log(), pool.log()
+    wait_for(
+        lambda: re.search(r"reconciler \(pid \d+\) died; starting another", pool.log()),
+        timeout=30,
+        interval=0.2,
+        what=lambda: f"the pool to start another reconciler\n{pool.log()}",
+    )
 
 
 # -- Redis emptied --------------------------------------------------------------------------------
@@ -229,10 +255,37 @@ def test_redis_emptied_at_each_step(faults: Faults, point: str) -> None:
     `completed` once, with one download.completed id, the bytes fetched once."""
     faults.set_env(RECONCILE_INTERVAL="5")
     marker = _arm(faults, point, FLUSH_REDIS)
-    task = _one_task(faults)
+    task = _one_task(faults, point)
     faults.start_pool(1)
     faults.pay([task])
     _wait_fired(faults, marker)
+    _assert_once(faults, task)
+    assert faults.row(task).attempts == 1, faults.row(task)
+
+
+def test_redis_emptied_under_a_last_attempt_then_a_sweep(faults: Faults) -> None:
+    """Redis loses every key just after a last attempt (MAX_ATTEMPTS=1) was counted, and the run
+    goes on (paused there) until it has taken its lease back; a sweep then finds the task
+    `processing` with its attempts used up and no job in Redis. A run that holds (or retakes) its
+    lease must not be settled from under it: the task ends `completed` once (issue 8 item 16)."""
+    faults.set_env(MAX_ATTEMPTS="1", RECONCILE_INTERVAL="5")
+    marker = _arm(faults, AFTER_ATTEMPT, f"{FLUSH_REDIS},{PAUSE}")
+    task = _one_task(faults, AFTER_ATTEMPT)
+    faults.start_pool(1)
+    faults.pay([task])
+    _wait_fired(faults, marker)
+    wait_for(
+        lambda: faults.redis.exists(lease_key(task.id)),
+        timeout=LEASE_TTL,
+        interval=0.1,
+        what=lambda: f"the run to take its lease back\n{faults.logs()}",
+    )
+    assert faults.job(task) is None, "Redis lost the task's job"
+    swept = faults.cli("reconcile")
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    print(f"[faults] after the flush: udemy-dl reconcile: {swept.stdout.strip()}")
+    assert faults.row(task).status == PROCESSING, f"the sweep settled a running task: {faults.row(task)}"
+    Path(f"{marker}{crashpoints.GO_SUFFIX}").touch()
     _assert_once(faults, task)
     assert faults.row(task).attempts == 1, faults.row(task)
 
@@ -251,7 +304,7 @@ def test_run_cut_off_from_redis_past_its_lease_moves_nothing_into_place(faults: 
     try:
         faults.set_env(REDIS_URL=f"redis://127.0.0.1:{relay.port}/0", RECONCILE_INTERVAL="5")
         marker = _arm(faults, AFTER_RECORD, PAUSE)
-        task = _one_task(faults)
+        task = _one_task(faults, AFTER_RECORD)
         faults.start_pool(1)
         faults.pay([task])
         _wait_fired(faults, marker)
