@@ -3,26 +3,69 @@
 # a download in progress is handed back to the queue at once, keeping its bytes and its attempt),
 # wait up to STOP_TIMEOUT seconds, then SIGKILL whatever is left (worker, work horse, scheduler).
 # PID files are removed. Anything cut short stays 'processing' and is re-queued by the reconciler.
+#
+# Stopping needs nothing but the PID files: only PID_DIR and STOP_TIMEOUT are read (from the
+# environment, else from .env), each on its own, and nothing is validated beyond them, so a bad value
+# elsewhere in .env never keeps the workers from being stopped. udemy-dl itself is not needed.
 set -euo pipefail
 
 readonly RET_OK=0
-readonly RET_NO_BINARY=2
-readonly RET_CONFIG=3
+readonly DEFAULT_PID_DIR=./run
+readonly DEFAULT_STOP_TIMEOUT=30
+readonly MAX_STOP_TIMEOUT=2147483647
+readonly KILL_WAIT=10  # seconds to wait for a SIGKILLed process to be gone
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-UDEMY_DL="${UDEMY_DL_BIN:-$PWD/.venv/bin/udemy-dl}"
-if [[ ! -x "$UDEMY_DL" ]]; then
-  UDEMY_DL="$(command -v udemy-dl || true)"
+trim() {  # trim TEXT: without leading and trailing white space
+  local text="$1"
+  text="${text#"${text%%[![:space:]]*}"}"
+  printf '%s' "${text%"${text##*[![:space:]]}"}"
+}
+
+dotenv_value() {  # dotenv_value NAME: NAME's value in ./.env as python-dotenv reads a plain line (last one wins)
+  local name="$1" line value="" pattern
+  pattern="^[[:space:]]*(export[[:space:]]+)?${name}[[:space:]]*=(.*)$"
+  [[ -r .env ]] || return 0
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    [[ "$line" =~ $pattern ]] || continue
+    value="$(trim "${BASH_REMATCH[2]}")"
+    case "$value" in
+      \'*) value="${value:1}" && value="${value%%\'*}" ;;  # 'single quoted': taken as it is
+      \"*) value="${value:1}" && value="${value%%\"*}" ;;  # "double quoted"
+      *) value="$(trim "$(sed -E 's/[[:space:]]+#.*$//' <<<"$value")")" ;;  # unquoted: ' # comment' dropped
+    esac
+  done <.env
+  printf '%s' "$value"
+}
+
+setting() {  # setting NAME: the environment's value if it is set (even empty, as udemy-dl reads it), else .env's
+  local name="$1"
+  if [[ -n "${!name+set}" ]]; then
+    trim "${!name}"
+  else
+    dotenv_value "$name"
+  fi
+}
+
+PID_DIR="$(setting PID_DIR)"
+PID_DIR="${PID_DIR:-$DEFAULT_PID_DIR}"
+if [[ "$PID_DIR" == *'$'* ]]; then
+  echo "stop_workers.sh: warning: PID_DIR ($PID_DIR) holds a \$ this script does not expand; set PID_DIR in the environment" >&2
 fi
-if [[ -z "$UDEMY_DL" ]]; then
-  echo "stop_workers.sh: udemy-dl not found (set UDEMY_DL_BIN)" >&2
-  exit "$RET_NO_BINARY"
+case "$PID_DIR" in
+  \~ | \~/*) PID_DIR="$HOME${PID_DIR:1}" ;;  # as udemy-dl expands it
+esac
+
+STOP_TIMEOUT="$(setting STOP_TIMEOUT)"
+if [[ -z "$STOP_TIMEOUT" ]]; then
+  STOP_TIMEOUT="$DEFAULT_STOP_TIMEOUT"
+elif [[ ! "$STOP_TIMEOUT" =~ ^[0-9]{1,10}$ ]] || ((10#$STOP_TIMEOUT < 1 || 10#$STOP_TIMEOUT > MAX_STOP_TIMEOUT)); then
+  echo "stop_workers.sh: warning: STOP_TIMEOUT=$(printf '%q' "$STOP_TIMEOUT") is not a whole number of seconds from 1 to $MAX_STOP_TIMEOUT; using $DEFAULT_STOP_TIMEOUT" >&2
+  STOP_TIMEOUT="$DEFAULT_STOP_TIMEOUT"
+else
+  STOP_TIMEOUT=$((10#$STOP_TIMEOUT))
 fi
-if ! settings="$("$UDEMY_DL" shell-settings)"; then
-  exit "$RET_CONFIG"
-fi
-eval "$settings"
 
 shopt -s nullglob
 pid_files=("$PID_DIR"/rq_worker_*.pid "$PID_DIR"/reconciler*.pid)
@@ -85,8 +128,9 @@ for pid in "${pids[@]}"; do
     echo "worker pid $pid did not stop in time: killed"
   fi
 done
-for pid in "${pids[@]}"; do
-  while running "$pid"; do sleep 0.05; done
+deadline=$((SECONDS + KILL_WAIT))
+while ((${#pids[@]})) && alive && ((SECONDS < deadline)); do
+  sleep 0.05
 done
 # A worker killed earlier (kill -9, OOM) may have left its scheduler behind: start_workers.sh
 # ran each worker with setsid, so its process group id is its PID.

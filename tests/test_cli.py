@@ -290,6 +290,49 @@ def test_confirm_payment_of_unknown_task_exits_non_zero(cli_backend: Backend, re
     assert queued(redis_conn) == []
 
 
+RECORDED_NOT_QUEUED = 8
+"""confirm-payment's own exit code: the rows are paid and recorded, Redis could not take the jobs."""
+
+
+def test_confirm_payment_with_redis_down_says_the_rows_are_recorded(cli_backend: Backend, redis_conn: Redis) -> None:
+    """With Redis unreachable, `confirm-payment` still records the payment (rows `processing`) and says
+    so, names the reconciler as the one who will enqueue them, and exits with its own code (8), not a
+    bare error; once Redis answers again, a reconcile enqueues them."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PENDING)
+    done_id = cli_backend.store.insert_task(EMAIL, URL, COMPLETED)
+    result = cli("confirm-payment", str(task_id), str(done_id), "nope", REDIS_URL=CLOSED_REDIS)
+    assert result.returncode == RECORDED_NOT_QUEUED, explain(result)
+    assert "Traceback" not in result.stderr
+    words = " ".join((result.stdout + result.stderr).split())
+    assert f"paid and recorded (processing), not queued yet: [{task_id}]" in words, explain(result)
+    assert "reconciler" in words and "Redis" in words
+    assert f"refused: task {done_id}: task is completed" in words and "'nope'" in words
+    row = cli_backend.store.get(task_id)
+    assert row is not None and row.status == PROCESSING
+
+    as_json = cli("confirm-payment", str(task_id), "--json", REDIS_URL=CLOSED_REDIS)
+    assert as_json.returncode == RECORDED_NOT_QUEUED, explain(as_json)
+    body = json.loads(as_json.stdout)
+    assert (body["enqueued"], body["alreadyQueued"], body["refused"], body["recordedNotQueued"]) == (
+        [],
+        [],
+        [],
+        [task_id],
+    )
+    assert "ConnectionError" in body["redisError"]
+
+    assert queued(redis_conn) == []
+    assert cli("reconcile").returncode == RET_OK
+    assert queued(redis_conn) == [job_id_for(task_id)]
+
+
+def test_confirm_payment_help_documents_its_exit_codes() -> None:
+    """The operator reading `confirm-payment --help` learns what exit 8 means."""
+    result = cli("confirm-payment", "--help")
+    words = " ".join(result.stdout.split())
+    assert result.returncode == 0 and "8" in words and "reconciler" in words, explain(result)
+
+
 def test_enqueue_queues_one_job(configure: Callable[..., Settings], redis_conn: Redis) -> None:
     """`enqueue` queues download-<id> once; a second call says it is already queued."""
     configure()
@@ -444,3 +487,14 @@ def test_health_with_a_worker_running_is_healthy(
     result = cli("health")
     assert result.returncode == RET_OK, explain(result)
     assert "healthy" in result.stdout
+
+
+def test_health_without_the_worker_check_is_what_a_start_needs(healthy_env: Settings) -> None:
+    """`health --no-workers` (start_workers.sh's check before starting anything): Redis and the
+    database up is healthy with no worker running; the database down is unhealthy, named."""
+    result = cli("health", "--no-workers")
+    assert result.returncode == RET_OK, explain(result)
+    assert result.stdout.strip() == "healthy: redis ok, database ok"
+    down = cli("health", "--no-workers", DATABASE_URL="mysql://root@127.0.0.1:1/udemy_dl_test")
+    assert down.returncode == RET_UNHEALTHY, explain(down)
+    assert unhealthy_checks(down) == ["database"]

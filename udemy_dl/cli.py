@@ -22,6 +22,19 @@ RET_USAGE = 2
 RET_CONFIG = 3
 RET_CONNECT = 4
 RET_UNHEALTHY = 5
+RET_RECORDED_NOT_QUEUED = 8
+"""confirm-payment: the rows are paid and recorded (`processing`), but Redis did not take the jobs;
+the reconciler enqueues them once Redis answers. (6 and 7 are start_workers.sh's.)"""
+
+EXIT_CODES = f"""exit codes:
+  {RET_OK}  done
+  {RET_ERROR}  error (confirm-payment, requeue-failed: a task was refused)
+  {RET_USAGE}  usage
+  {RET_CONFIG}  configuration error: the message names the variable (systemd does not restart it)
+  {RET_CONNECT}  cannot reach Redis or the database
+  {RET_UNHEALTHY}  health: a check failed (the lines name it)
+  {RET_RECORDED_NOT_QUEUED}  confirm-payment: paid and recorded, not queued (Redis unreachable); the
+     reconciler enqueues them when Redis is back"""
 
 
 def _producer(settings: Settings) -> Any:
@@ -41,7 +54,13 @@ def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_confirm_payment(settings: Settings, args: argparse.Namespace) -> int:
-    result = _producer(settings).confirm_payment(args.task_ids, priority=args.priority)
+    from redis.exceptions import RedisError
+
+    producer = _producer(settings)
+    try:
+        result = producer.confirm_payment(args.task_ids, priority=args.priority)
+    except RedisError as exc:  # the rows are marked first: the payment is recorded, the jobs are not
+        return _confirmed_without_redis(producer, args, exc)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -50,6 +69,51 @@ def cmd_confirm_payment(settings: Settings, args: argparse.Namespace) -> int:
         for item in result.refused:
             print(f"refused: task {item['taskId']}: {item['reason']}")
     return RET_OK if not result.refused else RET_ERROR
+
+
+def _confirmed_without_redis(producer: Any, args: argparse.Namespace, exc: Exception) -> int:
+    """Say what confirm-payment recorded when Redis failed after the rows were marked `processing`:
+    they are paid and safe, and the reconciler (its sweep enqueues `processing` rows that have no
+    job) puts them on the queue once Redis answers."""
+    from .errors import InvalidTaskError
+    from .store import PROCESSING
+    from .task import parse_task_id
+
+    refused: list[dict[str, Any]] = []
+    ids: list[int] = []
+    for raw in args.task_ids:
+        try:
+            task_id = parse_task_id(raw)
+        except InvalidTaskError as bad:
+            refused.append({"taskId": raw, "reason": str(bad)})
+            continue
+        if task_id not in ids:
+            ids.append(task_id)
+    rows = {row.id: row for row in producer.store.get_many(ids)} if ids else {}
+    recorded = []
+    for task_id in ids:
+        row = rows.get(task_id)
+        if row is None:
+            refused.append({"taskId": task_id, "reason": "no such task"})
+        elif row.status != PROCESSING:
+            refused.append({"taskId": task_id, "reason": f"task is {row.status}"})
+        else:
+            recorded.append(task_id)
+    error = f"{type(exc).__name__}: {exc}"
+    advice = (
+        f"Redis is unreachable ({error}). The payment is recorded: the reconciler enqueues these tasks "
+        "when Redis is back (at its next sweep), or run 'udemy-dl reconcile' then."
+    )
+    if args.json:
+        body = {"enqueued": [], "alreadyQueued": [], "refused": refused, "recordedNotQueued": recorded}
+        print(json.dumps({**body, "redisError": error}))
+        print(f"udemy-dl: {advice}", file=sys.stderr)
+    else:
+        print(f"paid and recorded (processing), not queued yet: {recorded or '-'}")
+        for item in refused:
+            print(f"refused: task {item['taskId']}: {item['reason']}")
+        print(advice)
+    return RET_RECORDED_NOT_QUEUED
 
 
 def _bar(percent: int, width: int = 20) -> str:
@@ -144,9 +208,10 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     try:
         connection = redis_connection(settings)
         connection.ping()
-        workers = Producer(settings, connection=connection).get_queue_stats()["workers"]
-        if workers == 0:
-            failures.append(f"workers: none listening on queue {settings.queue_name!r}")
+        if not args.no_workers:
+            workers = Producer(settings, connection=connection).get_queue_stats()["workers"]
+            if workers == 0:
+                failures.append(f"workers: none listening on queue {settings.queue_name!r}")
     except Exception as exc:
         failures.append(f"redis: {settings.redis_url_redacted}: {type(exc).__name__}: {exc}")
     if settings.database_url:  # not set: the config check below names the variable
@@ -165,7 +230,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
             print(f"UNHEALTHY {failure}")
         # A configuration error is exit 3 whatever else failed: fixing it comes first.
         return RET_CONFIG if config_error else RET_UNHEALTHY
-    print(f"healthy: redis ok, database ok, {workers} worker(s)")
+    print("healthy: redis ok, database ok" + ("" if args.no_workers else f", {workers} worker(s)"))
     return RET_OK
 
 
@@ -266,7 +331,12 @@ def cmd_pool(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="udemy-dl", description="Download-order worker service.")
+    parser = argparse.ArgumentParser(
+        prog="udemy-dl",
+        description="Download-order worker service.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"udemy-dl {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -278,7 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", choices=defaults.PRIORITIES, default="normal", help="high: VIP queue")
     p.set_defaults(func=cmd_enqueue)
 
-    p = sub.add_parser("confirm-payment", help="mark paid tasks processing and enqueue them")
+    p = sub.add_parser(
+        "confirm-payment",
+        help="mark paid tasks processing and enqueue them",
+        description="Mark paid tasks processing (recorded in the database), then enqueue them.",
+        epilog=f"""exit codes:
+  {RET_OK}  every task enqueued or already queued
+  {RET_ERROR}  a task was refused (no such task, already completed or failed, bad id): see 'refused:'
+  {RET_CONNECT}  the database is unreachable: nothing was recorded
+  {RET_RECORDED_NOT_QUEUED}  Redis is unreachable: the tasks are paid and recorded (processing) but not queued;
+     the reconciler enqueues them when Redis is back (or run 'udemy-dl reconcile' then)""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("task_ids", nargs="+", metavar="TASK_ID")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--priority", choices=defaults.PRIORITIES, default="normal", help="high: VIP orders go first")
@@ -294,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("health", help="exit 0 when Redis, the database and workers are up; else name what is not")
+    p.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="check the settings, Redis and the database only (start_workers.sh runs this before starting any)",
+    )
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("reconcile", help="re-enqueue processing tasks that have no live job")

@@ -16,9 +16,11 @@ from udemy_dl.devservers import WebhookReceiver, write_sample_file
 from udemy_dl.store import COMPLETED, PROCESSING, MySQLStore
 
 from .conftest import (
+    E2E_DB_NAME,
     E2E_HOSTNAME,
     E2E_SETTING_VARIABLES,
     REPO_ROOT,
+    STOP_SCRIPT,
     UNIT_FILE,
     E2EEnv,
     E2EOrigin,
@@ -76,6 +78,84 @@ def test_bad_config_stops_startup(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> N
     assert "abc" in done.stderr
     assert "started" not in done.stdout
     assert e2e_scripts.pid_files() == []
+    assert e2e_env.leftover_processes() == []
+
+
+def _nothing_started(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> None:
+    assert e2e_scripts.pid_files() == []
+    assert not (e2e_env.pid_dir / "reconciler.pid").exists()
+    assert e2e_env.leftover_processes() == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("DATABASE_URL", f"mysql://root@127.0.0.1:1/{E2E_DB_NAME}", "database"),
+        ("REDIS_URL", "redis://127.0.0.1:1/0", "redis"),
+    ],
+    ids=["database", "redis"],
+)
+def test_start_with_a_service_unreachable_starts_nothing(
+    e2e_env: E2EEnv, e2e_scripts: E2EScripts, variable: str, value: str, named: str
+) -> None:
+    """Redis or the database down: start_workers.sh checks both before starting anything and exits 7
+    (RET_UNREACHABLE) naming the one that does not answer; no worker, no reconciler, no PID file."""
+    done = e2e_scripts.start(60, False, **{variable: value})
+    assert done.returncode == 7, done.stdout + done.stderr
+    assert f"UNHEALTHY {named}:" in done.stderr and "nothing was started" in done.stderr, done.stderr
+    assert "started (pid" not in done.stdout
+    _nothing_started(e2e_env, e2e_scripts)
+
+
+def test_a_failed_start_leaves_nothing_running(e2e_env: E2EEnv, e2e_scripts: E2EScripts, tmp_path: Path) -> None:
+    """When one worker does not start, start_workers.sh exits 6 and stops again everything it had
+    started (the other worker and the reconciler), removing their PID files."""
+    wrapper = tmp_path / "bin" / "udemy-dl"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "${1-}" == worker && "${3-}" == *.2 ]]; then echo "worker 2: simulated failure" >&2; exit 1; fi\n'
+        f'exec {e2e_bin("udemy-dl")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    done = e2e_scripts.start(WORKER_COUNT="2", UDEMY_DL_BIN=str(wrapper))
+    assert done.returncode == 6, done.stdout + done.stderr + e2e_env.logs()
+    assert "worker 2 failed to start" in done.stderr and "simulated failure" in done.stderr
+    _nothing_started(e2e_env, e2e_scripts)
+    assert "stopping the 3 process(es) this run started" in done.stderr, done.stderr
+
+
+def test_stop_needs_nothing_but_the_pid_files(e2e_env: E2EEnv, e2e_scripts: E2EScripts, tmp_path: Path) -> None:
+    """stop_workers.sh stops the workers whatever else .env and the environment hold: it reads PID_DIR
+    (and STOP_TIMEOUT, falling back to its default with a warning) and needs no udemy-dl to do it."""
+    started = e2e_scripts.start(WORKER_COUNT="1")
+    assert started.returncode == 0, started.stdout + started.stderr + e2e_env.logs()
+    pids = [*e2e_scripts.pids().values(), int((e2e_env.pid_dir / "reconciler.pid").read_text())]
+    assert len(pids) == 2 and all(e2e_pid_running(pid) for pid in pids)
+
+    # The script as installed elsewhere, with its own .env holding the PID_DIR and bad values around it.
+    install = tmp_path / "install"
+    install.mkdir()
+    stop = install / STOP_SCRIPT.name
+    shutil.copy2(STOP_SCRIPT, stop)
+    (install / ".env").write_text(
+        "# operator's settings\n"
+        "WORKER_COUNT=abc\n"
+        "REDIS_URL=redis://:s3c/ret@cache.example:6379/ten\n"
+        f'export PID_DIR = "{e2e_env.pid_dir}"   # where start_workers.sh wrote them\n'
+        "STOP_TIMEOUT=soon\n"
+        "QUEUE_NAME=bad name!\n"
+    )
+    env = {key: value for key, value in e2e_env.vars.items() if key not in ("PID_DIR", "STOP_TIMEOUT")}
+    env.update(WORKER_COUNT="0", DATABASE_URL="postgres://nope", UDEMY_DL_BIN="/nonexistent/udemy-dl")
+    env["PATH"] = "/usr/bin:/bin"
+    done = subprocess.run([str(stop)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "STOP_TIMEOUT" in done.stderr and "using 30" in done.stderr, done.stderr
+    assert "sent SIGTERM to 2 process(es)" in done.stdout and "all workers stopped" in done.stdout, done.stdout
+    assert "s3c" not in done.stdout + done.stderr
+    assert list(e2e_env.pid_dir.glob("*.pid")) == []
+    assert not any(e2e_pid_running(pid) for pid in pids)
     assert e2e_env.leftover_processes() == []
 
 
