@@ -391,7 +391,9 @@ def _check_redis_url(url: str, sentinels: bool) -> None:
         if path.strip("/") == "":
             raise ConfigError(variable, "unix:// needs the socket's path: unix:///path/to/redis.sock[?db=N]")
         if sentinels:
-            raise ConfigError(variable, "a unix:// socket cannot be used with REDIS_SENTINELS (use redis:// or rediss://)")
+            raise ConfigError(
+                variable, "a unix:// socket cannot be used with REDIS_SENTINELS (use redis:// or rediss://)"
+            )
         return
     if not host:
         raise ConfigError(variable, f"needs a host: {parts.scheme}://[[user]:password@]host[:port][/db]")
