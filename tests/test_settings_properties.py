@@ -115,7 +115,7 @@ def redis_urls() -> st.SearchStrategy[Bad]:
         st.builds(lambda pw: Bad(f"redis://:{pw}@cache.example/0#frag", pw), password),
         st.builds(lambda pw: Bad(f"redis://:{pw}@/0", pw), password),
         st.builds(lambda pw, host: Bad(f"redis://:{pw}@{host}:6379/0", pw), password, spliced("cache.example")),
-        st.builds(lambda pw, ch: Bad(f"redis://:{pw}@cache.example:6379/0{ch}", pw), password, control),
+        st.builds(lambda pw, ch: Bad(f"redis://:{pw}@cache.example:63{ch}79/0", pw), password, control),
         st.builds(lambda pw: Bad(f"redis://:{pw}@cache.example:6379/0", pw), secret_with_special()),
         st.builds(lambda pw: Bad(f"rediss://user:{pw}@cache.example/0", pw), secret_with_special()),
         st.builds(lambda pw: Bad(f"unix://:{pw}@cache.example/run/redis.sock", pw), password),
