@@ -53,7 +53,10 @@ case "$check_status" in
     exit "$RET_START_FAILED"
     ;;
 esac
-mkdir -p "$PID_DIR" "$LOG_DIR"
+if ! mkdir -p "$PID_DIR" "$LOG_DIR"; then
+  echo "start_workers.sh: cannot create PID_DIR ($PID_DIR) or LOG_DIR ($LOG_DIR), nothing was started" >&2
+  exit "$RET_START_FAILED"
+fi
 
 host="$(hostname)"
 is_our_worker() {  # is_our_worker PID: a live process running udemy-dl
