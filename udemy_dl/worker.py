@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -14,16 +15,18 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Worker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-from rq.exceptions import InvalidJobOperation
+from rq.exceptions import InvalidJobOperation, NoSuchJobError, StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.scripts import release_lock
-from rq.worker import BaseWorker
+from rq.utils import as_text, now
+from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_pool import WorkerPool
 
 from . import defaults
@@ -37,6 +40,14 @@ log = logging.getLogger(__name__)
 
 HAND_BACK_SIGNAL = getattr(signal, defaults.HAND_BACK_SIGNAL_NAME)
 
+WAKE_KEY = "udemy_dl:worker:{name}:wake"
+"""A list each DownloadWorker's dequeue waits on besides its queues (and before them): a stop pushes
+WAKE_VALUE there, which ends a blocked dequeue at once with a proper answer (see
+DownloadWorker.dequeue_job_and_maintain_ttl)."""
+WAKE_VALUE = "stop"
+WAKE_TTL = 300
+"""Seconds a wake token outlives a worker that could not delete it (killed while stopping)."""
+
 
 class DownloadWorker(Worker):
     """RQ's forking worker, with what a download service needs on top:
@@ -45,6 +56,9 @@ class DownloadWorker(Worker):
     - a short worker TTL, so a dead worker on another host is noticed within about 90 s;
     - on a warm shutdown (SIGTERM/SIGINT) it asks the horse to hand its task back to the queue
       at once, instead of waiting for a download that may take an hour;
+    - a stop never loses a job it is being handed: a job that a stopping worker dequeues (a task a
+      stopping peer has just handed back, say) goes back to the front of its queue, and a stop
+      that comes between the dequeue and the horse's start hands the task back like any other;
     - after Redis has lost its data, its next heartbeat registers it again (rq info shows it).
     """
 
@@ -53,6 +67,14 @@ class DownloadWorker(Worker):
         super().__init__(*args, **kwargs)
         self._high_in_a_row = 0
         self._preferred_order = list(self._ordered_queues)
+        self._holding_job = False
+        """True from the moment a dequeue may hand this worker a job until that job's horse has
+        forked: a stop then only records itself (raising, as RQ's handler does for an idle worker,
+        would drop a job already popped from its queue)."""
+
+    @property
+    def wake_key(self) -> str:
+        return WAKE_KEY.format(name=self.name)
 
     def reorder_queues(self, reference_queue: Queue) -> None:
         """VIP first, but never more than HIGH_PICKUPS_BEFORE_NORMAL VIP tasks in a row while
@@ -77,24 +99,218 @@ class DownloadWorker(Worker):
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         install_hand_back_handler(HAND_BACK_SIGNAL)
+        # Born with the signal blocked (fork_work_horse): a hand-back asked for before the handler
+        # was in place is delivered now, to the handler, instead of killing the horse.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {HAND_BACK_SIGNAL})
         die_with_parent()
         super().main_work_horse(job, queue)
 
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {HAND_BACK_SIGNAL})
+        try:
+            super().fork_work_horse(job, queue)  # the horse itself never returns from this call
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self._holding_job = False
+        if self._stop_requested:
+            # The stop came after the dequeue, before there was a horse to ask: ask it now.
+            self._ask_horse_to_hand_back()
+
+    def _ask_horse_to_hand_back(self) -> None:
+        self.log.info("Worker %s: asking horse %s to hand its task back", self.name, self.horse_pid)
+        try:
+            os.kill(self.horse_pid, HAND_BACK_SIGNAL)
+        except ProcessLookupError:
+            pass
+
     def handle_warm_shutdown_request(self) -> None:
         super().handle_warm_shutdown_request()  # type: ignore[no-untyped-call]
-        if self.horse_pid:
-            self.log.info("Worker %s: asking horse %s to hand its task back", self.name, self.horse_pid)
+        if self._holding_job:
+            # A dequeue may be handing this worker a job: end it with a wake token, not an
+            # exception (see dequeue_job_and_maintain_ttl); _shutdown below only records the stop.
+            self._wake()
+        elif self.horse_pid:
+            self._ask_horse_to_hand_back()
+        # Otherwise no job is in hand (between jobs, a heartbeat, a backoff): RQ's _shutdown raises
+        # StopRequested and the worker ends at once.
+
+    def _shutdown(self) -> None:
+        if not self._holding_job:
+            super()._shutdown()  # type: ignore[no-untyped-call]
+            return
+        self._stop_requested = True
+        try:
+            self.set_shutdown_requested_date()  # type: ignore[no-untyped-call]
+        except RedisError as exc:  # in a signal handler: nothing may escape into the dequeue
+            self.log.warning("Worker %s: could not record the stop request: %s", self.name, exc)
+        if self.scheduler:
+            self.stop_scheduler()  # type: ignore[no-untyped-call]
+
+    def _wake(self) -> None:
+        """Push the wake token: a blocked dequeue returns it at once, one about to block finds it."""
+        try:
+            with self.connection.pipeline() as pipe:
+                pipe.rpush(self.wake_key, WAKE_VALUE)
+                pipe.expire(self.wake_key, WAKE_TTL)
+                pipe.execute()
+        except RedisError as exc:  # the dequeue then ends at its timeout (or fails with Redis itself)
+            self.log.warning("Worker %s: could not wake its dequeue: %s", self.name, exc)
+
+    def _clear_wake(self) -> None:
+        try:
+            self.connection.delete(self.wake_key)
+        except RedisError as exc:
+            self.log.warning("Worker %s: could not clear its wake list: %s", self.name, exc)
+
+    def bootstrap(
+        self,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        super().bootstrap(logging_level, date_format, log_format)
+        self._clear_wake()  # a token left by an earlier worker of this name must not stop this one
+
+    def teardown(self) -> None:
+        super().teardown()  # type: ignore[no-untyped-call]
+        if not self.is_horse:
+            self._clear_wake()
+
+    def _put_back(self, job_id: str, queue: Queue) -> None:
+        """Return a job this stopping worker was handed, untouched, to the front of its queue."""
+        self._holding_job = False
+        try:
+            queue.push_job_id(job_id, at_front=True)
+        except RedisError as exc:  # the reconciler's sweep finds the task without a job
+            self.log.error("Worker %s: stopping; could not put job %s back on %s: %s", self.name, job_id, queue, exc)
+            return
+        self.log.info("Worker %s: stopping; job %s goes back to the front of %s", self.name, job_id, queue.name)
+
+    def _pop(self, timeout: int | None) -> tuple[str, str] | None:
+        """(key, value) from the wake list or the first queue that has a job, in that order; None if
+        nothing came within *timeout* seconds (None: do not block)."""
+        keys = [self.wake_key, *(queue.key for queue in self._ordered_queues)]
+        if timeout is None:
+            for key in keys:
+                value: bytes | None = self.connection.lpop(key)  # type: ignore[assignment]
+                if value is not None:
+                    return key, as_text(value)
+            return None
+        popped: tuple[bytes, bytes] | None = self.connection.blpop(keys, timeout)  # type: ignore[assignment]
+        if popped is None:
+            return None
+        return as_text(popped[0]), as_text(popped[1])
+
+    def _queue_of(self, key: str) -> Queue:
+        for queue in self.queues:
+            if queue.key == key:
+                return queue
+        return self.queue_class.from_queue_key(key, connection=self.connection, serializer=self.serializer)
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue loop, except that a stop cannot make it drop a job.
+
+        RQ's stop handler raises out of an idle worker's blocking BLPOP. If Redis had already
+        answered that BLPOP with a job (pushed a moment before: a download a stopping peer hands
+        back, say), the job is off its queue and run by no one: its task waits for the reconciler.
+        Here the BLPOP also waits on this worker's wake list, and while a pop may be handing over a
+        job the handler only records the stop and pushes the wake token: the BLPOP then answers the
+        token (the worker stops) or the job it had already taken, which goes back to the front of
+        its queue, the same job, before the worker stops. Returns None when stopping, like RQ's
+        loop does on a timeout or in burst mode when the queues are empty.
+        """
+        qnames = ",".join(self.queue_names())
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + qnames)  # type: ignore[no-untyped-call]
+        self.log.debug("Worker %s: *** Listening on %s...", self.name, qnames)
+        connection_wait_time = 1.0
+        idle_since = now()
+        idle_time_left = max_idle_time
+        result: tuple[Job, Queue] | None = None
+        while not self._stop_requested:
             try:
-                os.kill(self.horse_pid, HAND_BACK_SIGNAL)
-            except ProcessLookupError:
-                pass
-        else:
-            # Idle, maybe blocked in a dequeue: Redis would hand that blocked connection the next
-            # job pushed (a task another worker hands back, say), and this worker would never run
-            # it. Dropping the connections cancels the pending dequeue; later calls reconnect.
-            self.connection.connection_pool.disconnect()
+                self.heartbeat()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
+                if timeout is not None and idle_time_left is not None:
+                    timeout = min(timeout, idle_time_left)
+                self.log.debug("Worker %s: dequeueing jobs on queues %s and timeout %s", self.name, qnames, timeout)
+                result = self._dequeue_once(timeout)
+            except RedisConnectionError as exc:
+                if self._stop_requested:
+                    break
+                self.log.error(
+                    "Worker %s: could not connect to Redis instance: %s retrying in %d seconds...",
+                    self.name,
+                    exc,
+                    connection_wait_time,
+                )
+                time.sleep(connection_wait_time)  # backoff while Redis is away (a stop raises out of it)
+                connection_wait_time = min(
+                    connection_wait_time * self.exponential_backoff_factor, self.max_connection_wait_time
+                )
+                continue
+            if result is not None or timeout is None:
+                break  # a job; or, in burst mode, the queues are empty
+            if max_idle_time is not None:
+                idle_time_left = math.ceil(max_idle_time - (now() - idle_since).total_seconds())
+                if idle_time_left <= 0:
+                    break
+        if result is None and self._stop_requested:
+            self.log.info("Worker %s: stopping on request", self.name)
+        self.heartbeat()
+        return result
+
+    def _dequeue_once(self, timeout: int | None) -> tuple[Job, Queue] | None:
+        """One pop (skipping a stale wake token or a job that no longer exists): the job and its
+        queue, with _holding_job still set; or None (nothing came, or the worker is stopping)."""
+        while True:
+            self._holding_job = True
+            try:
+                popped = self._pop(timeout)
+            except BaseException:
+                self._holding_job = False
+                raise
+            if popped is None:
+                self._holding_job = False
+                return None
+            key, job_id = popped
+            if key == self.wake_key:
+                self._holding_job = False
+                if self._stop_requested:
+                    return None
+                continue  # a token from before this worker's start
+            queue = self._queue_of(key)
+            if self._stop_requested:
+                self._put_back(job_id, queue)
+                return None
+            try:
+                job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
+            except NoSuchJobError:  # deleted meanwhile, as RQ's dequeue skips it
+                self._holding_job = False
+                continue
+            except BaseException:
+                self._holding_job = False
+                raise
+            if self._stop_requested:
+                self._put_back(job.id, queue)
+                return None
+            self.reorder_queues(reference_queue=queue)
+            self.log.debug("Worker %s: dequeued job %s from %s", self.name, job.id, queue.name)
+            job.redis_server_version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
+            if self.log_job_description:
+                self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+            else:
+                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+            return job, queue
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if self._stop_requested:
+            # Stopped after this job was dequeued, before it started: it goes back untouched.
+            self._put_back(job.id, queue)
+            raise StopRequested()
         if job.func_name in (defaults.DOWNLOAD_JOB_FUNCTION, defaults.DELIVER_JOB_FUNCTION):
             prepare_job_context()
         try:
@@ -105,6 +321,8 @@ class DownloadWorker(Worker):
             self.log.warning("Worker %s: Redis unreachable around job %s: %s; waiting for it", self.name, job.id, exc)
             self._wait_for_redis()
             self._settle_after_outage(job, queue)
+        finally:
+            self._holding_job = False
 
     def _settle_after_outage(self, job: Job, queue: Queue) -> None:
         """The job's end could not be recorded in Redis: unless it was, hand it to RQ's failure

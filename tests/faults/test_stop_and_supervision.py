@@ -99,25 +99,17 @@ def test_sigterm_to_pool_hands_download_back(faults: Faults, measure: Callable[.
     _assert_resumed_once(faults, task)
 
 
-LOST_HAND_BACK = (
-    "KNOWN LIMIT: a handed-back task can still be swallowed by a peer worker frozen before it can act on "
-    "its own stop signal (this test freezes it with SIGSTOP to make the race certain). A stopping idle "
-    "worker now drops its connections at once, which cancels its pending dequeue, so in a real stop the "
-    "window is the few milliseconds before the peer's handler runs; what falls into it stays 'processing' "
-    "in the database and is re-enqueued by the reconciler's next sweep."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LOST_HAND_BACK)
 @pytest.mark.parametrize("launcher", ["scripts", "pool"])
 def test_hand_back_survives_a_stopping_idle_peer(faults: Faults, launcher: str) -> None:
     """A graceful stop (stop_workers.sh, or SIGTERM to `udemy-dl pool`) while one worker downloads
     and the other waits in its blocking dequeue: the handed-back task must be on the queue once
     every worker has exited.
 
-    The race made deterministic: the idle peer is frozen (SIGSTOP) while blocked in its BLPOP, so
-    its stop signal takes effect only after the busy worker has pushed the task back. No WEBHOOK_URL
-    here: a live-event webhook pushed meanwhile would be what the frozen BLPOP receives instead."""
+    The race made certain: the idle peer is frozen (SIGSTOP) while blocked in its BLPOP, so Redis
+    hands it the task the busy worker pushes back, and its own stop signal takes effect only then.
+    The stopping peer must put that same job back at the front of its queue, not drop it (it used to
+    sit in no list until the reconciler's next sweep). No WEBHOOK_URL here: a live-event webhook
+    pushed meanwhile would be what the frozen BLPOP receives instead."""
     del faults.vars["WEBHOOK_URL"]
     (task,) = faults.make_tasks(1, FILE_SIZE)
     faults.origin.throttle = THROTTLE
@@ -158,6 +150,10 @@ def test_hand_back_survives_a_stopping_idle_peer(faults: Faults, launcher: str) 
     else:
         pool.process.wait(timeout=STOP_TIMEOUT)
     _assert_handed_back(faults, task)
+    assert f"job download-{task.id} goes back to the front of" in faults.log_text(), (
+        "the frozen peer was handed the task and put it back",
+        faults.logs(),
+    )
 
 
 def test_pool_replaces_killed_worker(faults: Faults, measure: Callable[..., float]) -> None:
