@@ -24,14 +24,32 @@ from .process import pid_alive
 
 log = logging.getLogger(__name__)
 
-# Compare-and-set scripts: only the holder named by the token may renew or release.
-# Renew: extend our lease; take it again if it vanished (Redis restarted or an outage let it
-# expire) and nobody else has it; 0 only when another run holds it now.
+# Compare-and-set scripts: only the holder named by the token may renew or release. KEYS[2]
+# names the last run that took the lease (kept LAST_HOLDER_TTL seconds).
+# Acquire: take a free lease and note this run as its last taker.
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('set', KEYS[2], ARGV[1], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+# Renew: extend our lease; take it again if it vanished and no other run took it since (it
+# expired during an outage, or Redis lost its data: then the last taker is gone too); 0 when
+# another run holds it now or has held it meanwhile (that run's work, or a reopened task's, must
+# not be settled by this one).
 _RENEW = """
 local holder = redis.call('get', KEYS[1])
-if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
-return 0
+if holder == ARGV[1] then
+  redis.call('expire', KEYS[2], ARGV[3])
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if holder then return 0 end
+local last = redis.call('get', KEYS[2])
+if last and last ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('set', KEYS[2], ARGV[1], 'EX', ARGV[3])
+return 2
 """
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
@@ -40,8 +58,17 @@ CONFIRM_RETRY_SECONDS = 0.5
 """How often still_held() asks again while Redis does not answer."""
 
 
+LAST_HOLDER_TTL = 7 * 24 * 3600
+"""Seconds the name of a task's last lease taker is kept: longer than any run lasts, so a run that
+finds its lease expired can tell whether another run has taken it since."""
+
+
 def lease_key(task_id: int) -> str:
     return f"udemy_dl:lease:{task_id}"
+
+
+def last_holder_key(task_id: int) -> str:
+    return f"udemy_dl:lease-last:{task_id}"
 
 
 class TaskLease:
@@ -58,11 +85,12 @@ class TaskLease:
         self.connection = connection
         self.task_id = task_id
         self.key = lease_key(task_id)
+        self.last_key = last_holder_key(task_id)
         self.ttl_ms = ttl * 1000
         self.token = f"{socket.gethostname()}|{os.getpid()}|{job_id}|{uuid.uuid4().hex}"
         self.lost = threading.Event()
         """Set when a renewal finds the lease gone or taken: the run must stop."""
-        self._also_set = also_set
+        self.also_set = also_set
         """Another event to set when the lease is lost (the fetch's stop event)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,18 +104,24 @@ class TaskLease:
     def acquire(self) -> None:
         """Take the lease, replacing a dead holder on this host; raise LeaseBusyError otherwise."""
         self._confirmed = time.monotonic()
-        if self.connection.set(self.key, self.token, nx=True, px=self.ttl_ms):
+        if self._take():
             self._start_renewing()
             return
         current = self.holder()
         if current and _holder_is_dead_here(current):
-            if self.connection.eval(_RELEASE, 1, self.key, current) and self.connection.set(
-                self.key, self.token, nx=True, px=self.ttl_ms
-            ):
+            if self.connection.eval(_RELEASE, 1, self.key, current) and self._take():
                 log.warning("task %s: took over the lease of a dead run (%s)", self.task_id, current)
                 self._start_renewing()
                 return
         raise LeaseBusyError(f"task {self.task_id}: another run holds the lease ({current})")
+
+    def _take(self) -> bool:
+        return bool(
+            self.connection.eval(_ACQUIRE, 2, self.key, self.last_key, self.token, self.ttl_ms, LAST_HOLDER_TTL)
+        )
+
+    def _renew(self) -> bool:
+        return bool(self.connection.eval(_RENEW, 2, self.key, self.last_key, self.token, self.ttl_ms, LAST_HOLDER_TTL))
 
     def still_held(self) -> bool:
         """Check (and renew) now: a run about to make its work final confirms the lease is still its own.
@@ -98,7 +132,7 @@ class TaskLease:
         while True:
             asked = time.monotonic()
             try:
-                held = bool(self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
+                held = self._renew()
             except RedisError as exc:
                 left = self._confirmed + self.ttl_ms / 1000 - time.monotonic()
                 if left <= 0:
@@ -107,7 +141,7 @@ class TaskLease:
                 time.sleep(min(CONFIRM_RETRY_SECONDS, left))
                 continue
             if not held:
-                self._lose("lease held by another run")
+                self._lose("lease held by another run, now or since it expired")
                 return False
             self._confirmed = asked  # Redis set the expiry no earlier than this
             return True
@@ -116,8 +150,8 @@ class TaskLease:
         if not self.lost.is_set():
             log.error("task %s: lease lost (%s); stopping this run", self.task_id, why)
         self.lost.set()
-        if self._also_set is not None:
-            self._also_set.set()
+        if self.also_set is not None:
+            self.also_set.set()
 
     def _start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.task_id}", daemon=True)
@@ -128,7 +162,7 @@ class TaskLease:
         while not self._stop.wait(interval):
             asked = time.monotonic()
             try:
-                renewed = self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+                renewed = self._renew()
             except RedisError as exc:
                 if time.monotonic() - self._confirmed >= self.ttl_ms / 1000:
                     # Cut off for the lease's whole lifetime: it has expired, and another run may

@@ -35,6 +35,15 @@ HAND_BACK = threading.Event()
 """Set in a work horse when its worker asks it to hand the task back (the worker is stopping)."""
 
 
+class RunStop(threading.Event):
+    """One run's stop: set when the run must stop (its lease lost), and seen as set while its work
+    horse is asked to hand the task back (HAND_BACK). A lease lost by one run never stops the next
+    one run in the same process (the one-line entry point, a test)."""
+
+    def is_set(self) -> bool:
+        return super().is_set() or HAND_BACK.is_set()
+
+
 def install_hand_back_handler(signum: int) -> None:
     """In a fresh work horse: let *signum* set HAND_BACK (by default SIGUSR1 would kill the process)."""
     HAND_BACK.clear()

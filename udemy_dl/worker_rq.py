@@ -25,7 +25,7 @@ from .context import Context, get_context, reset_context
 from .errors import Interrupted, InvalidTaskError, LeaseBusyError, PermanentError, StoreError, TransientError
 from .lease import TaskLease
 from .outcome import record_completed, record_failed, resend_final_event
-from .process import HAND_BACK
+from .process import RunStop
 from .settings import Settings
 from .storage import final_path, promote, read_record, staging_lock, staging_path, write_record
 from .store import COMPLETED, FAILED, PROCESSING, TaskStore, utcnow
@@ -118,7 +118,7 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
         return _reject_bad_input(ctx, task_data, exc)
     # The lease comes first: everything below, the "attempts used up" verdict included, is
     # decided by the one run that holds it, never by a duplicate beside a run in progress.
-    lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=HAND_BACK)
+    lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=RunStop())
     lease.acquire()  # LeaseBusyError: another run is at it; this one steps aside and is retried later
     crashpoints.crash_point(crashpoints.AFTER_LEASE)
     try:
@@ -184,12 +184,13 @@ def _attempt(ctx: Context, task: TaskData, attempt: int, job: Job | None, lease:
         return result
     except Interrupted:
         outcome = "handed_back"
-        # Not this attempt's fault: give the attempt back (unless a run that took the lease over
-        # has counted its own since). The bytes so far stay in staging.
-        ctx.store.undo_attempt(task.task_id, attempt)
-        if lease.lost.is_set():
+        # Not this attempt's fault: give the attempt back, while the lease is still this run's
+        # (a run that lost it leaves the count to the run that took it over, or to the reopened
+        # task). The bytes so far stay in staging.
+        if lease.lost.is_set() or not lease.still_held():
             log.warning("task %s: lease lost mid-run; leaving the task to the run that holds it", task.task_id)
             return {"success": False, "taskId": task.task_id, "leaseLost": True}
+        ctx.store.undo_attempt(task.task_id, attempt)
         log.info("task %s: worker stopping; handing the task back to the queue", task.task_id)
         if job is not None:
             job.meta["handed_back"] = True
@@ -226,7 +227,7 @@ def _download(ctx: Context, task: TaskData, job: Job | None, lease: TaskLease) -
     if record is None:
         staging = staging_path(settings, task.task_id)
         reporter = ProgressReporter(task.task_id, ctx.store, job, notify=_progress_notifier(ctx, task))
-        result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=HAND_BACK)
+        result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=lease.also_set)
         record = result.record(task.course_url)
         write_record(staging, record)
         crashpoints.crash_point(crashpoints.AFTER_RECORD)
