@@ -386,6 +386,14 @@ def test_redirect_within_allowed_hosts_is_followed(
     assert other_origin.requests.paths() == ["/courses/moved", "/files/moved/a.bin"]
 
 
+def test_redirect_to_a_malformed_url_is_a_fetch_error_naming_it(origin: ContentOrigin, staging: Path) -> None:
+    """A Location the URL parser cannot read (an empty IPv6 host) is the origin misbehaving: a FetchError that
+    quotes it (retried like any transient fault), never a ValueError from deep inside the fetch."""
+    origin.redirects["/courses/broken"] = "http://[]/x"
+    with pytest.raises(FetchError, match=r"malformed URL 'http://\[\]/x'"):
+        fetcher_for(origin).fetch(f"{origin.base_url}/courses/broken", staging)
+
+
 def test_redirect_loop_gives_up(origin: ContentOrigin, staging: Path) -> None:
     """Endless redirects stop after a few hops with a FetchError."""
     origin.redirects["/a"] = "/b"
@@ -449,6 +457,7 @@ def test_valid_manifest_parses_into_file_specs() -> None:
         (b'{"files": [{"path": "manifest.json", "url": "/a"}]}', UnsafePathError),
         (b'{"files": [{"path": "../a.bin", "url": "/a"}]}', UnsafePathError),
         (b'{"files": [{"path": "/etc/passwd", "url": "/a"}]}', UnsafePathError),
+        (b'{"files": [{"path": "a.bin", "url": "http://[]/a"}]}', BadManifestError),
     ],
     ids=[
         "not-json",
@@ -465,6 +474,7 @@ def test_valid_manifest_parses_into_file_specs() -> None:
         "reserved-name",
         "dotdot",
         "absolute",
+        "malformed-url",
     ],
 )
 def test_malformed_manifest_is_refused_permanently(document: bytes, error: type[Exception]) -> None:

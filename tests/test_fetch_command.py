@@ -79,6 +79,16 @@ def in_background(action: Callable[[], object]) -> threading.Thread:
 # -- a command that cannot start -------------------------------------------------------------------
 
 
+def test_partial_files_of_an_earlier_http_attempt_are_dropped_not_described(staging: Path) -> None:
+    """An earlier attempt over HTTP left `.parts` in the task folder (the operator set FETCH_COMMAND since): the
+    command's files are the result, and `.parts` is gone before the folder can be moved into place."""
+    (staging / ".parts").mkdir(parents=True)
+    (staging / ".parts" / "a.bin.part").write_bytes(b"half")
+    result = fetcher(sh('printf course > "$1/course.bin"')).fetch(URL, staging)
+    assert [(item.path, item.size) for item in result.files] == [("course.bin", 6)]
+    assert sorted(path.name for path in staging.iterdir()) == ["course.bin"]
+
+
 def test_missing_executable_is_a_permanent_error_naming_the_command(staging: Path, tmp_path: Path) -> None:
     """No such program: retrying cannot help, so the task fails at once, and the message says what was run."""
     missing = str(tmp_path / "no-such-downloader")

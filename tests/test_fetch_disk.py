@@ -3,13 +3,15 @@ freed), a course larger than the whole disk fails for good. The disk's answer is
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import pytest
 
-from udemy_dl import defaults
+from udemy_dl import defaults, fetch
 from udemy_dl.devservers import ContentOrigin, write_sample_file
 from udemy_dl.errors import FetchError, NoSpaceError, PermanentError, TooLargeError, TransientError
 
@@ -92,3 +94,41 @@ def test_bytes_already_fetched_are_not_needed_again(
     disk(monkeypatch, total=TiB, free=defaults.DISK_HEADROOM + 400_000)
     result = fetcher_for(origin).fetch(url, staging)
     assert result.total_bytes == 1_100_000
+
+
+class FillingFile:
+    """A part file on a disk that fills after *room* bytes: writes past it fail with ENOSPC, as the OS answers."""
+
+    def __init__(self, real: BinaryIO, room: int) -> None:
+        self.real, self.room = real, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.real.write(data)
+
+    def __enter__(self) -> FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.close()
+
+
+def test_disk_filling_while_writing_is_retried_and_keeps_the_bytes(
+    origin: ContentOrigin, staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills mid-file (another program took the space after the check): a transient NoSpaceError naming
+    the file, never an unexplained OSError; the bytes written stay, and the next attempt resumes after them."""
+    url = origin.add_course("fills", {"a.bin": 1_000_000})
+    real_open = fetch._open_file
+    monkeypatch.setattr(fetch, "_open_file", lambda path, mode: FillingFile(real_open(path, mode), 600_000))
+    with pytest.raises(NoSpaceError, match=r"a\.bin: the download disk is full") as caught:
+        fetcher_for(origin).fetch(url, staging)
+    assert isinstance(caught.value, TransientError)
+    monkeypatch.setattr(fetch, "_open_file", real_open)
+    result = fetcher_for(origin).fetch(url, staging)
+    assert result.total_bytes == 1_000_000
+    with origin.requests.lock:
+        ranges = [headers.get("Range") for _, path, headers in origin.requests.entries if path.endswith("/a.bin")]
+    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"

@@ -189,8 +189,17 @@ def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int) -> HTTPAdap
     return GuardedAdapter(pool_connections=4, pool_maxsize=max(pool_size, 1), max_retries=0)
 
 
+class ManualRedirectSession(requests.Session):
+    """A session that never works out a redirect itself: the fetch follows each one by hand, after
+    checking its target against ALLOWED_HOSTS (requests would parse a malformed Location even
+    with allow_redirects=False, and fail with a bare ValueError)."""
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        return None
+
+
 def new_session(allowed_hosts: Collection[str], pool_size: int) -> requests.Session:
-    session = requests.Session()
+    session = ManualRedirectSession()
     session.trust_env = False  # no proxies or .netrc from the environment: only the configured origin
     ca_bundle = next((os.environ[name] for name in CA_BUNDLE_VARIABLES if os.environ.get(name)), None)
     if ca_bundle:
@@ -249,7 +258,11 @@ class Fetcher:
                 raise FetchError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
             if response.is_redirect and response.headers.get("Location"):
                 response.close()
-                url = urljoin(url, response.headers["Location"])
+                location = response.headers["Location"]
+                try:
+                    url = urljoin(url, location)
+                except ValueError as exc:  # a malformed host ("http://[]/x"): the origin misbehaves
+                    raise FetchError(f"GET {url}: redirect to a malformed URL {location!r}: {exc}") from None
                 continue
             if response.status_code not in accept:
                 self._check_status(url, response)
@@ -603,6 +616,12 @@ class Fetcher:
         except (requests.RequestException, HTTPException, ConnectionError, TimeoutError) as exc:
             # The bytes so far stay in the part file: the next attempt continues from them.
             raise FetchError(f"{spec.path}: transfer broke after {size} bytes: {exc}") from exc
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The disk filled while writing (something else took the space): what was written stays
+            # for the next attempt, which runs once space is freed.
+            raise NoSpaceError(f"{spec.path}: the download disk is full: {exc.strerror}") from exc
         except (IntegrityError, TooLargeError):
             _discard(part, state_file)
             progress.take_back(counted)
@@ -691,9 +710,11 @@ def parse_manifest(document: bytes, manifest_url: str) -> tuple[str, list[FileSp
         sha = item.get("sha256")
         if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
             raise BadManifestError(f"manifest file #{number} ({path}): sha256 must be 64 hex digits, got {sha!r}")
-        specs.append(
-            FileSpec(path=path, url=urljoin(manifest_url, url.strip()), size=size, sha256=sha.lower() if sha else None)
-        )
+        try:
+            absolute = urljoin(manifest_url, url.strip())
+        except ValueError as exc:  # a malformed host ("http://[]/x")
+            raise BadManifestError(f"manifest file #{number} ({path}): malformed url {url!r}: {exc}") from None
+        specs.append(FileSpec(path=path, url=absolute, size=size, sha256=sha.lower() if sha else None))
     if not specs:
         raise BadManifestError(f"manifest at {manifest_url} lists no files")
     for number, spec in enumerate(specs, start=1):

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -126,6 +127,7 @@ class CommandFetcher:
                 f"FETCH_COMMAND exited 0 with {leftovers} process(es) it started still running; they were "
                 "ended, and what they were writing is not trusted"
             )
+        _drop_parts(staging)
         files = tuple(_describe(staging))
         if not files:
             raise CommandError("FETCH_COMMAND exited 0 but left no files")
@@ -218,6 +220,15 @@ def _log_lines(stream: IO[str]) -> None:
     """Copy the command's output into the worker log, line by line, as it comes."""
     for line in stream:
         log.info("FETCH_COMMAND: %s", line.rstrip())
+
+
+def _drop_parts(staging: Path) -> None:
+    """Remove `.parts` (an earlier HTTP attempt's partial files): not the command's, never moved into place."""
+    parts = staging / PARTS_DIRNAME
+    if parts.is_symlink() or parts.is_file():
+        parts.unlink()
+    elif parts.is_dir():
+        shutil.rmtree(parts)
 
 
 def _describe(staging: Path) -> list[FetchedFile]:
