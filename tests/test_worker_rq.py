@@ -18,10 +18,12 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
-from udemy_dl.devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver, write_sample_file
-from udemy_dl.producer import JOB_FUNCTION, Producer, job_id_for
+from dev.devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver, write_sample_file
+from udemy_dl.defaults import DOWNLOAD_JOB_FUNCTION as JOB_FUNCTION
+from udemy_dl.folders import RECORD_NAME, write_record
+from udemy_dl.producer import Producer
+from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
-from udemy_dl.storage import RECORD_NAME, write_record
 from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, TaskRow, TaskStore, utcnow
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED

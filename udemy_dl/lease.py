@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from . import defaults
 from .errors import LeaseBusyError
-from .process import pid_alive
+from .process_control import pid_alive
 
 log = logging.getLogger(__name__)
 
