@@ -35,7 +35,7 @@ from .errors import (
     TransientError,
     WebhookDeliveryError,
 )
-from .folders import final_path, promote, read_record, staging_lock, staging_path, write_record
+from .folders import final_path, finished_staging, promote, read_record, staging_lock, staging_path, write_record
 from .lease import TaskLease
 from .outcome import record_completed, record_failed, resend_final_event
 from .payload import TaskPayload, parse_task, parse_task_id
@@ -241,11 +241,15 @@ def _download(ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLease
     record = read_record(final) if final.is_dir() else None
     if record is None:
         staging = staging_path(settings, task.task_id)
-        reporter = ProgressReporter(task.task_id, ctx.store, job, notify=_progress_notifier(ctx, task))
-        result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=lease.also_set)
-        record = result.record(task.course_url)
-        write_record(staging, record)
-        crashpoints.crash_point(crashpoints.AFTER_RECORD)
+        record = finished_staging(staging, task.course_url)
+        if record is not None:
+            log.info("task %s: staging already holds the verified course; moving it into place", task.task_id)
+        else:
+            reporter = ProgressReporter(task.task_id, ctx.store, job, notify=_progress_notifier(ctx, task))
+            result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=lease.also_set)
+            record = result.record(task.course_url)
+            write_record(staging, record)
+            crashpoints.crash_point(crashpoints.AFTER_RECORD)
         if not lease.still_held():  # another run took over, or Redis could not say: its copy counts
             raise Interrupted("lease lost before the files were moved into place")
         promote(staging, final)
