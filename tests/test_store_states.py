@@ -90,7 +90,8 @@ class Run:
     cut_off: bool = False
     outlived_data_loss: bool = False
     """Redis lost its data while this run was live: its lease, and the name of the lease's last
-    taker, are gone; nothing in Redis can tell this run from a later one any more."""
+    taker, are gone; nothing in Redis can tell this run from a later one any more (nor can a run
+    cut off from Redis ask it)."""
 
     def __repr__(self) -> str:
         return f"{self.label}(task={self.task_id}, attempt={self.attempt}, generation={self.generation})"
@@ -201,14 +202,15 @@ class StoreStates(RuleBasedStateMachine):
     def check_stale(self, run: Run, before: TaskRow, what: str, guarded: bool) -> None:
         """A run from before the task's last reopen leaves the reopened row as it is, except where
         neither the lease nor the attempt guard can tell the two runs apart: Redis lost its data
-        while the stale run was live (so no record of later lease takers survives), *guarded* (the
-        lease let the run through) and the reopened row counts as many attempts as the stale run's."""
+        while the stale run was live (so no record of later lease takers survives) or the run is cut
+        off from Redis (so it cannot ask), *guarded* (the lease let the run through, or could not
+        say no) and the reopened row counts as many attempts as the stale run's."""
         if run.generation == self.model(run.task_id).generation:
             return
         after = self.row(run.task_id)
         if same_row(before, after):
             return
-        indistinguishable = run.outlived_data_loss and guarded and before.attempts == run.attempt
+        indistinguishable = (run.outlived_data_loss or run.cut_off) and guarded and before.attempts == run.attempt
         if not indistinguishable:
             raise StaleSettle(f"stale {what} of {run!r} changed the reopened row: {before} -> {after}")
         self.model(run.task_id).undone_by_stale_run = True
@@ -421,7 +423,9 @@ class StoreStates(RuleBasedStateMachine):
         before = self.row(run.task_id)
         lease_free = not run.cut_off and lease_holder(self.redis, run.task_id) in (None, run.lease.token)
         if run.lease.lost.is_set() or not run.lease.still_held():
-            self.check_stale(run, before, "hand-back", guarded=False)
+            if not run.lease.taken_over:  # cut off from Redis: given back, guarded by its number
+                self.store.undo_attempt(run.task_id, run.attempt)
+            self.check_stale(run, before, "hand-back", guarded=not run.lease.taken_over)
             return
         self.store.undo_attempt(run.task_id, run.attempt)
         self.check_stale(run, before, "hand-back", guarded=lease_free)

@@ -199,10 +199,13 @@ def _attempt(ctx: Context, task: TaskPayload, attempt: int, job: Job | None, lea
         return result
     except Interrupted:
         outcome = "handed_back"
-        # Not this attempt's fault: give the attempt back, while the lease is still this run's
-        # (a run that lost it leaves the count to the run that took it over, or to the reopened
-        # task). The bytes so far stay in staging.
+        # Not this attempt's fault: give the attempt back. The bytes so far stay in staging. A run
+        # whose lease another run took leaves the count to that run (or to the reopened task); one
+        # merely cut off from Redis gives it back, guarded by its number (a run that took over on
+        # another host has counted its own since), so an outage never uses up a paid order's attempts.
         if lease.lost.is_set() or not lease.still_held():
+            if not lease.taken_over:
+                ctx.store.undo_attempt(task.task_id, attempt)
             log.warning("task %s: lease lost mid-run; leaving the task to the run that holds it", task.task_id)
             return {"success": False, "taskId": task.task_id, "leaseLost": True}
         ctx.store.undo_attempt(task.task_id, attempt)
