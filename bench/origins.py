@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from udemy_dl.devservers import ContentOrigin
+from dev.devservers import ContentOrigin
 
 from .support import BenchError, Child, Children, free_port, port_open, say, wait_until
 
@@ -200,14 +200,14 @@ http {{
 
 
 class PythonOrigin:
-    """udemy_dl.devservers.ContentOrigin (Python's http.server) serving the same tree; slow, but it can cut."""
+    """dev.devservers.ContentOrigin (Python's http.server) serving the same tree; slow, but it can cut."""
 
     kind = "ContentOrigin (python http.server)"
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.origin = ContentOrigin(root)
-        self.version = "udemy_dl.devservers.ContentOrigin"
+        self.version = "dev.devservers.ContentOrigin"
 
     @property
     def host_port(self) -> str:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from udemy_dl.devservers import write_sample_file
+from dev.devservers import write_sample_file
 
 from .harness import RETRY_DELAY, Bench
 from .origins import NginxOrigin, PythonOrigin

@@ -9,8 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from dev.devservers import write_sample_file
 from udemy_dl import defaults
-from udemy_dl.devservers import write_sample_file
 
 from .harness import Bench, row_time, split_evenly
 from .report import Part, Row

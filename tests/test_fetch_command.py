@@ -17,7 +17,7 @@ import pytest
 
 from udemy_dl.errors import CommandError, Interrupted, PermanentError, TransientError
 from udemy_dl.fetch_command import CommandFetcher
-from udemy_dl.process import pid_alive
+from udemy_dl.process_control import pid_alive
 from udemy_dl.settings import VARIABLES, load_settings
 
 from .conftest import wait_for

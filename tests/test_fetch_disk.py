@@ -11,8 +11,8 @@ from typing import BinaryIO, NamedTuple
 
 import pytest
 
+from dev.devservers import ContentOrigin, write_sample_file
 from udemy_dl import defaults, fetch
-from udemy_dl.devservers import ContentOrigin, write_sample_file
 from udemy_dl.errors import FetchError, NoSpaceError, PermanentError, TooLargeError, TransientError
 
 from .test_fetch import fetcher_for, files_under

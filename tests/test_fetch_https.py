@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from udemy_dl.devservers import ContentOrigin, write_sample_file
+from dev.devservers import ContentOrigin, write_sample_file
 from udemy_dl.errors import FetchError, HostNotAllowedError, TransientError
 from udemy_dl.fetch import Fetcher
 

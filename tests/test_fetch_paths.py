@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from udemy_dl.devservers import ContentOrigin, write_sample_file
+from dev.devservers import ContentOrigin, write_sample_file
 from udemy_dl.errors import (
     FetchError,
     PermanentError,
     UnsafePathError,
 )
 from udemy_dl.fetch import PARTS_DIRNAME, parse_manifest
-from udemy_dl.storage import promote, write_record
+from udemy_dl.folders import promote, write_record
 
 from .test_fetch import fetcher_for, files_under, sha256_of
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from udemy_dl.devservers import ContentOrigin, write_sample_file
+from dev.devservers import ContentOrigin, write_sample_file
 from udemy_dl.errors import FetchError, IntegrityError, TransientError
 from udemy_dl.fetch import FetchResult
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from dev.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl.errors import FetchError
 from udemy_dl.fetch import PARTS_DIRNAME, Fetcher
+from udemy_dl.folders import staging_path
 from udemy_dl.settings import Settings
-from udemy_dl.storage import staging_path
 from udemy_dl.store import COMPLETED, FAILED, TaskStore
 
 from .conftest import MYSQL_TEST_URL

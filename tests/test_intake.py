@@ -35,7 +35,7 @@ from standardwebhooks import Webhook
 from udemy_dl import intake as intake_module
 from udemy_dl.errors import ConfigError
 from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY, IntakeServer, make_server
-from udemy_dl.producer import job_id_for
+from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore, utcnow
 from udemy_dl.webhooks import generate_secret, sign_headers

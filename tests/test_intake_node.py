@@ -25,8 +25,8 @@ import pytest
 from redis import Redis
 from rq import Queue
 
-from udemy_dl.devservers import ContentOrigin
-from udemy_dl.producer import job_id_for
+from dev.devservers import ContentOrigin
+from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore
 from udemy_dl.webhooks import generate_secret

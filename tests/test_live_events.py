@@ -7,8 +7,8 @@ import itertools
 import pytest
 from redis import Redis
 
+from dev.devservers import ReceivedWebhook
 from udemy_dl import defaults
-from udemy_dl.devservers import ReceivedWebhook
 from udemy_dl.producer import Producer
 from udemy_dl.store import PENDING
 from udemy_dl.webhooks import COMPLETED, PROGRESS, STARTED

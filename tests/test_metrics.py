@@ -8,8 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
+from dev.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl import metrics
-from udemy_dl.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl.producer import Producer
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, SQLiteStore

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from dev.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl.errors import StoreError
 from udemy_dl.reconciler import Reconciler
 from udemy_dl.settings import Settings

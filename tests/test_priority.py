@@ -10,13 +10,13 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from udemy_dl.connection import worker_queues
-from udemy_dl.devservers import ContentOrigin
+from dev.devservers import ContentOrigin
+from udemy_dl.download_worker import DownloadWorker
 from udemy_dl.errors import InvalidTaskError
-from udemy_dl.producer import Producer, job_id_for
+from udemy_dl.producer import Producer
+from udemy_dl.queues import job_id_for, worker_queues
 from udemy_dl.settings import Settings
 from udemy_dl.store import PENDING, PROCESSING, SQLiteStore
-from udemy_dl.worker import DownloadWorker
 
 EMAIL = "vip@shop.example"
 

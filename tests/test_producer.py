@@ -16,10 +16,12 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 import udemy_dl
+from dev.devservers import ContentOrigin
 from udemy_dl import defaults
-from udemy_dl.devservers import ContentOrigin
+from udemy_dl.defaults import DOWNLOAD_JOB_FUNCTION as JOB_FUNCTION
 from udemy_dl.errors import InvalidTaskError
-from udemy_dl.producer import JOB_FUNCTION, ConfirmResult, Producer, job_id_for, retry_intervals
+from udemy_dl.producer import ConfirmResult, Producer
+from udemy_dl.queues import job_id_for, retry_intervals
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, utcnow
 

@@ -17,9 +17,10 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
+from dev.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl import defaults
-from udemy_dl.devservers import ContentOrigin, WebhookReceiver
-from udemy_dl.producer import Producer, job_id_for
+from udemy_dl.producer import Producer
+from udemy_dl.queues import job_id_for
 from udemy_dl.reconciler import SWEEP_LOCK, Reconciler, SweepResult
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore, TaskRow, TaskStore, utcnow

@@ -27,19 +27,20 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
 
-from udemy_dl import worker_rq
-from udemy_dl.connection import worker_queues
-from udemy_dl.devservers import ContentOrigin, WebhookReceiver
+from dev.devservers import ContentOrigin, WebhookReceiver
+from udemy_dl import job as download_job
+from udemy_dl.context import get_context
+from udemy_dl.download_worker import WAKE_KEY, DownloadWorker, release_dead_scheduler_locks
 from udemy_dl.errors import LeaseBusyError, StoreError
 from udemy_dl.fetch import PARTS_DIRNAME
 from udemy_dl.lease import TaskLease, lease_key
-from udemy_dl.process import HAND_BACK
-from udemy_dl.producer import Producer, job_id_for
+from udemy_dl.process_control import HAND_BACK
+from udemy_dl.producer import Producer
+from udemy_dl.queues import job_id_for, worker_queues
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, FAILED, PROCESSING, MySQLStore, TaskRow, TaskStore, utcnow
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
-from udemy_dl.worker import WAKE_KEY, DownloadWorker, release_dead_scheduler_locks
 from udemy_dl.worker_rq import process_download
 
 from .conftest import (
@@ -451,7 +452,7 @@ def test_run_that_loses_its_lease_stops_and_leaves_the_task_to_the_holder(
 ) -> None:
     """If another run takes the lease mid-download, this run stops at its next chunk, says leaseLost (no
     hand-back: the holder has the task, and the attempt count with it), and leaves the holder's lease in place."""
-    monkeypatch.setattr(worker_rq, "TaskLease", functools.partial(TaskLease, ttl=1))  # renewed every 1/3 s
+    monkeypatch.setattr(download_job, "TaskLease", functools.partial(TaskLease, ttl=1))  # renewed every 1/3 s
     svc.origin.throttle = 2_000_000
     url = svc.origin.add_course("stolen", {"a.bin": 8_000_000})
     task_id = svc.paid_task(url)
@@ -477,7 +478,7 @@ def test_status_change_whose_answer_was_lost_is_still_recognised(svc: Service, m
     processing row: the run still sees the row carries its own status and finish time and sends download.completed."""
     url = svc.origin.add_course("lost-answer", {"a.bin": 100})
     task_id = svc.paid_task(url)
-    store = worker_rq.get_context().store
+    store = get_context().store
     real = store.mark_completed
 
     def applied_then_retried(task: int, output_path: str, total_bytes: int, now: Any, event: str | None) -> bool:

@@ -15,8 +15,8 @@ from rq import Queue
 from rq.job import JobStatus
 from rq.scheduler import RQScheduler
 
+from udemy_dl.download_worker import DownloadWorker, release_dead_scheduler_locks
 from udemy_dl.scheduler import ResilientScheduler
-from udemy_dl.worker import DownloadWorker, release_dead_scheduler_locks
 
 from .conftest import PrivateRedis, pid_alive, wait_for
 

@@ -22,15 +22,15 @@ from udemy_dl import defaults
 from udemy_dl.context import get_context
 from udemy_dl.errors import PermanentError
 from udemy_dl.fetch import FetchedFile, FetchResult
+from udemy_dl.folders import final_path, staging_path, write_record
 from udemy_dl.lease import TaskLease, lease_key
 from udemy_dl.outcome import record_failed
-from udemy_dl.process import HAND_BACK
-from udemy_dl.producer import job_id_for
+from udemy_dl.payload import TaskPayload
+from udemy_dl.process_control import HAND_BACK
+from udemy_dl.queues import job_id_for
 from udemy_dl.reconciler import SWEEP_LOCK
 from udemy_dl.settings import Settings
-from udemy_dl.storage import final_path, staging_path, write_record
 from udemy_dl.store import COMPLETED, PROCESSING
-from udemy_dl.task import TaskData
 from udemy_dl.webhooks import final_event
 from udemy_dl.worker_rq import process_download
 
@@ -190,7 +190,9 @@ def test_a_failure_recorded_at_a_stale_attempt_leaves_a_reopened_task_alone(hook
     """requeue-failed reopened the task; a late run of the old attempt 3 fails: the row stays
     `processing`, and no second download.failed is queued."""
     task_id = hooked_rig.task(PROCESSING, attempts=3)
-    task = TaskData(task_id=task_id, email=hooked_rig.row(task_id).email, course_url=hooked_rig.row(task_id).course_url)
+    task = TaskPayload(
+        task_id=task_id, email=hooked_rig.row(task_id).email, course_url=hooked_rig.row(task_id).course_url
+    )
     store, settings, redis = hooked_rig.store, hooked_rig.settings, hooked_rig.redis
     assert record_failed(settings, store, redis, task, "first failure", attempt=3)
     assert hooked_rig.producer().requeue_failed([task_id]).enqueued == [task_id]
@@ -273,7 +275,7 @@ def test_the_sweep_resends_a_final_event_whose_delivery_sits_in_no_queue(hooked_
     and no worker's hands. The sweep puts the same job (same webhook-id) back on its queue."""
     task_id = hooked_rig.task(PROCESSING, attempts=1)
     row = hooked_rig.row(task_id)
-    task = TaskData(task_id=task_id, email=row.email, course_url=row.course_url)
+    task = TaskPayload(task_id=task_id, email=row.email, course_url=row.course_url)
     assert record_failed(hooked_rig.settings, hooked_rig.store, hooked_rig.redis, task, "HTTP 404", attempt=1)
     pending = hooked_rig.row(task_id).pending_event
     assert pending
@@ -291,7 +293,7 @@ def test_the_sweep_does_not_resend_a_delivery_still_waiting_in_its_queue(hooked_
     """The control: a delivery still in its queue is left to it."""
     task_id = hooked_rig.task(PROCESSING, attempts=1)
     row = hooked_rig.row(task_id)
-    task = TaskData(task_id=task_id, email=row.email, course_url=row.course_url)
+    task = TaskPayload(task_id=task_id, email=row.email, course_url=row.course_url)
     assert record_failed(hooked_rig.settings, hooked_rig.store, hooked_rig.redis, task, "HTTP 404", attempt=1)
 
     assert hooked_rig.reconciler().sweep().events_resent == []
@@ -312,7 +314,7 @@ def test_still_held_answers_false_once_redis_has_been_silent_for_the_leases_life
     try:
         private_redis.stop()
         assert lease.still_held() is False
-        assert lease.lost.is_set()
+        assert lease.lost.is_set() and not lease.taken_over
     finally:
         lease._stop.set()
         connection.close()
@@ -333,6 +335,7 @@ def test_renewals_give_up_and_stop_the_run_after_the_leases_lifetime_without_red
         private_redis.stop()
         wait_for(stop.is_set, timeout=10, what="the run's stop event")
         assert lease.lost.is_set()
+        assert not lease.taken_over, "cut off, not taken: the run gives its attempt back"
     finally:
         lease._stop.set()
         connection.close()

@@ -35,16 +35,17 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from udemy_dl import worker_rq
+from udemy_dl import job as download_job
 from udemy_dl.context import Context
 from udemy_dl.errors import LeaseBusyError
+from udemy_dl.folders import final_path, promote, read_record, staging_path, write_record
 from udemy_dl.lease import TaskLease, lease_key
-from udemy_dl.producer import Producer, job_id_for
+from udemy_dl.payload import TaskPayload
+from udemy_dl.producer import Producer
+from udemy_dl.queues import job_id_for
 from udemy_dl.reconciler import Reconciler
 from udemy_dl.settings import Settings
-from udemy_dl.storage import final_path, promote, read_record, staging_path, write_record
 from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, UNPAID, TaskRow, TaskStore
-from udemy_dl.task import TaskData
 from udemy_dl.webhooks import final_event, final_event_of
 
 from .conftest import Backend, free_port
@@ -89,7 +90,8 @@ class Run:
     cut_off: bool = False
     outlived_data_loss: bool = False
     """Redis lost its data while this run was live: its lease, and the name of the lease's last
-    taker, are gone; nothing in Redis can tell this run from a later one any more."""
+    taker, are gone; nothing in Redis can tell this run from a later one any more (nor can a run
+    cut off from Redis ask it)."""
 
     def __repr__(self) -> str:
         return f"{self.label}(task={self.task_id}, attempt={self.attempt}, generation={self.generation})"
@@ -173,9 +175,9 @@ class StoreStates(RuleBasedStateMachine):
         assert row is not None
         return row
 
-    def data(self, task_id: int) -> TaskData:
+    def data(self, task_id: int) -> TaskPayload:
         row = self.row(task_id)
-        return TaskData(task_id=row.id, email=row.email, course_url=row.course_url)
+        return TaskPayload(task_id=row.id, email=row.email, course_url=row.course_url)
 
     def enqueue(self, task_id: int) -> None:
         """What RQ does for a run that will be retried or was handed back: the job is queued again."""
@@ -193,21 +195,22 @@ class StoreStates(RuleBasedStateMachine):
         before = self.row(run.task_id)
         holder = lease_holder(self.redis, run.task_id)
         lease_free = not run.cut_off and holder in (None, run.lease.token)
-        settled = worker_rq._settle_failure(self.context(), self.data(run.task_id), reason, run.attempt, run.lease)
+        settled = download_job._settle_failure(self.context(), self.data(run.task_id), reason, run.attempt, run.lease)
         self.check_stale(run, before, "failure", guarded=lease_free)
         return settled
 
     def check_stale(self, run: Run, before: TaskRow, what: str, guarded: bool) -> None:
         """A run from before the task's last reopen leaves the reopened row as it is, except where
         neither the lease nor the attempt guard can tell the two runs apart: Redis lost its data
-        while the stale run was live (so no record of later lease takers survives), *guarded* (the
-        lease let the run through) and the reopened row counts as many attempts as the stale run's."""
+        while the stale run was live (so no record of later lease takers survives) or the run is cut
+        off from Redis (so it cannot ask), *guarded* (the lease let the run through, or could not
+        say no) and the reopened row counts as many attempts as the stale run's."""
         if run.generation == self.model(run.task_id).generation:
             return
         after = self.row(run.task_id)
         if same_row(before, after):
             return
-        indistinguishable = run.outlived_data_loss and guarded and before.attempts == run.attempt
+        indistinguishable = (run.outlived_data_loss or run.cut_off) and guarded and before.attempts == run.attempt
         if not indistinguishable:
             raise StaleSettle(f"stale {what} of {run!r} changed the reopened row: {before} -> {after}")
         self.model(run.task_id).undone_by_stale_run = True
@@ -254,13 +257,13 @@ class StoreStates(RuleBasedStateMachine):
             lease.acquire()
         except LeaseBusyError:
             return multiple()  # RQ retries the job later
-        job = self.producer().fetch_job(job_id_for(task.task_id))
+        job = self.producer().queues.fetch_job(job_id_for(task.task_id))
         if job is not None:
             job.delete(remove_from_queue=True)  # the worker took it: it is this run now
         attempt = self.store.begin_attempt(task.task_id, self.settings.max_attempts)
         if attempt is None:
             try:
-                worker_rq._run_leased(self.context(), self.data(task.task_id), None, lease)
+                download_job._run_leased(self.context(), self.data(task.task_id), None, lease)
             finally:
                 lease.release()
             return multiple()
@@ -287,7 +290,7 @@ class StoreStates(RuleBasedStateMachine):
                     self.hand_back(run)
                     return
                 record = self.promote(run.task_id)
-            worker_rq._record_completed(self.context(), self.data(run.task_id), final, record)
+            download_job._record_completed(self.context(), self.data(run.task_id), final, record)
         finally:
             run.lease.release()
 
@@ -420,7 +423,9 @@ class StoreStates(RuleBasedStateMachine):
         before = self.row(run.task_id)
         lease_free = not run.cut_off and lease_holder(self.redis, run.task_id) in (None, run.lease.token)
         if run.lease.lost.is_set() or not run.lease.still_held():
-            self.check_stale(run, before, "hand-back", guarded=False)
+            if not run.lease.taken_over:  # cut off from Redis: given back, guarded by its number
+                self.store.undo_attempt(run.task_id, run.attempt)
+            self.check_stale(run, before, "hand-back", guarded=not run.lease.taken_over)
             return
         self.store.undo_attempt(run.task_id, run.attempt)
         self.check_stale(run, before, "hand-back", guarded=lease_free)

@@ -1,4 +1,4 @@
-"""Task payload parsing: a valid dict becomes a frozen TaskData; every kind of bad data is named."""
+"""Task payload parsing: a valid dict becomes a frozen TaskPayload; every kind of bad data is named."""
 
 from __future__ import annotations
 
@@ -8,25 +8,25 @@ from typing import Any
 import pytest
 
 from udemy_dl.errors import InvalidTaskError, PermanentError
-from udemy_dl.task import TaskData, parse_task, parse_task_id
+from udemy_dl.payload import TaskPayload, parse_task, parse_task_id
 
 GOOD: dict[str, Any] = {"taskId": 42, "email": "buyer@shop.example", "courseUrl": "https://cdn.example/courses/x"}
 
 
 def test_valid_payload_becomes_task_data() -> None:
-    """A well-formed payload parses into TaskData with the same values."""
-    assert parse_task(GOOD) == TaskData(42, "buyer@shop.example", "https://cdn.example/courses/x")
+    """A well-formed payload parses into TaskPayload with the same values."""
+    assert parse_task(GOOD) == TaskPayload(42, "buyer@shop.example", "https://cdn.example/courses/x")
 
 
 def test_task_data_round_trips_through_its_payload() -> None:
-    """to_payload() gives back the dict a job is enqueued with, which parses to the same TaskData."""
+    """to_payload() gives back the dict a job is enqueued with, which parses to the same TaskPayload."""
     task = parse_task(GOOD)
     assert task.to_payload() == GOOD
     assert parse_task(task.to_payload()) == task
 
 
 def test_task_data_is_frozen() -> None:
-    """TaskData cannot be changed after validation."""
+    """TaskPayload cannot be changed after validation."""
     task = parse_task(GOOD)
     with pytest.raises(dataclasses.FrozenInstanceError):
         task.task_id = 1  # type: ignore[misc]
@@ -35,7 +35,7 @@ def test_task_data_is_frozen() -> None:
 def test_numeric_string_task_id_and_padded_values_are_normalised() -> None:
     """A taskId given as a digit string is accepted; email and URL are stripped of surrounding blanks."""
     task = parse_task({"taskId": " 7 ", "email": " a@b.example ", "courseUrl": " https://cdn.example/c "})
-    assert task == TaskData(7, "a@b.example", "https://cdn.example/c")
+    assert task == TaskPayload(7, "a@b.example", "https://cdn.example/c")
 
 
 def test_invalid_task_error_is_permanent() -> None:

@@ -20,8 +20,8 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from dev.devservers import WebhookReceiver
 from udemy_dl import defaults
-from udemy_dl.devservers import WebhookReceiver
 from udemy_dl.errors import ConfigError, TransientError, WebhookDeliveryError
 from udemy_dl.settings import Settings
 from udemy_dl.store import utcnow
@@ -29,12 +29,12 @@ from udemy_dl.webhooks import (
     COMPLETED,
     FAILED,
     build_event,
-    deliver_webhook,
     enqueue_webhook,
     event_id,
     generate_secret,
     sign_headers,
 )
+from udemy_dl.worker_rq import deliver_webhook
 
 from .conftest import WorkerProcess, run_burst_worker, wait_for
 

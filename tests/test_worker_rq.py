@@ -18,10 +18,12 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
-from udemy_dl.devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver, write_sample_file
-from udemy_dl.producer import JOB_FUNCTION, Producer, job_id_for
+from dev.devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver, write_sample_file
+from udemy_dl.defaults import DOWNLOAD_JOB_FUNCTION as JOB_FUNCTION
+from udemy_dl.folders import RECORD_NAME, write_record
+from udemy_dl.producer import Producer
+from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
-from udemy_dl.storage import RECORD_NAME, write_record
 from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, TaskRow, TaskStore, utcnow
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
@@ -240,6 +242,41 @@ def test_completed_task_is_a_no_op_without_refetching(svc: Service) -> None:
     assert (result["success"], result["taskId"], result.get("skipped")) == (True, task_id, True)
     assert len(svc.origin.requests.paths()) == requests_before
     assert svc.row(task_id) == row_before
+
+
+def test_a_verified_course_left_in_staging_is_moved_into_place_without_refetching(svc: Service) -> None:
+    """A run that fetched and verified the course, wrote its record and was killed before the rename left the
+    staging folder complete: the next run moves it into place and records it, asking the origin for nothing."""
+    url = svc.origin.add_course("left", {"a.bin": 500, "sub/b.bin": 300})
+    task_id = svc.paid_task(url)
+    staging = svc.settings.download_dir / ".staging" / str(task_id)
+    write_sample_file(staging / "a.bin", 500, "left/a.bin")
+    write_sample_file(staging / "sub" / "b.bin", 300, "left/sub/b.bin")
+    files = [{"path": "a.bin", "size": 500, "sha256": "0" * 64}, {"path": "sub/b.bin", "size": 300, "sha256": "1" * 64}]
+    write_record(staging, {"title": "Left", "courseUrl": url, "files": files, "bytes": 800})
+
+    result = process_download(svc.payload(task_id))
+
+    assert (result["success"], result["files"], result["bytes"]) == (True, 2, 800), result
+    assert svc.origin.requests.paths() == []
+    final = svc.settings.download_dir / str(task_id)
+    assert (final / "sub" / "b.bin").stat().st_size == 300 and not staging.exists()
+    assert svc.row(task_id).status == COMPLETED
+
+
+def test_a_staging_record_whose_files_do_not_match_is_not_trusted(svc: Service) -> None:
+    """A record in staging whose file is missing or of another size proves nothing: the course is fetched."""
+    url = svc.origin.add_course("short", {"a.bin": 500})
+    task_id = svc.paid_task(url)
+    staging = svc.settings.download_dir / ".staging" / str(task_id)
+    write_sample_file(staging / "a.bin", 499, "short/a.bin")
+    write_record(staging, {"title": "S", "courseUrl": url, "files": [{"path": "a.bin", "size": 500}], "bytes": 500})
+
+    result = process_download(svc.payload(task_id))
+
+    assert result["success"] is True, result
+    assert "/files/short/a.bin" in svc.origin.requests.paths()
+    assert (svc.settings.download_dir / str(task_id) / "a.bin").stat().st_size == 500
 
 
 def test_completed_task_run_again_sends_no_second_webhook(svc: Service) -> None:

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, defaults
-from .errors import ConfigError, StoreError, UdemyDlError
+from .connection import redis_connection
+from .download_worker import default_worker_name, run_pool, run_worker
+from .errors import ConfigError, InvalidTaskError, StoreError, UdemyDlError
+from .intake import serve
 from .logs import setup_logging
+from .metrics import render_latest
+from .payload import parse_task_id
+from .producer import Producer
+from .queues import job_id_for
+from .reconciler import Reconciler, run_reconciler
 from .settings import Settings, load_settings
+from .store import PROCESSING, open_store
+from .webhooks import generate_secret
 
 STATUS_ORDER = ("pending", "enrolled", "processing", "completed", "failed")
 
@@ -38,7 +49,6 @@ EXIT_CODES = f"""exit codes:
 
 
 def _producer(settings: Settings) -> Any:
-    from .producer import Producer
 
     return Producer(settings)
 
@@ -75,9 +85,6 @@ def _confirmed_without_redis(producer: Any, args: argparse.Namespace, exc: Excep
     """Say what confirm-payment recorded when Redis failed after the rows were marked `processing`:
     they are paid and safe, and the reconciler (its sweep enqueues `processing` rows that have no
     job) puts them on the queue once Redis answers."""
-    from .errors import InvalidTaskError
-    from .store import PROCESSING
-    from .task import parse_task_id
 
     refused: list[dict[str, Any]] = []
     ids: list[int] = []
@@ -130,7 +137,6 @@ def _human(count: float) -> str:
 
 
 def _collect_stats(settings: Settings) -> dict[str, Any]:
-    from .producer import job_id_for
 
     producer = _producer(settings)
     stats: dict[str, Any] = {"queue": producer.get_queue_stats()}
@@ -140,7 +146,7 @@ def _collect_stats(settings: Settings) -> dict[str, Any]:
         running = []
         for row in producer.store.rows_with_status("processing", limit=50):
             item: dict[str, Any] = {"taskId": row.id, "progress": row.progress, "attempts": row.attempts}
-            job = producer.fetch_job(job_id_for(row.id))
+            job = producer.queues.fetch_job(job_id_for(row.id))
             if job is not None:
                 item["job"] = job.get_status(refresh=False)
                 item.update(job.meta.get("progress") or {})
@@ -199,9 +205,6 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
-    from .connection import redis_connection
-    from .producer import Producer
-    from .store import open_store
 
     failures: list[str] = []
     workers = 0
@@ -235,7 +238,6 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    from .reconciler import Reconciler
 
     settings.require_database()
     reconciler = Reconciler(settings)
@@ -257,7 +259,6 @@ def cmd_requeue_failed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_db_init(settings: Settings, args: argparse.Namespace) -> int:
-    from .store import open_store
 
     store = open_store(settings.require_database())
     store.init_schema()
@@ -266,7 +267,6 @@ def cmd_db_init(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_gen_secret(settings: Settings, args: argparse.Namespace) -> int:
-    from .webhooks import generate_secret
 
     print(generate_secret())
     return RET_OK
@@ -274,7 +274,6 @@ def cmd_gen_secret(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_shell_settings(settings: Settings, args: argparse.Namespace) -> int:
     """Print the settings the shell scripts need, as shell assignments (validated, .env applied)."""
-    import shlex
 
     values = {
         "WORKER_COUNT": settings.worker_count,
@@ -289,8 +288,6 @@ def cmd_shell_settings(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(settings: Settings, args: argparse.Namespace) -> int:
-    from .connection import redis_connection
-    from .metrics import render_latest
 
     body, _ = render_latest(settings, redis_connection(settings))
     sys.stdout.write(body.decode())
@@ -298,7 +295,6 @@ def cmd_metrics(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from .intake import serve
 
     try:
         serve(settings, args.host, args.port)
@@ -309,7 +305,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
-    from .reconciler import run_reconciler
 
     settings.require_database()  # without it every round would fail the same way: stop with exit 3 instead
     run_reconciler(settings)
@@ -317,14 +312,12 @@ def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from .worker import default_worker_name, run_worker
 
     run_worker(settings, args.name or default_worker_name(1), burst=args.burst, logging_level=args.log_level)
     return RET_OK
 
 
 def cmd_pool(settings: Settings, args: argparse.Namespace) -> int:
-    from .worker import run_pool
 
     run_pool(settings, args.count or settings.worker_count, logging_level=args.log_level)
     return RET_OK

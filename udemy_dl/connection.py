@@ -7,7 +7,6 @@ from urllib.parse import unquote, urlsplit
 
 from redis import Redis
 from redis.sentinel import Sentinel
-from rq import Queue
 
 from .settings import Settings, redis_db_of
 
@@ -47,22 +46,3 @@ def redis_connection(settings: Settings) -> Redis:
     )
     master: Redis = sentinel.master_for(settings.redis_sentinel_master, **CLIENT_OPTIONS)  # type: ignore[no-untyped-call]
     return master
-
-
-def download_queue(settings: Settings, connection: Redis, priority: str = "normal") -> Queue:
-    return Queue(settings.queue_for(priority), connection=connection)
-
-
-def download_queues(settings: Settings, connection: Redis) -> list[Queue]:
-    """The VIP queue, then the normal one."""
-    return [download_queue(settings, connection, "high"), download_queue(settings, connection)]
-
-
-def webhook_queue(settings: Settings, connection: Redis) -> Queue:
-    return Queue(settings.webhook_queue_name, connection=connection)
-
-
-def worker_queues(settings: Settings, connection: Redis) -> list[Queue]:
-    """Queues a worker listens to, in order: webhook deliveries are short, so they go first; then
-    VIP downloads, then normal ones (DownloadWorker bounds the VIP run so normal ones still move)."""
-    return [webhook_queue(settings, connection), *download_queues(settings, connection)]

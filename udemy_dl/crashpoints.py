@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from .connection import redis_connection
+from .settings import get_settings
+
 log = logging.getLogger(__name__)
 
 CRASH_AT = "UDEMY_DL_CRASH_AT"
@@ -124,7 +127,4 @@ def _pause(name: str, marker: str | None) -> None:
 
 
 def _redis_from_settings() -> Flushable:
-    from .connection import redis_connection
-    from .settings import get_settings
-
     return redis_connection(get_settings())

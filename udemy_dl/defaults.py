@@ -3,8 +3,11 @@
 DOWNLOAD_JOB_FUNCTION = "udemy_dl.worker_rq.process_download"
 """The download job, named as RQ stores it (producers need not import the worker code)."""
 
-DELIVER_JOB_FUNCTION = "udemy_dl.webhooks.deliver_webhook"
+DELIVER_JOB_FUNCTION = "udemy_dl.worker_rq.deliver_webhook"
 """The webhook delivery job, named as RQ stores it."""
+
+RENAMED_JOB_FUNCTIONS = {"udemy_dl.webhooks.deliver_webhook": DELIVER_JOB_FUNCTION}
+"""Job functions queued under an earlier name: a worker runs them under their current one."""
 
 DOWNLOAD_QUEUE = "downloads"
 """RQ queue that download jobs go on."""

@@ -50,8 +50,8 @@ from .errors import (
     UnsafePathError,
     UnwritablePathError,
 )
+from .folders import RECORD_NAME
 from .safety import check_peer_allowed, check_url_allowed, join_inside, safe_filename, safe_relative_path
-from .storage import RECORD_NAME
 
 log = logging.getLogger(__name__)
 

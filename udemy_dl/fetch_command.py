@@ -18,10 +18,10 @@ from typing import IO
 from . import defaults
 from .errors import CommandError, Interrupted, PermanentError, UdemyDlError, UnsafePathError
 from .fetch import PARTS_DIRNAME, FetchedFile, FetchResult, ProgressCallback
-from .process import GroupWatchdog, end_process_group, group_members, preexec_die_with_this_process
+from .folders import RECORD_NAME
+from .process_control import GroupWatchdog, end_process_group, group_members, preexec_die_with_this_process
 from .safety import check_url_allowed
 from .settings import VARIABLES
-from .storage import RECORD_NAME
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from . import defaults
 from .errors import LeaseBusyError
-from .process import pid_alive
+from .process_control import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class TaskLease:
         self.token = f"{socket.gethostname()}|{os.getpid()}|{job_id}|{uuid.uuid4().hex}"
         self.lost = threading.Event()
         """Set when a renewal finds the lease gone or taken: the run must stop."""
+        self.taken_over = False
+        """Redis said another run holds the lease, or took it since (not merely "Redis did not answer")."""
         self.also_set = also_set
         """Another event to set when the lease is lost (the fetch's stop event)."""
         self._stop = threading.Event()
@@ -141,6 +143,7 @@ class TaskLease:
                 time.sleep(min(CONFIRM_RETRY_SECONDS, left))
                 continue
             if not held:
+                self.taken_over = True
                 self._lose("lease held by another run, now or since it expired")
                 return False
             self._confirmed = asked  # Redis set the expiry no earlier than this
@@ -172,7 +175,8 @@ class TaskLease:
                 log.warning("task %s: lease renewal failed: %s", self.task_id, exc)
                 continue  # Redis away for a moment: try again next beat
             if not renewed:
-                self._lose("lease held by another run")
+                self.taken_over = True
+                self._lose("lease held by another run, now or since it expired")
                 return
             self._confirmed = asked
 

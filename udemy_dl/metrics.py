@@ -28,7 +28,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
-from .connection import download_queues, webhook_queue
+from .queues import download_queues, webhook_queue
 from .settings import Settings
 
 log = logging.getLogger(__name__)

@@ -16,17 +16,17 @@ from typing import Any
 from redis import Redis
 
 from . import crashpoints, defaults
+from .folders import keep_failed, staging_path
+from .payload import TaskPayload
 from .settings import Settings
-from .storage import keep_failed, staging_path
 from .store import COMPLETED, FAILED, TaskRow, TaskStore, utcnow
-from .task import TaskData
 from .webhooks import enqueue_webhook, final_event
 
 log = logging.getLogger(__name__)
 
 
 def settled_row(
-    task: TaskData,
+    task: TaskPayload,
     status: str,
     finished_at: datetime,
     output_path: str | None,
@@ -51,7 +51,7 @@ def settled_row(
 
 
 def record_completed(
-    settings: Settings, store: TaskStore, redis: Redis, task: TaskData, final: Path, record: dict[str, Any]
+    settings: Settings, store: TaskStore, redis: Redis, task: TaskPayload, final: Path, record: dict[str, Any]
 ) -> bool:
     """processing -> completed for files already verified and in place at *final*. Returns whether
     this call settled the task (False: it was settled before, and is left as it is)."""
@@ -73,7 +73,7 @@ def record_failed(
     settings: Settings,
     store: TaskStore,
     redis: Redis,
-    task: TaskData,
+    task: TaskPayload,
     reason: str,
     attempt: int | None = None,
     keep_files: bool = True,
@@ -99,7 +99,7 @@ def record_failed(
 
 def fail_row(settings: Settings, store: TaskStore, redis: Redis, row: TaskRow, reason: str) -> bool:
     """Fail a `processing` row that never ran (its data cannot make a job): no folder to keep."""
-    task = TaskData(task_id=row.id, email=row.email, course_url=row.course_url)
+    task = TaskPayload(task_id=row.id, email=row.email, course_url=row.course_url)
     return record_failed(settings, store, redis, task, reason, keep_files=False)
 
 

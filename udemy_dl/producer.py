@@ -1,24 +1,16 @@
-"""The producer side: confirm payment, enqueue one deduplicated job per task, queue statistics.
-
-A download job's id is `download-<taskId>`. While that job is queued, scheduled, started or
-deferred, asking again returns it; once it has finished or failed, asking again enqueues anew.
-The check and the enqueue happen under a short per-task Redis lock, so twenty concurrent
-confirmations of one task make exactly one job.
-"""
+"""The producer side: confirm payment, enqueue one deduplicated job per task (see queues.py),
+requeue failed tasks, queue statistics."""
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import LockError
-from rq import Queue, Retry, Worker
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq import Worker
+from rq.job import Job
 from rq.registry import (
     BaseRegistry,
     DeferredJobRegistry,
@@ -28,52 +20,15 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
-from . import defaults
-from .connection import download_queue, download_queues, redis_connection, webhook_queue
-from .errors import InvalidTaskError, TransientError
+from .connection import redis_connection
+from .errors import InvalidTaskError
 from .outcome import fail_row
+from .payload import TaskPayload, parse_task_id
+from .queues import DownloadQueues, EnqueueResult, download_queue, download_queues, parse_priority, webhook_queue
 from .settings import Settings, get_settings
 from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store
-from .task import TaskData, parse_task, parse_task_id
-from .worker import job_is_running
 
 log = logging.getLogger(__name__)
-
-JOB_FUNCTION = defaults.DOWNLOAD_JOB_FUNCTION
-WAITING_STATUSES = frozenset({JobStatus.SCHEDULED, JobStatus.DEFERRED})
-
-
-def parse_priority(value: object) -> str:
-    """`normal` or `high`; anything else is bad input named in the error."""
-    if value is None:
-        return "normal"
-    if value not in defaults.PRIORITIES:
-        raise InvalidTaskError(f"priority must be one of {', '.join(defaults.PRIORITIES)}, got {value!r}")
-    return str(value)
-
-
-def priority_of(job: Job) -> str:
-    """The priority a job was enqueued with, read from the queue it came from."""
-    return "high" if job.origin.endswith(defaults.HIGH_QUEUE_SUFFIX) else "normal"
-
-
-def job_id_for(task_id: int) -> str:
-    return f"download-{task_id}"
-
-
-def retry_intervals(settings: Settings, rng: random.Random | None = None) -> list[int]:
-    """Exponential backoff from RETRY_DELAY, doubling, each stretched by random jitter."""
-    rng = rng or random.Random()
-    return [
-        round(settings.retry_delay * 2**n * (1 + rng.uniform(0, defaults.RETRY_JITTER)))
-        for n in range(settings.max_attempts - 1)
-    ]
-
-
-@dataclass
-class EnqueueResult:
-    job: Job
-    created: bool
 
 
 @dataclass
@@ -96,6 +51,7 @@ class Producer:
         self.connection = connection or redis_connection(settings)
         self._store = store
         self.queue = download_queue(settings, self.connection)
+        self.queues = DownloadQueues(settings, self.connection)
 
     @property
     def store(self) -> TaskStore:
@@ -103,79 +59,14 @@ class Producer:
             self._store = open_store(self.settings.require_database())
         return self._store
 
-    def job_is_live(self, job: Job) -> bool:
-        """Waiting where a worker will find it (queued in its queue, scheduled, deferred), or in
-        the hands of a live worker (see worker.job_is_running).
-
-        A job whose status says queued but which sits in no queue list and no live worker's hands
-        was popped by a worker that died at once (RQ's multi-queue dequeue keeps no safety copy).
-        """
-        status = job.get_status(refresh=False)
-        if status == JobStatus.QUEUED:
-            queue = Queue(job.origin, connection=self.connection)
-            if any(self.connection.lpos(key, job.id) is not None for key in (queue.key, queue.intermediate_queue_key)):
-                return True
-            return job_is_running(self.connection, job)
-        if status in WAITING_STATUSES:
-            return True
-        return status == JobStatus.STARTED and job_is_running(self.connection, job)
-
-    def fetch_job(self, job_id: str) -> Job | None:
-        try:
-            return Job.fetch(job_id, connection=self.connection)
-        except NoSuchJobError:
-            return None
-
-    def live_job(self, task_id: int) -> Job | None:
-        """The task's job if it is live (see job_is_live); else None."""
-        job = self.fetch_job(job_id_for(task_id))
-        return job if job is not None and self.job_is_live(job) else None
-
     def add_download_job(
-        self, task_data: Mapping[str, Any] | TaskData, priority: str = "normal", at_front: bool = False
+        self, task_data: Mapping[str, Any] | TaskPayload, priority: str = "normal", at_front: bool = False
     ) -> EnqueueResult:
         """Enqueue *task_data* once: an existing live job for the same taskId is returned instead.
 
         *priority* `high` puts it on the VIP queue, served before the normal one.
         """
-        task = task_data if isinstance(task_data, TaskData) else parse_task(task_data)
-        queue = download_queue(self.settings, self.connection, parse_priority(priority))
-        job_id = job_id_for(task.task_id)
-        lock = self.connection.lock(
-            f"udemy_dl:lock:enqueue:{task.task_id}",
-            timeout=defaults.ENQUEUE_LOCK_TIMEOUT,
-            blocking_timeout=defaults.ENQUEUE_LOCK_TIMEOUT,
-        )
-        try:
-            with lock:
-                try:
-                    existing: Job | None = Job.fetch(job_id, connection=self.connection)
-                except NoSuchJobError:
-                    existing = None
-                if existing is not None:
-                    status = existing.get_status(refresh=False)
-                    if self.job_is_live(existing):
-                        log.info("task %s: job %s already %s", task.task_id, job_id, status)
-                        return EnqueueResult(existing, created=False)
-                    # Finished, failed, or started by a dead worker: its record makes way for the new run.
-                    log.info("task %s: job %s was %s, enqueuing anew", task.task_id, job_id, status)
-                    existing.delete(remove_from_queue=True)
-                retries = retry_intervals(self.settings)
-                job = queue.enqueue(
-                    JOB_FUNCTION,
-                    task.to_payload(),
-                    job_id=job_id,
-                    retry=Retry(max=len(retries), interval=retries) if retries else None,
-                    job_timeout=self.settings.job_timeout,
-                    result_ttl=self.settings.result_ttl,
-                    failure_ttl=self.settings.failure_ttl,
-                    description=f"download task {task.task_id}",
-                    at_front=at_front,
-                )
-        except LockError as exc:
-            raise TransientError(f"task {task.task_id}: enqueue lock busy: {exc}") from exc
-        log.info("task %s: enqueued job %s on %s", task.task_id, job_id, queue.name)
-        return EnqueueResult(job, created=True)
+        return self.queues.enqueue(task_data, priority, at_front)
 
     def confirm_payment(self, task_ids: Iterable[object], priority: str = "normal") -> ConfirmResult:
         """Paid: move the rows to `processing`, then enqueue each. Calling it twice changes nothing.

@@ -30,18 +30,17 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from . import crashpoints, defaults
-from .connection import download_queues, webhook_queue
 from .errors import LeaseBusyError, StoreError, UdemyDlError
+from .folders import final_path, read_record
 from .lease import TaskLease, lease_is_held
 from .outcome import record_completed, record_failed
-from .process import pid_alive
-from .producer import Producer, priority_of
+from .payload import TaskPayload
+from .process_control import pid_alive
+from .producer import Producer
+from .queues import download_queues, job_is_running, priority_of, webhook_queue
 from .settings import Settings
-from .storage import final_path, read_record
 from .store import PROCESSING, TaskRow
-from .task import TaskData
 from .webhooks import enqueue_webhook, final_event
-from .worker import job_is_running
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class Reconciler:
         ]
         recovered = []
         for job_id in job_ids:
-            job = self.producer.fetch_job(job_id)
+            job = self.producer.queues.fetch_job(job_id)
             if job is None or not job.args or job_is_running(self.connection, job):
                 continue
             task_data = job.args[0]
@@ -98,7 +97,7 @@ class Reconciler:
         registry = StartedJobRegistry(queue=queue)
         recovered = []
         for job_id in registry.get_job_ids(cleanup=False):
-            job = self.producer.fetch_job(job_id)
+            job = self.producer.queues.fetch_job(job_id)
             if job is None or job_is_running(self.connection, job):
                 continue
             registry.remove_executions(job)
@@ -136,7 +135,7 @@ class Reconciler:
         processing = [row for row in rows if row.status == PROCESSING]
         result.processing = len(processing)
         for row in processing:
-            if self.producer.live_job(row.id) is not None or lease_is_held(self.connection, row.id):
+            if self.producer.queues.live_job(row.id) is not None or lease_is_held(self.connection, row.id):
                 continue  # queued, or a run holds its lease (whatever RQ's registries say of its job)
             if row.attempts >= self.settings.max_attempts:
                 if self._settle_exhausted(row):
@@ -174,7 +173,7 @@ class Reconciler:
             if status == JobStatus.FINISHED:
                 self.producer.store.event_delivered(row.id, pending)
                 return False
-            if status == JobStatus.FAILED or self.producer.job_is_live(delivery):
+            if status == JobStatus.FAILED or self.producer.queues.job_is_live(delivery):
                 return False  # retried for an hour and given up (requeue it with rq), or on its way
             # In no queue and no live worker's hands (popped by a worker that stopped or died):
             # the same job goes back on its queue, so the webhook-id stays the same.
@@ -197,7 +196,7 @@ class Reconciler:
         """Settle a task whose attempts are used up and that no run holds: `completed` if a run
         moved its verified files into place before dying, else `failed`. Done under the task's
         lease, so no run can start (or still be going) meanwhile. True when it was failed."""
-        task = TaskData(task_id=row.id, email=row.email, course_url=row.course_url)
+        task = TaskPayload(task_id=row.id, email=row.email, course_url=row.course_url)
         lease = TaskLease(self.connection, row.id, "reconciler")
         try:
             lease.acquire()

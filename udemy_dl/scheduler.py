@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.scheduler import RQScheduler
 
-from .process import die_with_parent
+from .process_control import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 
 from . import defaults
 from .errors import ConfigError
+from .safety import parse_allowed_entry
 
 ENV_FILE = Path(".env")
 
@@ -495,8 +496,6 @@ def _database_url(env: Mapping[str, str | None]) -> str | None:
 
 def _allowed_hosts(env: Mapping[str, str | None]) -> frozenset[str]:
     """Comma-separated entries, each checked by rule (safety.parse_allowed_entry) and kept in canonical form."""
-    from .safety import parse_allowed_entry  # the allow-list's own rules, shared with the URL checks
-
     raw = _get(env, "ALLOWED_HOSTS") or ""
     hosts = set()
     for item in raw.split(","):

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+import mysql.connector
+from mysql.connector import errors as mysql_errors
+from mysql.connector.constants import ClientFlag
+
 from . import defaults
 from .errors import ConfigError, StoreError
 
@@ -473,17 +477,12 @@ class MySQLStore(TaskStore):
             return False
 
     def _is_unreachable(self, exc: Exception) -> bool:
-        from mysql.connector import errors
-
-        return isinstance(exc, errors.OperationalError | errors.InterfaceError)
+        return isinstance(exc, mysql_errors.OperationalError | mysql_errors.InterfaceError)
 
     def __repr__(self) -> str:
         return f"MySQLStore(host={self._params['host']!r}, database={self._params['database']!r})"
 
     def _connect(self) -> Any:
-        import mysql.connector
-        from mysql.connector.constants import ClientFlag
-
         conn = mysql.connector.connect(
             **self._params,
             autocommit=True,

@@ -1,4 +1,6 @@
-"""Webhooks to the payment service: Standard Webhooks signing, and delivery as its own retried job."""
+"""Webhooks to the payment service: build events, sign them (Standard Webhooks), queue their delivery.
+
+The delivery itself is a job (job.deliver_webhook)."""
 
 from __future__ import annotations
 
@@ -10,18 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import requests
 from redis import Redis
-from rq import Retry, get_current_job
+from rq import Retry
 from rq.exceptions import DuplicateJobError
 from standardwebhooks import Webhook
 
-from . import defaults, metrics
-from .connection import webhook_queue
-from .context import get_context
-from .errors import ConfigError, WebhookDeliveryError
-from .settings import Settings, get_settings
-from .storage import read_record
+from . import defaults
+from .folders import read_record
+from .queues import webhook_queue
+from .settings import Settings
 from .store import COMPLETED as ROW_COMPLETED
 from .store import TaskRow
 
@@ -129,47 +128,3 @@ def enqueue_webhook(settings: Settings, connection: Redis, msg_id: str, event: d
         log.info("task %s: webhook %s already queued or sent", event["data"].get("taskId"), msg_id)
         return False
     return True
-
-
-def deliver_webhook(msg_id: str, body: str) -> dict[str, Any]:
-    """RQ job: POST one signed event to WEBHOOK_URL; anything but 2xx raises, so RQ retries later."""
-    settings = get_settings()
-    job = get_current_job()
-    if not settings.webhook_url or not settings.api_secret_key:
-        if job is not None:
-            metrics.inc(job.connection, "webhook_deliveries", result="failed")
-        missing = "WEBHOOK_URL" if not settings.webhook_url else "API_SECRET_KEY"
-        raise ConfigError(missing, "not set on this worker; cannot deliver")
-    headers = sign_headers(settings.api_secret_key, msg_id, body)
-    try:
-        response = requests.post(
-            settings.webhook_url,
-            data=body.encode("utf-8"),
-            headers=headers,
-            timeout=(defaults.WEBHOOK_TIMEOUT, defaults.WEBHOOK_TIMEOUT),
-            allow_redirects=False,
-        )
-        if not 200 <= response.status_code < 300:
-            raise WebhookDeliveryError(f"webhook {msg_id}: receiver answered HTTP {response.status_code}")
-    except (requests.RequestException, WebhookDeliveryError) as exc:
-        if job is not None:
-            metrics.inc(job.connection, "webhook_deliveries", result="failed")
-        if isinstance(exc, WebhookDeliveryError):
-            raise
-        raise WebhookDeliveryError(f"webhook {msg_id}: {type(exc).__name__}") from exc
-    if job is not None:
-        metrics.inc(job.connection, "webhook_deliveries", result="delivered")
-    log.info("webhook %s delivered (HTTP %s)", msg_id, response.status_code)
-    _acknowledge(msg_id)
-    return {"delivered": True, "webhookId": msg_id, "status": response.status_code}
-
-
-def _acknowledge(msg_id: str) -> None:
-    """A final event reached the payment service: take it out of the task row's outbox."""
-    task_id = final_event_of(msg_id)
-    if task_id is None:
-        return
-    try:
-        get_context().store.event_delivered(task_id, msg_id)
-    except Exception as exc:  # delivered is delivered; a stale outbox entry only risks one more send
-        log.warning("webhook %s delivered, but not recorded in the database: %s", msg_id, exc)

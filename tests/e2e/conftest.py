@@ -29,8 +29,8 @@ from typing import NoReturn, TypeVar
 import pytest
 from redis import Redis
 
+from dev.devservers import ContentOrigin, WebhookReceiver
 from tests.ci import in_ci
-from udemy_dl.devservers import ContentOrigin, WebhookReceiver
 from udemy_dl.settings import VARIABLES
 from udemy_dl.store import MySQLStore
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED

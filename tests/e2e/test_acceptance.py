@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from udemy_dl.devservers import WebhookReceiver, write_sample_file
+from dev.devservers import WebhookReceiver, write_sample_file
 from udemy_dl.store import COMPLETED, MySQLStore
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
 

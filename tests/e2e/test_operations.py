@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from udemy_dl.devservers import WebhookReceiver, write_sample_file
+from dev.devservers import WebhookReceiver, write_sample_file
 from udemy_dl.store import COMPLETED, PROCESSING, MySQLStore
 
 from .conftest import (

@@ -15,7 +15,7 @@ from redis import Redis
 from rq import Worker
 from rq.job import Job, JobStatus
 
-from udemy_dl.devservers import WebhookReceiver, write_sample_file
+from dev.devservers import WebhookReceiver, write_sample_file
 from udemy_dl.store import COMPLETED, PROCESSING, MySQLStore
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
 

@@ -42,6 +42,7 @@ from rq import Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from dev.devservers import ContentOrigin, RequestLog, WebhookReceiver
 from tests.conftest import mysql_admin, service_unavailable, start_server, wait_for
 from tests.e2e.conftest import (
     REPO_ROOT,
@@ -55,7 +56,6 @@ from tests.e2e.conftest import (
     e2e_sha256,
     e2e_work_horses,
 )
-from udemy_dl.devservers import ContentOrigin, RequestLog, WebhookReceiver
 from udemy_dl.settings import VARIABLES
 from udemy_dl.store import COMPLETED, FAILED, PROCESSING, MySQLStore, TaskRow
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED

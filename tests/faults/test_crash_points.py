@@ -46,8 +46,8 @@ from udemy_dl.crashpoints import (
     RECONCILER_SETTLED,
 )
 from udemy_dl.defaults import LEASE_TTL
+from udemy_dl.folders import read_record
 from udemy_dl.lease import lease_key
-from udemy_dl.storage import read_record
 from udemy_dl.store import COMPLETED, FAILED, PROCESSING
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED

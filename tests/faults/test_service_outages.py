@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from dev.devservers import WebhookReceiver
 from tests.conftest import start_server, wait_for
 from tests.e2e.conftest import e2e_pid_running
-from udemy_dl.devservers import WebhookReceiver
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 
 from .conftest import OUTAGE_SECONDS, Faults, Pool, Task

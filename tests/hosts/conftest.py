@@ -56,6 +56,7 @@ from redis import Redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from dev.devservers import WebhookReceiver
 from tests.conftest import mysql_admin, start_server, wait_for
 from tests.e2e.conftest import (
     E2E_SETTING_VARIABLES,
@@ -69,7 +70,6 @@ from tests.e2e.conftest import (
     e2e_unavailable,
 )
 from tests.faults.conftest import CourseFile, FaultOrigin, Task, free_port
-from udemy_dl.devservers import WebhookReceiver
 from udemy_dl.store import PROCESSING, MySQLStore, TaskRow
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import generate_secret

@@ -28,11 +28,11 @@ from rq import Worker
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
+from dev.devservers import WebhookReceiver
 from tests.conftest import start_server, wait_for
 from tests.e2e.conftest import e2e_bin, e2e_kill_tree
 from tests.faults.conftest import CourseFile, FaultOrigin, Task
 from udemy_dl.connection import redis_connection
-from udemy_dl.devservers import WebhookReceiver
 from udemy_dl.settings import load_settings
 from udemy_dl.store import COMPLETED, PROCESSING, MySQLStore
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED

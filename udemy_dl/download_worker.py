@@ -20,20 +20,22 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Worker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import InvalidJobOperation, NoSuchJobError, StopRequested
-from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.scripts import release_lock
 from rq.utils import as_text, now
-from rq.worker import BaseWorker, WorkerStatus
+from rq.worker import WorkerStatus
 from rq.worker_pool import WorkerPool
 
 from . import defaults
-from .connection import redis_connection, worker_queues
-from .process import die_with_parent, install_hand_back_handler, pid_alive
+from .connection import redis_connection
+from .job import prepare_job_context
+from .process_control import die_with_parent, install_hand_back_handler, pid_alive
+from .queues import DownloadQueues, priority_of, worker_queues
+from .reconciler import run_reconciler
 from .scheduler import ResilientScheduler
-from .settings import Settings
+from .settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +313,9 @@ class DownloadWorker(Worker):
             # Stopped after this job was dequeued, before it started: it goes back untouched.
             self._put_back(job.id, queue)
             raise StopRequested()
+        renamed = defaults.RENAMED_JOB_FUNCTIONS.get(job.func_name or "")
+        if renamed is not None:
+            job.func_name = renamed  # queued before an upgrade: run under the function's current name
         if job.func_name in (defaults.DOWNLOAD_JOB_FUNCTION, defaults.DELIVER_JOB_FUNCTION):
             prepare_job_context()
         try:
@@ -356,10 +361,7 @@ class DownloadWorker(Worker):
         if job.meta.get("handed_back") and job.args:
             # Only now is the job finished, so the enqueue below makes a fresh job rather than
             # finding this one live. At the front: it was already running once.
-            from .producer import Producer, priority_of
-            from .settings import get_settings
-
-            outcome = Producer(get_settings(), connection=self.connection).add_download_job(
+            outcome = DownloadQueues(get_settings(), self.connection).enqueue(
                 job.args[0], priority=priority_of(job), at_front=True
             )
             self.log.info("Worker %s: task handed back as job %s", self.name, outcome.job.id)
@@ -432,44 +434,6 @@ def default_worker_name(index: int) -> str:
     return f"udemy-dl.{socket.gethostname()}.{index}"
 
 
-def live_worker(connection: Redis, name: str | None) -> BaseWorker | None:
-    """Worker *name* if it is registered and alive, else None.
-
-    A worker killed with SIGKILL keeps its key until the TTL runs out; on its own host the PID
-    check sees through that at once. On other hosts the key's TTL (heartbeat) decides.
-    """
-    if not name:
-        return None
-    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=connection)
-    if worker is None or worker.death_date is not None:
-        return None
-    if worker.hostname == socket.gethostname() and worker.pid and not pid_alive(worker.pid):
-        return None
-    return worker
-
-
-def job_is_running(connection: Redis, job: Job) -> bool:
-    """True while a live worker has *job* in hand: some execution of it in the started registry
-    belongs to a worker that is alive and was born before the execution began (a new worker that
-    took a dead one's name is not running the dead one's job).
-
-    RQ records the execution before the work horse marks the job started, so this also sees a
-    job in the moment between its dequeue and its start.
-    """
-    registry = StartedJobRegistry(job.origin, connection=connection)
-    for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
-        if job_id != job.id:
-            continue
-        try:
-            execution = Execution.fetch(execution_id, job_id, connection)
-        except ValueError:  # the execution ended meanwhile
-            continue
-        worker = live_worker(connection, execution.worker_name)
-        if worker is not None and (worker.birth_date is None or worker.birth_date <= execution.created_at):
-            return True
-    return False
-
-
 def clear_stale_registration(connection: Redis, name: str) -> bool:
     """Retire a registration left by a dead worker of the same name on this host, so the name can be reused.
 
@@ -510,30 +474,9 @@ def release_dead_scheduler_locks(connection: Redis, queue_names: list[str]) -> l
     return freed
 
 
-def preload_job_modules() -> None:
-    """Import the job modules (and the database driver) in the parent, so forked work horses do not
-    import them per job."""
-    import mysql.connector  # noqa: F401
-
-    from . import webhooks, worker_rq  # noqa: F401
-
-
-def prepare_job_context() -> None:
-    """In the worker, before it forks a horse for a download or a delivery: settings parsed,
-    database connection open and answering. The horse inherits both instead of setting them up
-    again (a delivery records its acknowledgement in the task's row)."""
-    from .context import get_context
-
-    try:
-        get_context().store.ensure_connected()
-    except Exception as exc:  # the horse will try again, with retries, and report properly
-        log.warning("could not prepare the database connection: %s", exc)
-
-
 def run_worker(settings: Settings, name: str, burst: bool = False, logging_level: str = "INFO") -> bool:
     """Run one RQ worker (with the scheduler, so retry delays fire) until it is told to stop."""
     settings.require_worker_ready()
-    preload_job_modules()
     connection = redis_connection(settings)
     clear_stale_registration(connection, name)
     queues = worker_queues(settings, connection)
@@ -572,8 +515,6 @@ class DownloadPool(WorkerPool):
             return
         if self.reconciler is not None:
             self.log.warning("reconciler (pid %s) died; starting another", self.reconciler.pid)
-        from .reconciler import run_reconciler
-
         self.reconciler = get_context("fork").Process(target=run_reconciler, args=(self.settings,), name="reconciler")
         self.reconciler.start()
 
@@ -601,7 +542,6 @@ def run_pool(settings: Settings, count: int, logging_level: str = "INFO") -> Non
     """Run RQ's worker pool: *count* workers and a reconciler, each replaced if it dies;
     SIGTERM stops them warmly (a running download is handed back to the queue)."""
     settings.require_worker_ready()
-    preload_job_modules()
     connection = redis_connection(settings)
     queues = worker_queues(settings, connection)
     release_dead_scheduler_locks(connection, [queue.name for queue in queues])

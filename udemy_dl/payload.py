@@ -1,4 +1,4 @@
-"""The job payload: a small JSON dict, turned at once into a validated, frozen TaskData."""
+"""The job payload: a small JSON dict, turned at once into a validated, frozen TaskPayload."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REQUIRED_KEYS = ("taskId", "email", "courseUrl")
 
 
 @dataclass(frozen=True)
-class TaskData:
+class TaskPayload:
     """One download order as the job receives it."""
 
     task_id: int
@@ -42,7 +42,7 @@ def parse_task_id(value: object) -> int:
     return task_id
 
 
-def parse_task(data: object) -> TaskData:
+def parse_task(data: object) -> TaskPayload:
     """Validate a job payload; the error names the missing key or the bad value."""
     if not isinstance(data, Mapping):
         raise InvalidTaskError(f"task data must be a dict, got {type(data).__name__}")
@@ -64,7 +64,7 @@ def parse_task(data: object) -> TaskData:
         raise InvalidTaskError(
             f"courseUrl holds {describe_char(bad)}; whitespace and backslashes are refused inside a URL: {course_url!r}"
         )
-    return TaskData(task_id=task_id, email=email.strip(), course_url=course_url.strip())
+    return TaskPayload(task_id=task_id, email=email.strip(), course_url=course_url.strip())
 
 
 def _refuse_controls(key: str, value: str) -> None:

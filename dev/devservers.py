@@ -19,7 +19,7 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
@@ -99,6 +99,14 @@ class _Background:
         self.stop()
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_sample_file(path: Path, size: int, seed: str) -> str:
     """Write *size* deterministic bytes to *path* and return their sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +131,14 @@ class ContentOrigin(_Background):
     With *tls* (a server-side SSLContext) it serves HTTPS.
     """
 
-    def __init__(self, root: Path, token: str | None = None, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        token: str | None = None,
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.root = root
         self.token = token
         self.manifests: dict[str, dict[str, Any]] = {}
@@ -159,7 +174,9 @@ class ContentOrigin(_Background):
         self.filenames: dict[str, str] = {}
         """path -> file name sent as `Content-Disposition: attachment; filename*=UTF-8''<name>`."""
         self.bytes_sent: dict[str, int] = {}
-        super().__init__(_OriginHandler, port=port, tls=tls)
+        self.mounts: dict[str, Path] = {}
+        """URL prefix (`/files/<slug>/`) -> a folder served as it is (see add_folder)."""
+        super().__init__(_OriginHandler, host=host, port=port, tls=tls)
 
     def count_sent(self, path: str, count: int) -> None:
         with self.lock:
@@ -175,6 +192,28 @@ class ContentOrigin(_Background):
                 entry.update(size=size, sha256=sha)
             entries.append(entry)
         self.manifests[f"/courses/{slug}"] = {"title": slug.replace("-", " ").title(), "files": entries}
+        return f"{self.base_url}/courses/{slug}"
+
+    def add_folder(self, slug: str, folder: Path, title: str | None = None) -> str:
+        """Serve the regular files under *folder* as a course (symlinks and hidden files left out), with a
+        manifest listing each one's path, size and sha256; return the manifest URL."""
+        folder = folder.resolve()
+        entries = []
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if path.is_symlink() or not path.is_file() or any(part.startswith(".") for part in relative.parts):
+                continue
+            rel = relative.as_posix()
+            entries.append(
+                {
+                    "path": rel,
+                    "url": f"/files/{slug}/{quote(rel)}",
+                    "size": path.stat().st_size,
+                    "sha256": sha256_of(path),
+                }
+            )
+        self.mounts[f"/files/{slug}/"] = folder
+        self.manifests[f"/courses/{slug}"] = {"title": title or folder.name, "files": entries}
         return f"{self.base_url}/courses/{slug}"
 
     def set_manifest(self, path: str, manifest: dict[str, Any]) -> str:
@@ -226,6 +265,12 @@ class _OriginHandler(BaseHTTPRequestHandler):
         if path in origin.manifests:
             self._send(200, json.dumps(origin.manifests[path]).encode(), "application/json")
             return
+        for prefix, folder in origin.mounts.items():
+            if path.startswith(prefix):
+                target = (folder / unquote(path[len(prefix) :])).resolve()
+                if folder in target.parents and target.is_file():
+                    self._send_file(path, target)
+                    return
         if path.startswith("/files/"):
             target = (origin.root / path.lstrip("/")).resolve()
             if origin.root.resolve() in target.parents and target.is_file():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LeaseBusyError, UnsafePathError
+from .safety import join_inside, safe_relative_path
 from .settings import Settings
 
 RECORD_NAME = "manifest.json"
@@ -63,6 +64,26 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def finished_staging(staging: Path, course_url: str) -> dict[str, Any] | None:
+    """The record of a course already fetched and verified in *staging* (a run wrote it and stopped
+    before moving the folder into place), if every file it lists is there, a regular file of the
+    recorded size; else None (the course is fetched, resuming what it can)."""
+    record = read_record(staging)
+    if record is None or record.get("courseUrl") != course_url or not isinstance(record.get("files"), list):
+        return None
+    for entry in record["files"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            return None
+        try:
+            path = join_inside(staging, safe_relative_path(entry["path"]))
+            info = os.lstat(path)
+        except (OSError, UnsafePathError):
+            return None
+        if not stat.S_ISREG(info.st_mode) or info.st_size != entry.get("size"):
+            return None
+    return record
 
 
 def promote(staging: Path, final: Path) -> None:
