@@ -49,6 +49,23 @@ def finished_folder(settings: Settings, task_id: int) -> Path:
     return final
 
 
+def complete_staging(settings: Settings, task_id: int, course_url: str) -> Path:
+    """A verified course in staging with its record, as a run leaves it just before its rename."""
+    staging = staging_path(settings, task_id)
+    staging.mkdir(parents=True)
+    (staging / "lesson.mp4").write_bytes(b"x" * 10)
+    files = [{"path": "lesson.mp4", "size": 10, "sha256": "0" * 64}]
+    write_record(staging, {"files": files, "bytes": 10, "title": "Course", "courseUrl": course_url})
+    return final_path(settings, task_id)
+
+
+def leave_result(rig: Rig, task_id: int, where: str) -> Path:
+    """The course a run fetched and verified before it died: moved into place, or still in staging."""
+    if where == "final":
+        return finished_folder(rig.settings, task_id)
+    return complete_staging(rig.settings, task_id, rig.row(task_id).course_url)
+
+
 def payload(rig: Rig, task_id: int) -> dict[str, Any]:
     row = rig.row(task_id)
     return {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}
@@ -77,12 +94,13 @@ def hooked_rig(configure: Callable[..., Settings], redis_conn: Redis, backend: B
 # -- a run that died after its rename, on its last attempt (issue 8, item 2) ----------------------
 
 
-def test_a_rerun_records_files_already_in_place_even_with_no_attempts_left(hooked_rig: Rig) -> None:
-    """The horse died after the rename and before recording it, on its last attempt: the next run
-    records the task `completed` (not `failed`), leaves the files in place and queues one
-    download.completed."""
+@pytest.mark.parametrize("where", ["final", "staging"])
+def test_a_rerun_records_files_already_in_place_even_with_no_attempts_left(hooked_rig: Rig, where: str) -> None:
+    """The horse died after the rename (or after writing the record, before the rename) and before
+    recording it, on its last attempt: the next run records the task `completed` (not `failed`),
+    with the files in place, and queues one download.completed."""
     task_id = hooked_rig.task(PROCESSING, attempts=3)
-    final = finished_folder(hooked_rig.settings, task_id)
+    final = leave_result(hooked_rig, task_id, where)
 
     result = process_download(payload(hooked_rig, task_id))
 
@@ -94,10 +112,11 @@ def test_a_rerun_records_files_already_in_place_even_with_no_attempts_left(hooke
     assert not [event for event in final_event_ids(hooked_rig.redis, hooked_rig.settings) if "_failed_" in event]
 
 
-def test_the_sweep_records_files_already_in_place_even_with_no_attempts_left(hooked_rig: Rig) -> None:
-    """Same window, found by the reconciler: `completed`, files in place, not counted as failed."""
+@pytest.mark.parametrize("where", ["final", "staging"])
+def test_the_sweep_records_files_already_in_place_even_with_no_attempts_left(hooked_rig: Rig, where: str) -> None:
+    """Same windows, found by the reconciler: `completed`, files in place, not counted as failed."""
     task_id = hooked_rig.task(PROCESSING, attempts=3)
-    final = finished_folder(hooked_rig.settings, task_id)
+    final = leave_result(hooked_rig, task_id, where)
 
     result = hooked_rig.reconciler().sweep()
 

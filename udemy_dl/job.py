@@ -37,7 +37,7 @@ from .errors import (
 )
 from .folders import final_path, finished_staging, promote, read_record, staging_lock, staging_path, write_record
 from .lease import TaskLease
-from .outcome import record_completed, record_failed, resend_final_event
+from .outcome import files_in_place, record_completed, record_failed, resend_final_event
 from .payload import TaskPayload, parse_task, parse_task_id
 from .process_control import RunStop
 from .settings import Settings, get_settings
@@ -164,13 +164,12 @@ def _run_leased(ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLea
         log.warning("task %s: status is %s (not paid), not fetching", task.task_id, row.status)
         return {"success": False, "taskId": task.task_id, "error": f"task is {row.status}, not processing"}
     if row.attempts >= ctx.settings.max_attempts:
-        final = final_path(ctx.settings, task.task_id)
-        record = read_record(final) if final.is_dir() else None
-        if record is not None:
-            # A run moved the verified files into place and died before recording them: they
-            # are the result, whatever the attempt count says.
-            log.warning("task %s: attempts used up, but its files are in place; recording them", task.task_id)
-            return _record_completed(ctx, task, final, record)
+        done = files_in_place(ctx.settings, task)
+        if done is not None:
+            # A run fetched and verified the course and died before recording it: that is the
+            # result, whatever the attempt count says.
+            log.warning("task %s: attempts used up, but its files are complete; recording them", task.task_id)
+            return _record_completed(ctx, task, *done)
         # Earlier runs used every attempt without a result: each died (killed, out of memory).
         reason = f"no attempts left: {row.attempts} attempts ended without a result (worker killed or out of memory?)"
         log.error("task %s: %s", task.task_id, reason)

@@ -16,13 +16,31 @@ from typing import Any
 from redis import Redis
 
 from . import crashpoints, defaults
-from .folders import keep_failed, staging_path
+from .folders import final_path, finished_staging, keep_failed, promote, read_record, staging_path
 from .payload import TaskPayload
 from .settings import Settings
 from .store import COMPLETED, FAILED, TaskRow, TaskStore, utcnow
 from .webhooks import enqueue_webhook, final_event
 
 log = logging.getLogger(__name__)
+
+
+def files_in_place(settings: Settings, task: TaskPayload) -> tuple[Path, dict[str, Any]] | None:
+    """The task's finished folder and its record, when a run got that far: the verified course is
+    in place, or it is complete in staging (its run wrote the record and stopped before the rename),
+    and is moved into place now. None when neither holds. Whatever the attempt count says, such
+    files are the task's result. The caller holds the task's lease."""
+    final = final_path(settings, task.task_id)
+    record = read_record(final) if final.is_dir() else None
+    if record is not None:
+        return final, record
+    staging = staging_path(settings, task.task_id)
+    record = finished_staging(staging, task.course_url)
+    if record is None:
+        return None
+    log.info("task %s: staging holds the verified course; moving it into place", task.task_id)
+    promote(staging, final)
+    return final, record
 
 
 def settled_row(

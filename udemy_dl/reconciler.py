@@ -31,9 +31,8 @@ from rq.registry import StartedJobRegistry
 
 from . import crashpoints, defaults
 from .errors import LeaseBusyError, StoreError, UdemyDlError
-from .folders import final_path, read_record
 from .lease import TaskLease, lease_is_held
-from .outcome import record_completed, record_failed
+from .outcome import files_in_place, record_completed, record_failed
 from .payload import TaskPayload
 from .process_control import pid_alive
 from .producer import Producer
@@ -207,12 +206,11 @@ class Reconciler:
             current = self.producer.store.get(row.id)
             if current is None or current.status != PROCESSING or current.attempts != row.attempts:
                 return False  # changed since the SELECT: the next sweep looks again
-            final = final_path(self.settings, row.id)
-            record = read_record(final) if final.is_dir() else None
+            done = files_in_place(self.settings, task)
             store = self.producer.store
-            if record is not None:
-                log.warning("task %s: attempts used up, but its files are in place; recording them", row.id)
-                record_completed(self.settings, store, self.connection, task, final, record)
+            if done is not None:
+                log.warning("task %s: attempts used up, but its files are complete; recording them", row.id)
+                record_completed(self.settings, store, self.connection, task, *done)
                 crashpoints.crash_point(crashpoints.RECONCILER_SETTLED)
                 return False
             reason = (
