@@ -37,9 +37,6 @@ WORKERS_PER_HOST = 2
 SETTLE_DEADLINE = 240.0
 """Seconds after the kill by which every task must have settled (A's keys expire in up to ~90 s)."""
 
-RECOVERY_LIMIT = 150.0
-"""A's orphaned jobs run on B within this many seconds of the kill (expected: 60-110 s)."""
-
 PROBE_WINDOW = 60.0
 """A retry scheduled once A's scheduler locks have expired must fire within this many seconds."""
 
@@ -210,7 +207,6 @@ def test_two_hosts_share_redis_and_mysql_and_survive_losing_one(
         recovery,
         note=f"{len(loss.orphans)} orphans, first after {first:.1f} s",
     )
-    assert recovery <= RECOVERY_LIMIT, f"A's jobs took {recovery:.1f} s to resume"
     assert loss.settled_at is not None, f"not every task completed within {SETTLE_DEADLINE:g} s\n{world.logs()}"
     record(request.config, "two_hosts", "kill -9 of host A -> all tasks completed", loss.settled_at - loss.killed_at)
 
