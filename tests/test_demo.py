@@ -21,6 +21,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 DEMO = [sys.executable, "-m", "dev.demo"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def redis_available(mode: str) -> bool:
@@ -30,7 +31,10 @@ def redis_available(mode: str) -> bool:
 
 
 def demo_env(state: Path, mode: str) -> dict[str, str]:
-    return {**os.environ, "UDEMY_DL_DEMO_DIR": str(state), "UDEMY_DL_DEMO_REDIS": mode}
+    """The demo run from outside the checkout (so no `.env` there counts): dev/ is found on PYTHONPATH,
+    as `make demo` finds it from the repository root."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "UDEMY_DL_DEMO_DIR": str(state), "UDEMY_DL_DEMO_REDIS": mode}
 
 
 def pid_alive(pid: int) -> bool:
