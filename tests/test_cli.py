@@ -15,13 +15,16 @@ import pytest
 from redis import Redis
 from rq import Queue, Worker
 
+from tests.support.mariadb import TEST_URL, drop_tasks_table
+from tests.support.processes import LoggedProcess
+from tests.support.scripts import cli_command
+from tests.support.service import Backend
+from tests.support.waiting import wait_for
 from udemy_dl import __version__
 from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, open_store, utcnow
-
-from .conftest import MYSQL_TEST_URL, Backend, WorkerProcess, cli_command, drop_tasks_table, wait_for
 
 EMAIL = "buyer@shop.example"
 URL = "https://cdn.example/courses/1"
@@ -199,7 +202,7 @@ def test_db_init_twice_creates_a_usable_table(back_end: str, tmp_path: Path, req
         request.getfixturevalue("mysql_url")
         drop_tasks_table()
         request.addfinalizer(drop_tasks_table)
-        url = MYSQL_TEST_URL
+        url = TEST_URL
     else:
         url = f"sqlite:///{tmp_path}/fresh/tasks.db"
     first = cli("db", "init", DATABASE_URL=url)
@@ -449,7 +452,7 @@ def test_requeue_failed_refusal_exits_non_zero(cli_backend: Backend, redis_conn:
 @pytest.fixture
 def healthy_env(configure: Callable[..., Settings], redis_conn: Redis, mysql_store: object) -> Settings:
     """Everything a worker needs, so that only what a test breaks can be unhealthy."""
-    return configure(DATABASE_URL=MYSQL_TEST_URL, ALLOWED_HOSTS="cdn.example")
+    return configure(DATABASE_URL=TEST_URL, ALLOWED_HOSTS="cdn.example")
 
 
 def unhealthy_checks(result: subprocess.CompletedProcess[str]) -> list[str]:
@@ -478,7 +481,7 @@ def test_health_with_database_down_names_database(healthy_env: Settings) -> None
 
 
 def test_health_with_a_worker_running_is_healthy(
-    healthy_env: Settings, redis_conn: Redis, start_worker: Callable[..., WorkerProcess]
+    healthy_env: Settings, redis_conn: Redis, start_worker: Callable[..., LoggedProcess]
 ) -> None:
     """With a worker listening on the queue, `health` exits 0."""
     worker = start_worker()

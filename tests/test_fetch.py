@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.fetching import TIMEOUT, fetcher_for, resolve_to_loopback
+from tests.support.files import files_under, sha256_of
+from tests.support.http_servers import start_server
 from udemy_dl.errors import (
     BadManifestError,
     CommandError,
@@ -29,36 +30,6 @@ from udemy_dl.errors import (
 from udemy_dl.fetch import Fetcher, parse_manifest
 from udemy_dl.fetch_command import CommandFetcher
 
-from .conftest import start_server
-
-TIMEOUT = (5.0, 10.0)
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def files_under(folder: Path) -> list[str]:
-    """Every file (or symlink) below *folder*, as sorted relative paths."""
-    if not folder.exists():
-        return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
-
-
-def resolve_to_loopback(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
-    """Make DNS answer 127.0.0.1 for *host* (as a hostile or misconfigured DNS record would)."""
-    real_getaddrinfo = socket.getaddrinfo
-
-    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
-        return real_getaddrinfo("127.0.0.1" if name == host else name, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-
-
-def fetcher_for(*servers: ContentOrigin, token: str | None = None, **options: Any) -> Fetcher:
-    """A fetcher whose ALLOWED_HOSTS lists exactly these servers' host:port."""
-    return Fetcher({server.host_port for server in servers}, token=token, timeout=TIMEOUT, **options)
-
 
 @pytest.fixture
 def private_origin(tmp_path: Path) -> Iterator[ContentOrigin]:
@@ -66,11 +37,6 @@ def private_origin(tmp_path: Path) -> Iterator[ContentOrigin]:
     server = start_server(ContentOrigin(tmp_path / "private", token="origin-token"))
     yield server
     server.stop()
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
 
 
 # -- what arrives ---------------------------------------------------------------------------------

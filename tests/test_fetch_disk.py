@@ -12,17 +12,12 @@ from typing import BinaryIO, NamedTuple
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.fetching import fetcher_for
+from tests.support.files import files_under
 from udemy_dl import defaults, fetch
 from udemy_dl.errors import FetchError, NoSpaceError, PermanentError, TooLargeError, TransientError
 
-from .test_fetch import fetcher_for, files_under
-
 TiB = 1 << 40
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
 
 
 class Usage(NamedTuple):

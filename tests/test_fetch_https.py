@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.fetching import TIMEOUT, fetcher_for, resolve_to_loopback
+from tests.support.files import files_under, sha256_of
+from tests.support.http_servers import start_server
 from udemy_dl.errors import FetchError, HostNotAllowedError, TransientError
 from udemy_dl.fetch import Fetcher
-
-from .conftest import start_server
-from .test_fetch import TIMEOUT, fetcher_for, files_under, resolve_to_loopback, sha256_of
 
 TOKEN = "origin-token"
 
@@ -74,11 +74,6 @@ def tls_origin(tmp_path: Path, certificates: Certificates) -> Iterator[ContentOr
 def trust_test_ca(monkeypatch: pytest.MonkeyPatch, certificates: Certificates) -> None:
     """Point the fetcher at the test CA the standard way (REQUESTS_CA_BUNDLE)."""
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificates.ca))
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
 
 
 @pytest.mark.usefixtures("trust_test_ca")

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.fetching import fetcher_for
+from tests.support.files import files_under, sha256_of
 from udemy_dl.errors import (
     FetchError,
     PermanentError,
@@ -20,13 +22,6 @@ from udemy_dl.errors import (
 )
 from udemy_dl.fetch import PARTS_DIRNAME, parse_manifest
 from udemy_dl.folders import promote, write_record
-
-from .test_fetch import fetcher_for, files_under, sha256_of
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
 
 
 @pytest.fixture

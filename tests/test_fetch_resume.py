@@ -11,23 +11,17 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.fetching import fetcher_for, killed_at_part_rename
+from tests.support.files import files_under, sha256_of
 from udemy_dl.errors import FetchError, IntegrityError, TransientError
 from udemy_dl.fetch import FetchResult
 
-from .test_fetch import fetcher_for, files_under, sha256_of
-
 SIZE = 3_000_000
 CUT = 2_000_000
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
 
 
 def cut_course(origin: ContentOrigin, staging: Path, slug: str, checksums: bool = True, size: int = SIZE) -> str:
@@ -115,21 +109,9 @@ def test_part_complete_when_killed_before_the_rename_is_put_in_place(
     """A run killed between the last write and the rename leaves a complete part file: the next run verifies it
     and moves it into place, without fetching it again and without a permanent 416."""
 
-    class Killed(BaseException):
-        pass
-
-    real_replace = os.replace
-
-    def killed_at_rename(source: Any, target: Any) -> None:
-        if str(source).endswith(".part"):
-            raise Killed()
-        real_replace(source, target)
-
     url = origin.add_course("killed", {"big.bin": SIZE})
-    monkeypatch.setattr(os, "replace", killed_at_rename)
-    with pytest.raises(Killed):
+    with killed_at_part_rename():
         fetcher_for(origin).fetch(url, staging)
-    monkeypatch.setattr(os, "replace", real_replace)
     result = fetcher_for(origin).fetch(url, staging)
     assert_in_place(result, staging, expected_sha(origin, "killed"))
     assert origin.bytes_sent[file_path("killed")] == SIZE
@@ -140,22 +122,10 @@ def test_complete_single_file_part_is_put_in_place(
 ) -> None:
     """The same for a single-file course (its size comes from the first answer's Content-Length)."""
 
-    class Killed(BaseException):
-        pass
-
-    real_replace = os.replace
-
-    def killed_at_rename(source: Any, target: Any) -> None:
-        if str(source).endswith(".part"):
-            raise Killed()
-        real_replace(source, target)
-
     sha = write_sample_file(origin.root / "files" / "solo" / "talk.mp4", SIZE, "solo")
     course = f"{origin.base_url}/files/solo/talk.mp4"
-    monkeypatch.setattr(os, "replace", killed_at_rename)
-    with pytest.raises(Killed):
+    with killed_at_part_rename():
         fetcher_for(origin).fetch(course, staging)
-    monkeypatch.setattr(os, "replace", real_replace)
     result = fetcher_for(origin).fetch(course, staging)
     assert [(f.path, f.sha256) for f in result.files] == [("talk.mp4", sha)]
     assert origin.bytes_sent["/files/solo/talk.mp4"] == SIZE

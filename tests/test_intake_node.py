@@ -26,13 +26,14 @@ from redis import Redis
 from rq import Queue
 
 from dev.devservers import ContentOrigin
+from tests.support.ci import in_ci
+from tests.support.intake import Intake, queued, snapshot, start_intake
+from tests.support.mariadb import TEST_URL
+from tests.support.processes import LoggedProcess
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore
 from udemy_dl.webhooks import generate_secret
-
-from .conftest import MYSQL_TEST_URL, WorkerProcess, in_ci
-from .test_intake import Intake, queued, snapshot, start_intake
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 CLIENT = NODE_DIR / "confirm.mjs"
@@ -86,11 +87,6 @@ class NodeResult:
 
 
 @pytest.fixture
-def secret() -> str:
-    return generate_secret()
-
-
-@pytest.fixture
 def intake(
     configure: Callable[..., Settings],
     redis_conn: Redis,
@@ -99,7 +95,7 @@ def intake(
     secret: str,
 ) -> Iterator[Intake]:
     """The intake on MariaDB, with the environment a worker needs for the origin (workers read os.environ)."""
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL, API_SECRET_KEY=secret, ALLOWED_HOSTS=origin.host_port)
+    settings = configure(DATABASE_URL=TEST_URL, API_SECRET_KEY=secret, ALLOWED_HOSTS=origin.host_port)
     yield from start_intake(settings, secret)
 
 
@@ -133,7 +129,7 @@ def file_fetches(origin: ContentOrigin) -> Counter[str]:
     return Counter(path for path in origin.requests.paths() if path.startswith("/files/"))
 
 
-def run_burst_workers(start_worker: Callable[..., WorkerProcess], count: int) -> None:
+def run_burst_workers(start_worker: Callable[..., LoggedProcess], count: int) -> None:
     """Real `udemy-dl worker --burst` processes, side by side, until the queues are empty."""
     workers = [start_worker(burst=True) for _ in range(count)]
     for worker in workers:
@@ -146,7 +142,7 @@ def test_node_client_confirms_ten_tasks_twice_over_and_each_completes_once(
     mysql_store: TaskStore,
     origin: ContentOrigin,
     redis_conn: Redis,
-    start_worker: Callable[..., WorkerProcess],
+    start_worker: Callable[..., LoggedProcess],
 ) -> None:
     """Confirm 10 tasks from Node.js, then the same 10 again: 10 jobs. Workers complete each once, each file
     fetched once. Confirmed a third time after that, every task is refused as completed and nothing runs."""

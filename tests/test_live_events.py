@@ -8,28 +8,26 @@ import pytest
 from redis import Redis
 
 from dev.devservers import ReceivedWebhook
+from tests.support.service import Service, run_burst_worker
 from udemy_dl import defaults
 from udemy_dl.producer import Producer
 from udemy_dl.store import PENDING
 from udemy_dl.webhooks import COMPLETED, PROGRESS, STARTED
 from udemy_dl.worker_rq import process_download
 
-from .conftest import run_burst_worker
-from .test_worker_rq import Service, svc  # noqa: F401 (the fixture)
 
-
-def confirm(svc: Service, url: str) -> int:  # noqa: F811
+def confirm(svc: Service, url: str) -> int:
     task_id = svc.store.insert_task("live@shop.example", url, PENDING)
     assert Producer(svc.settings, connection=svc.redis, store=svc.store).confirm_payment([task_id]).enqueued
     return task_id
 
 
-def events(svc: Service, event_type: str) -> list[ReceivedWebhook]:  # noqa: F811
+def events(svc: Service, event_type: str) -> list[ReceivedWebhook]:
     return svc.receiver.of_type(event_type)
 
 
 def test_started_and_progress_events_reach_the_receiver_signed(
-    svc: Service,  # noqa: F811
+    svc: Service,
     monkeypatch: pytest.MonkeyPatch,
     redis_conn: Redis,
 ) -> None:
@@ -54,7 +52,7 @@ def test_started_and_progress_events_reach_the_receiver_signed(
 
 
 def test_progress_events_come_every_ten_percent_at_most(
-    svc: Service,  # noqa: F811
+    svc: Service,
     monkeypatch: pytest.MonkeyPatch,
     redis_conn: Redis,
 ) -> None:
@@ -71,7 +69,7 @@ def test_progress_events_come_every_ten_percent_at_most(
 
 
 def test_a_completed_task_run_again_sends_no_new_started_event(
-    svc: Service,  # noqa: F811
+    svc: Service,
     redis_conn: Redis,
 ) -> None:
     """A duplicate run of a finished task does no work, so it announces none."""

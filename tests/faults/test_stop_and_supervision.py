@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.e2e.conftest import e2e_descendants, e2e_pid_running
-
-from .conftest import Faults, Task
+from tests.support.faults import Faults
+from tests.support.http_servers import Task
+from tests.support.processes import descendants, pid_running
+from tests.support.waiting import wait_for
 
 MIB = 1024 * 1024
 FILE_SIZE = 12 * MIB
@@ -77,17 +77,17 @@ def test_sigterm_to_pool_hands_download_back(faults: Faults, measure: Callable[.
     pool = faults.start_pool(1)  # an idle peer: see test_hand_back_survives_a_stopping_idle_peer
     faults.pay([task])
     faults.wait_under_way(task, fraction=0.1)
-    family = e2e_descendants(pool.pid)
+    family = descendants(pool.pid)
 
     began = time.monotonic()
     pool.process.send_signal(signal.SIGTERM)
     try:
         code = pool.process.wait(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"the pool did not exit within {STOP_TIMEOUT} s of SIGTERM\n{pool.log()}") from None
+        raise AssertionError(f"the pool did not exit within {STOP_TIMEOUT} s of SIGTERM\n{pool.log(6000)}") from None
     elapsed = measure("SIGTERM -> pool exited", time.monotonic() - began, limit=STOP_TIMEOUT)
-    assert code == 0, pool.log()
-    left = [pid for pid in family if e2e_pid_running(pid)]
+    assert code == 0, pool.log(6000)
+    left = [pid for pid in family if pid_running(pid)]
     assert left == [], f"left for systemd's SIGKILL: {left}"
     assert elapsed <= STOP_TIMEOUT
     _assert_handed_back(faults, task)
@@ -142,7 +142,7 @@ def test_hand_back_survives_a_stopping_idle_peer(faults: Faults, launcher: str) 
             timeout=STOP_TIMEOUT,
             what=lambda: f"the hand-back\n{faults.logs()}",
         )
-        wait_for(lambda: not e2e_pid_running(busy), timeout=STOP_TIMEOUT, what="the busy worker to exit")
+        wait_for(lambda: not pid_running(busy), timeout=STOP_TIMEOUT, what="the busy worker to exit")
     finally:
         os.kill(idle, signal.SIGCONT)
     if launcher == "scripts":
@@ -174,15 +174,15 @@ def test_pool_replaces_killed_worker(faults: Faults, measure: Callable[..., floa
     os.kill(worker_pid, signal.SIGKILL)
 
     def replaced() -> dict[str, int]:
-        assert pool.process.poll() is None, pool.log()
+        assert pool.process.poll() is None, pool.log(6000)
         live = faults.pool_workers(pool)
         return live if len(live) == 3 and worker_pid not in live.values() else {}
 
-    after = wait_for(replaced, timeout=REPLACEMENT_LIMIT + 15, interval=0.1, what=lambda: pool.log())
+    after = wait_for(replaced, timeout=REPLACEMENT_LIMIT + 15, interval=0.1, what=lambda: pool.log(6000))
     replacement = measure("kill -9 -> replacement registered", time.monotonic() - killed_at, limit=REPLACEMENT_LIMIT)
     assert replacement <= REPLACEMENT_LIMIT
     assert set(before) - {victim_name} <= set(after), "the other workers kept running"
-    assert not e2e_pid_running(horse_pid), "the horse died with its worker"
+    assert not pid_running(horse_pid), "the horse died with its worker"
 
     def listed_exactly() -> dict[str, int]:
         listed = faults.rq_info_workers()

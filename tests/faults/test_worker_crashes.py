@@ -16,10 +16,9 @@ from collections.abc import Callable
 
 from rq import Queue, Retry
 
-from tests.conftest import wait_for
-from tests.e2e.conftest import e2e_pid_running
-
-from .conftest import Faults
+from tests.support.faults import Faults
+from tests.support.processes import pid_running
+from tests.support.waiting import wait_for
 
 MIB = 1024 * 1024
 FILE_SIZE = 6 * MIB
@@ -46,12 +45,12 @@ def _kill_mid_download(faults: Faults, measure: Callable[..., float], victims: s
         os.kill(worker_pid, signal.SIGKILL)
     if victims in ("horse", "both"):
         os.kill(horse_pid, signal.SIGKILL)
-    wait_for(lambda: not e2e_pid_running(horse_pid), timeout=10, what="the work horse to die")
+    wait_for(lambda: not pid_running(horse_pid), timeout=10, what="the work horse to die")
     if victims == "worker":
         died = time.monotonic() - killed_at
         assert died < 5, f"the horse outlived its worker by {died:.1f} s (PR_SET_PDEATHSIG)"
     if victims == "horse":
-        assert e2e_pid_running(worker_pid), "the worker survives its horse"
+        assert pid_running(worker_pid), "the worker survives its horse"
     bytes_before = faults.part_bytes(victim)
     assert 0 < bytes_before < victim.size, "killed mid-way"
 
