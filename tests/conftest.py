@@ -26,6 +26,8 @@ from tests.support.processes import LoggedProcess
 from tests.support.redis_servers import TEST_REDIS_URL, RedisServer, flushed_client, require_redis, require_redis_server
 from tests.support.service import (
     Backend,
+    BusyWorker,
+    Rig,
     Service,
     make_service,
     reset_process_state,
@@ -209,6 +211,19 @@ def svc(wire_service: Callable[..., Service], mysql_backend: Backend) -> Service
 def any_svc(wire_service: Callable[..., Service], backend: Backend) -> Service:
     """The service on each store back end in turn (a retry is due after 1 s)."""
     return wire_service(backend, RETRY_DELAY="1")
+
+
+@pytest.fixture
+def busy_worker(
+    configure: Callable[..., Settings],
+    redis_conn: Redis,
+    mysql_store: MySQLStore,
+    origin: ContentOrigin,
+    start_worker: Callable[..., LoggedProcess],
+) -> BusyWorker:
+    """A real worker busy on a paid task (MariaDB) whose slow download keeps its job started."""
+    rig = Rig(configure(DATABASE_URL=TEST_URL, ALLOWED_HOSTS=origin.host_port), mysql_store, redis_conn)
+    return BusyWorker.start(rig, origin, start_worker)
 
 
 @pytest.fixture

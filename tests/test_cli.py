@@ -17,7 +17,7 @@ from rq import Queue, Worker
 
 from tests.support.mariadb import TEST_URL, drop_tasks_table
 from tests.support.processes import LoggedProcess
-from tests.support.scripts import cli_command
+from tests.support.scripts import cli_command, run_command
 from tests.support.service import Backend
 from tests.support.waiting import wait_for
 from udemy_dl import __version__
@@ -34,16 +34,7 @@ CLOSED_REDIS = "redis://127.0.0.1:1/0"
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run `udemy-dl ARGS` with this test's environment plus *env*, in this test's working directory."""
-    return subprocess.run(
-        [*cli_command(), *args],
-        env={**os.environ, **env},
-        cwd=os.getcwd(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_command([*cli_command(), *args], env={**os.environ, **env}, cwd=Path.cwd())
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[str]:
@@ -168,16 +159,8 @@ def test_missing_setting_a_command_needs_exits_3(command: str, environ: dict[str
     """A setting a command cannot do without is a configuration error too (exit 3), not a failed
     health check (5), nor a loop that logs the same warning forever."""
     try:
-        result = subprocess.run(
-            [*cli_command(), command],
-            env={**os.environ, "REDIS_URL": CLOSED_REDIS, **environ},
-            cwd=os.getcwd(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
+        env = {**os.environ, "REDIS_URL": CLOSED_REDIS, **environ}
+        result = run_command([*cli_command(), command], env=env, cwd=Path.cwd(), timeout=20)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{command} did not stop on a missing {variable}: {exc.stderr!r}")
     assert result.returncode == RET_CONFIG, explain(result)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
-from tests.support.fetching import TIMEOUT, fetcher_for, resolve_to_loopback
+from tests.support.fetching import TIMEOUT, cut_transfer, fetcher_for, resolve_to_loopback
 from tests.support.files import files_under, sha256_of
 from tests.support.http_servers import start_server
 from udemy_dl.errors import (
@@ -127,10 +127,8 @@ def test_verified_files_from_a_failed_attempt_are_not_fetched_again(origin: Cont
 def test_interrupted_file_resumes_with_a_range_request(origin: ContentOrigin, staging: Path) -> None:
     """A transfer cut mid-file keeps its bytes; the next attempt asks only for the rest (Range) and verifies."""
     url = origin.add_course("cut", {"big.bin": 5_000_000})
-    origin.truncate["/files/cut/big.bin"] = 3_000_000
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/cut/big.bin", 3_000_000):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate["/files/cut/big.bin"]
     result = fetcher_for(origin).fetch(url, staging)
     ranges = [headers.get("Range") for _, path, headers in origin.requests.entries if path == "/files/cut/big.bin"]
     assert ranges[0] is None and len(ranges) == 2
@@ -145,10 +143,8 @@ def test_interrupted_file_resumes_with_a_range_request(origin: ContentOrigin, st
 def test_interrupted_file_that_changed_is_fetched_whole(origin: ContentOrigin, staging: Path) -> None:
     """If the file changed on the origin since the cut, If-Range makes it come back whole: never a spliced file."""
     url = origin.add_course("changed", {"big.bin": 3_000_000})
-    origin.truncate["/files/changed/big.bin"] = 2_500_000
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/changed/big.bin", 2_500_000):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate["/files/changed/big.bin"]
     new_sha = write_sample_file(origin.root / "files" / "changed" / "big.bin", 3_000_000, "new content")
     origin.manifests["/courses/changed"]["files"][0]["sha256"] = new_sha
     result = fetcher_for(origin).fetch(url, staging)
@@ -158,10 +154,8 @@ def test_interrupted_file_that_changed_is_fetched_whole(origin: ContentOrigin, s
 def test_origin_ignoring_range_still_gives_a_correct_file(origin: ContentOrigin, staging: Path) -> None:
     """An origin that answers a Range request with the whole file (200) is handled: the file restarts cleanly."""
     url = origin.add_course("norange", {"big.bin": 3_000_000})
-    origin.truncate["/files/norange/big.bin"] = 2_500_000
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/norange/big.bin", 2_500_000):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate["/files/norange/big.bin"]
     origin.ignore_range = True
     result = fetcher_for(origin).fetch(url, staging)
     assert sha256_of(staging / "big.bin") == result.files[0].sha256
@@ -171,11 +165,9 @@ def test_origin_ignoring_range_still_gives_a_correct_file(origin: ContentOrigin,
 def test_interrupted_single_file_resumes(origin: ContentOrigin, staging: Path) -> None:
     """A single-file course cut mid-transfer continues with a Range request on the next attempt."""
     sha = write_sample_file(origin.root / "files" / "solo" / "talk.mp4", 4_000_000, "solo")
-    origin.truncate["/files/solo/talk.mp4"] = 3_000_000
     course = f"{origin.base_url}/files/solo/talk.mp4"
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/solo/talk.mp4", 3_000_000):
         fetcher_for(origin).fetch(course, staging)
-    del origin.truncate["/files/solo/talk.mp4"]
     result = fetcher_for(origin).fetch(course, staging)
     assert [(f.path, f.sha256) for f in result.files] == [("talk.mp4", sha)]
     assert [h.get("Range") is not None for _, p, h in origin.requests.entries] == [False, True]

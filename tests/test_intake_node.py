@@ -30,6 +30,7 @@ from tests.support.ci import in_ci
 from tests.support.intake import Intake, queued, snapshot, start_intake
 from tests.support.mariadb import TEST_URL
 from tests.support.processes import LoggedProcess
+from tests.support.scripts import run_command
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore
@@ -58,15 +59,7 @@ def node() -> str:
     version = subprocess.run([node_bin, "--version"], capture_output=True, text=True, check=False).stdout.strip()
     if int(version.lstrip("v").split(".")[0] or 0) < 18:
         unavailable(f"Node.js >= 18 is needed for the global fetch, found {version}")
-    installed = subprocess.run(
-        [npm_bin, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=NODE_DIR,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    installed = run_command([npm_bin, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR, timeout=300)
     if installed.returncode != 0:
         unavailable(f"`npm ci` in {NODE_DIR} failed:\n{installed.stdout}\n{installed.stderr}")
     return node_bin
@@ -110,15 +103,7 @@ def run_client(node: str, intake: Intake, secret: str) -> Callable[..., NodeResu
             "INTAKE_URL": f"http://127.0.0.1:{intake.port}",
             "API_SECRET_KEY": secret_key,
         }
-        done = subprocess.run(
-            [node, str(CLIENT), *map(str, args)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_command([node, CLIENT, *map(str, args)], env=env)
         return NodeResult(done.returncode, done.stdout, done.stderr)
 
     return run

@@ -26,18 +26,24 @@ def events(svc: Service, event_type: str) -> list[ReceivedWebhook]:
     return svc.receiver.of_type(event_type)
 
 
-def test_started_and_progress_events_reach_the_receiver_signed(
-    svc: Service,
-    monkeypatch: pytest.MonkeyPatch,
-    redis_conn: Redis,
-) -> None:
+def run_to_the_end(
+    svc: Service, monkeypatch: pytest.MonkeyPatch, files: dict[str, int], throttle: int, every: float, poll: float
+) -> int:
+    """Confirm a course of *files*, sent at *throttle* bytes/s, and run it to the end (the download, then the
+    deliveries it queued), progress measured every *poll* s and sent every *every* s at most; its task id."""
+    monkeypatch.setattr(defaults, "PROGRESS_EVENT_INTERVAL", every)
+    monkeypatch.setattr(defaults, "PROGRESS_INTERVAL", poll)
+    svc.origin.throttle = throttle
+    task_id = confirm(svc, svc.origin.add_course("live", files))
+    run_burst_worker(svc.redis, svc.settings)  # the download
+    run_burst_worker(svc.redis, svc.settings)  # the deliveries it queued
+    return task_id
+
+
+def test_started_and_progress_events_reach_the_receiver_signed(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
     """A download sends download.started, then download.progress as it goes (here every 1 s), then completed."""
-    monkeypatch.setattr(defaults, "PROGRESS_EVENT_INTERVAL", 1)
-    monkeypatch.setattr(defaults, "PROGRESS_INTERVAL", 0.2)
-    svc.origin.throttle = 2_000_000  # about 3 s for 6 MB
-    task_id = confirm(svc, svc.origin.add_course("live", {"a.bin": 3_000_000, "b.bin": 3_000_000}))
-    run_burst_worker(redis_conn, svc.settings)  # the download
-    run_burst_worker(redis_conn, svc.settings)  # the deliveries it queued
+    # 2 MB/s: about 3 s for 6 MB
+    task_id = run_to_the_end(svc, monkeypatch, {"a.bin": 3_000_000, "b.bin": 3_000_000}, 2_000_000, 1, 0.2)
 
     started = events(svc, STARTED)
     progress = events(svc, PROGRESS)
@@ -51,18 +57,9 @@ def test_started_and_progress_events_reach_the_receiver_signed(
     assert [e.body["data"]["taskId"] for e in events(svc, COMPLETED)] == [task_id]
 
 
-def test_progress_events_come_every_ten_percent_at_most(
-    svc: Service,
-    monkeypatch: pytest.MonkeyPatch,
-    redis_conn: Redis,
-) -> None:
+def test_progress_events_come_every_ten_percent_at_most(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the time trigger, events are at least PROGRESS_EVENT_STEP (10) percent apart: at most ~10."""
-    monkeypatch.setattr(defaults, "PROGRESS_EVENT_INTERVAL", 3600)
-    monkeypatch.setattr(defaults, "PROGRESS_INTERVAL", 0.05)
-    svc.origin.throttle = 8_000_000
-    confirm(svc, svc.origin.add_course("steps", {f"part{n}.bin": 1_000_000 for n in range(12)}))
-    run_burst_worker(redis_conn, svc.settings)
-    run_burst_worker(redis_conn, svc.settings)
+    run_to_the_end(svc, monkeypatch, {f"part{n}.bin": 1_000_000 for n in range(12)}, 8_000_000, 3600, 0.05)
     percents = [e.body["data"]["progress"] for e in events(svc, PROGRESS)]
     assert 1 <= len(percents) <= 10, percents
     assert all(b - a >= 10 for a, b in itertools.pairwise(percents)), percents

@@ -16,11 +16,10 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
-from dev.devservers import ContentOrigin, WebhookReceiver
+from dev.devservers import WebhookReceiver
 from tests.support.mariadb import TEST_URL
-from tests.support.processes import LoggedProcess
 from tests.support.redis_servers import RedisServer
-from tests.support.service import Backend, Rig, run_burst_worker
+from tests.support.service import Backend, BusyWorker, Rig, run_burst_worker
 from tests.support.waiting import wait_for
 from udemy_dl import defaults
 from udemy_dl.producer import Producer
@@ -217,23 +216,11 @@ def test_sweep_settles_a_job_rq_failed_while_its_row_says_processing(
 # -- recover_started (Redis only) -----------------------------------------------------------------
 
 
-def test_recover_started_requeues_the_job_of_a_killed_worker_at_the_front(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    mysql_store: MySQLStore,
-    origin: ContentOrigin,
-    start_worker: Callable[..., LoggedProcess],
-) -> None:
+def test_recover_started_requeues_the_job_of_a_killed_worker_at_the_front(busy_worker: BusyWorker) -> None:
     """While its worker runs, a started download is left alone; after kill -9 of the worker, recover_started
     enqueues it again at the front of the queue, once."""
-    settings = configure(DATABASE_URL=TEST_URL, ALLOWED_HOSTS=origin.host_port)
-    rig = Rig(settings, mysql_store, redis_conn)
-    origin.throttle = 50_000  # bytes/s: the 2 MB file keeps the job busy until the worker is killed
-    url = origin.add_course("slow", {"a.bin": 2_000_000})
-    busy = mysql_store.insert_task(EMAIL, url, PROCESSING)
-    rig.enqueue(busy)
-    worker = start_worker()
-    wait_for(lambda: status_of(redis_conn, busy) == JobStatus.STARTED, timeout=20, what=worker.log)
+    rig, busy, worker = busy_worker.rig, busy_worker.task_id, busy_worker.worker
+    redis_conn = rig.redis
     waiting = rig.task()
     rig.enqueue(waiting)  # queued behind while the only worker is busy
     reconciler = rig.reconciler()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from redis import Redis
-from rq import Worker
+from rq import Queue, Worker
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
@@ -433,17 +433,26 @@ def in_process_worker(svc: Service) -> Iterator[DownloadWorker]:
             signal.signal(sig, handler)
 
 
+def dequeue_first_of_two(
+    svc: Service, worker: DownloadWorker, first: str, second: str, first_size: int = 10
+) -> tuple[int, int, Job, Queue]:
+    """Paid tasks for courses *first* (one file of *first_size* bytes) and *second* queued in that order, and the
+    first dequeued by *worker*: both task ids, the job in hand and its queue."""
+    first_id = svc.paid_task(svc.origin.add_course(first, {"a.bin": first_size}))
+    second_id = svc.paid_task(svc.origin.add_course(second, {"b.bin": 10}))
+    svc.enqueue(first_id)
+    svc.enqueue(second_id)
+    dequeued = worker.dequeue_job_and_maintain_ttl(None)
+    assert dequeued is not None
+    job, queue = dequeued
+    return first_id, second_id, job, queue
+
+
 def test_stop_between_dequeue_and_start_puts_the_job_back(svc: Service, in_process_worker: DownloadWorker) -> None:
     """A stop that arrives after the dequeue returned a job and before the job starts: the handler does not raise
     (RQ's would, dropping the job), and the job goes back, untouched, to the front of its queue."""
     worker = in_process_worker
-    first = svc.paid_task(svc.origin.add_course("popped", {"a.bin": 10}))
-    second = svc.paid_task(svc.origin.add_course("waiting", {"b.bin": 10}))
-    svc.enqueue(first)
-    svc.enqueue(second)
-    dequeued = worker.dequeue_job_and_maintain_ttl(None)
-    assert dequeued is not None
-    job, queue = dequeued
+    first, second, job, queue = dequeue_first_of_two(svc, worker, "popped", "waiting")
     assert (job.id, svc.queued()) == (job_id_for(first), [job_id_for(second)])
 
     deliver_stop(worker)  # must not raise here: the job is in hand
@@ -464,13 +473,7 @@ def test_stop_before_the_horse_exists_hands_the_task_back(
     task is queued again at the front, its attempt given back, instead of running to its end."""
     worker = in_process_worker
     svc.origin.throttle = 1_000_000  # bytes/s: the 6 MB file cannot finish before the hand-back
-    task_id = svc.paid_task(svc.origin.add_course("early-stop", {"a.bin": 6_000_000}))
-    waiting = svc.paid_task(svc.origin.add_course("behind", {"b.bin": 10}))
-    svc.enqueue(task_id)
-    svc.enqueue(waiting)
-    dequeued = worker.dequeue_job_and_maintain_ttl(None)
-    assert dequeued is not None
-    job, queue = dequeued
+    task_id, waiting, job, queue = dequeue_first_of_two(svc, worker, "early-stop", "behind", first_size=6_000_000)
     prepare = worker.prepare_execution
 
     def prepared_then_stopped(job: Job) -> Any:

@@ -84,7 +84,7 @@ def e2e_env(
         WORKER_COUNT="2",
         **served_by(token_origin, receiver, webhook_secret),
     )
-    e2e = E2EEnv(tmp_path, run_id, env)
+    e2e = E2EEnv(tmp_path, run_id, env, e2e_store, token_origin, receiver)
     yield e2e
     kill_marked(MARKER, run_id)  # last resort: whatever this test started and is still alive goes now
 

@@ -15,7 +15,6 @@ from redis import Redis
 from rq import Worker
 from rq.job import Job, JobStatus
 
-from dev.devservers import WebhookReceiver, write_sample_file
 from tests.support.deployment import Scripts
 from tests.support.e2e import E2EEnv
 from tests.support.files import sha256_of
@@ -100,23 +99,23 @@ def test_pool_replaces_dead_worker(e2e_env: E2EEnv, e2e_redis: Redis, e2e_pool: 
 
 # -- a worker killed mid-download ---------------------------------------------------------------
 
+BIG = 30 * 1024 * 1024
 
-def test_killed_worker_task_is_recovered_on_restart(
-    e2e_env: E2EEnv,
-    e2e_scripts: Scripts,
-    e2e_store: MySQLStore,
-    token_origin: Origin,
-    receiver: WebhookReceiver,
-) -> None:
-    size = 30 * 1024 * 1024
-    url_path = "/files/long-course/full-course.mp4"
-    sha = write_sample_file(token_origin.file_path(url_path), size, "long-course")
-    course_url = token_origin.set_manifest(
-        "/courses/long-course",
-        {"title": "Long course", "files": [{"path": "full-course.mp4", "url": url_path, "size": size, "sha256": sha}]},
-    )
-    token_origin.throttle = 10 * 1024 * 1024  # bytes/s: about 3 s for the file, time enough to interrupt it
-    task_id = e2e_store.insert_task("buyer@example.com", course_url)
+
+def _slow_big_course(origin: Origin, slug: str, name: str) -> tuple[str, str, str]:
+    """A course of one 30 MiB file *name*, served at 10 MiB/s (about 3 s: time enough to interrupt it).
+    Returns the course URL, the file's URL path and its sha256."""
+    url = origin.add_course(slug, {name: BIG})
+    (entry,) = origin.manifests[f"/courses/{slug}"]["files"]
+    origin.throttle = 10 * 1024 * 1024
+    return url, entry["url"], entry["sha256"]
+
+
+def test_killed_worker_task_is_recovered_on_restart(e2e_env: E2EEnv, e2e_scripts: Scripts) -> None:
+    store, origin, receiver = e2e_env.store, e2e_env.origin, e2e_env.receiver
+    size = BIG
+    course_url, url_path, sha = _slow_big_course(origin, "long-course", "full-course.mp4")
+    task_id = store.insert_task("buyer@example.com", course_url)
 
     e2e_env.vars["WORKER_COUNT"] = "1"
     started = e2e_scripts.start(adopt=True)
@@ -131,7 +130,7 @@ def test_killed_worker_task_is_recovered_on_restart(
     staging = e2e_env.download_dir / ".staging" / str(task_id)
 
     def mid_download() -> bool:
-        row = e2e_store.get(task_id)
+        row = store.get(task_id)
         parts = list(staging.rglob("*.part")) if staging.is_dir() else []
         return bool(row and row.progress > 0 and parts and parts[0].stat().st_size > 0)
 
@@ -143,10 +142,10 @@ def test_killed_worker_task_is_recovered_on_restart(
     # Reaped, as a working init would (see test_restart_while_killed_worker_is_a_zombie for when it is not).
     e2e_scripts.reap(worker_pid)
     wait_for(lambda: not any(pid_running(pid) for pid in doomed), timeout=10, what="the kill", interval=0.1)
-    row = e2e_store.get(task_id)
+    row = store.get(task_id)
     assert row is not None and row.status == PROCESSING, "the kill leaves the task processing"
     assert row.attempts == 1
-    assert 0 < token_origin.bytes_sent.get(url_path, 0) < size, "killed mid-way"
+    assert 0 < origin.bytes_sent.get(url_path, 0) < size, "killed mid-way"
 
     # The next start finds the stale PID file and starts a fresh worker. The task goes back on the
     # queue through the reconciler (still running, it notices the dead worker) or the start's own
@@ -156,15 +155,15 @@ def test_killed_worker_task_is_recovered_on_restart(
     assert "worker 1 already running" not in restarted.stdout
 
     def completed() -> bool:
-        current = e2e_store.get(task_id)
+        current = store.get(task_id)
         return bool(current and current.status == COMPLETED)
 
     try:
         wait_for(completed, timeout=40, what="the interrupted task to complete", interval=0.2)
     except AssertionError:
-        raise AssertionError(f"{e2e_store.get(task_id)}\n{restarted.stdout}\n{e2e_env.logs()}") from None
+        raise AssertionError(f"{store.get(task_id)}\n{restarted.stdout}\n{e2e_env.logs()}") from None
 
-    row = e2e_store.get(task_id)
+    row = store.get(task_id)
     assert row is not None
     folder = e2e_env.download_dir / str(task_id)
     assert row.output_path == str(folder) and row.bytes == size and row.progress == 100
@@ -176,7 +175,7 @@ def test_killed_worker_task_is_recovered_on_restart(
     assert not staging.exists()
 
     # The second attempt resumed where the first stopped (a Range request), not from byte 0.
-    file_requests = [headers for _, path, headers in token_origin.requests.entries if path == url_path]
+    file_requests = [headers for _, path, headers in origin.requests.entries if path == url_path]
     assert len(file_requests) == 2
     assert "Range" not in file_requests[0]
     resumed_at = re.fullmatch(r"bytes=(\d+)-", file_requests[1].get("Range", ""))
@@ -239,14 +238,7 @@ def test_retry_scheduled_before_a_crash_runs_after_restart(
     token_origin: Origin,
     e2e_redis: Redis,
 ) -> None:
-    size = 30 * 1024 * 1024
-    url_path = "/files/retried/lecture.mp4"
-    sha = write_sample_file(token_origin.file_path(url_path), size, "retried")
-    course_url = token_origin.set_manifest(
-        "/courses/retried",
-        {"title": "Retried", "files": [{"path": "lecture.mp4", "url": url_path, "size": size, "sha256": sha}]},
-    )
-    token_origin.throttle = 10 * 1024 * 1024
+    course_url, _, _ = _slow_big_course(token_origin, "retried", "lecture.mp4")
     task_id = e2e_store.insert_task("buyer@example.com", course_url)
     e2e_env.vars.update(WORKER_COUNT="1", RETRY_DELAY="4")
     started = e2e_scripts.start(adopt=True)

@@ -43,6 +43,18 @@ def _assert_resumed_once(faults: Faults, task: Task) -> None:
     assert faults.row(task).attempts == 1, "the handed-back run used no attempt"
 
 
+def _handed_back_then_resumed(
+    faults: Faults, measure: Callable[..., float], task: Task, restart_name: str, restart: Callable[[], object]
+) -> None:
+    """*task* was handed back; after *restart* its download resumes (the time measured) and completes once."""
+    _assert_handed_back(faults, task)
+    restarted_at = time.monotonic()
+    restart()
+    resumed_at = faults.wait_resumed(task, restarted_at, timeout=60)
+    measure(f"{restart_name} -> download resumed", resumed_at - restarted_at)
+    _assert_resumed_once(faults, task)
+
+
 def test_stop_workers_hands_download_back(faults: Faults, measure: Callable[..., float]) -> None:
     """stop_workers.sh mid-download returns within STOP_TIMEOUT; the task goes back to the queue at
     once without using an attempt, and after start_workers.sh it resumes with a Range request."""
@@ -59,13 +71,7 @@ def test_stop_workers_hands_download_back(faults: Faults, measure: Callable[...,
     measure("stop_workers.sh mid-download", elapsed, limit=STOP_TIMEOUT)
     assert elapsed <= STOP_TIMEOUT and "did not stop in time" not in stopped.stdout, (elapsed, stopped.stdout)
     assert faults.leftovers(exclude=[faults.redis_server.process.pid if faults.redis_server.process else 0]) == []
-    _assert_handed_back(faults, task)
-
-    restarted_at = time.monotonic()
-    faults.start_workers(1)
-    resumed_at = faults.wait_resumed(task, restarted_at, timeout=60)
-    measure("start_workers.sh -> download resumed", resumed_at - restarted_at)
-    _assert_resumed_once(faults, task)
+    _handed_back_then_resumed(faults, measure, task, "start_workers.sh", lambda: faults.start_workers(1))
 
 
 def test_sigterm_to_pool_hands_download_back(faults: Faults, measure: Callable[..., float]) -> None:
@@ -90,13 +96,7 @@ def test_sigterm_to_pool_hands_download_back(faults: Faults, measure: Callable[.
     left = [pid for pid in family if pid_running(pid)]
     assert left == [], f"left for systemd's SIGKILL: {left}"
     assert elapsed <= STOP_TIMEOUT
-    _assert_handed_back(faults, task)
-
-    restarted_at = time.monotonic()
-    faults.start_pool(1)
-    resumed_at = faults.wait_resumed(task, restarted_at, timeout=60)
-    measure("pool restart -> download resumed", resumed_at - restarted_at)
-    _assert_resumed_once(faults, task)
+    _handed_back_then_resumed(faults, measure, task, "pool restart", lambda: faults.start_pool(1))
 
 
 @pytest.mark.parametrize("launcher", ["scripts", "pool"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 
@@ -110,13 +109,7 @@ def test_poison_task_fails_after_max_attempts(faults: Faults, measure: Callable[
     FETCH_COMMAND applies to every task of a pool, so the pool runs a small fetcher that SIGKILLs
     its parent (the work horse) for the poison course and fetches any other course itself.
     """
-    fetcher = faults.tmp / "poison_fetcher.py"
-    fetcher.write_text(POISON_FETCHER)
-    faults.set_env(
-        FETCH_COMMAND=f"{sys.executable} {fetcher} {{url}} {{dest}}",
-        MAX_ATTEMPTS="3",
-        RECONCILE_INTERVAL="5",
-    )
+    faults.use_fetch_command(POISON_FETCHER, MAX_ATTEMPTS="3", RECONCILE_INTERVAL="5")
     poison = faults.make_tasks(1, 64 * 1024, prefix="poison")
     good = faults.make_tasks(3, 2 * MIB)
     pool = faults.start_pool(2)

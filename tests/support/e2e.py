@@ -8,7 +8,11 @@ import socket
 import subprocess
 from pathlib import Path
 
+from dev.devservers import WebhookReceiver
+from udemy_dl.store import MySQLStore
+
 from .deployment import Deployment
+from .http_servers import Origin
 from .processes import cmdline, marked_pids
 from .scripts import rq_info_workers
 
@@ -19,9 +23,14 @@ HOSTNAME = socket.gethostname()
 class E2EEnv(Deployment):
     """The environment one test's scripts and workers run with (environment variables win over .env)."""
 
-    def __init__(self, tmp: Path, run_id: str, vars: dict[str, str]) -> None:
+    def __init__(
+        self, tmp: Path, run_id: str, vars: dict[str, str], store: MySQLStore, origin: Origin, receiver: WebhookReceiver
+    ) -> None:
         super().__init__(tmp, vars)
         self.run_id = run_id
+        self.store = store
+        self.origin = origin
+        self.receiver = receiver
 
     def leftover_processes(self) -> list[int]:
         return marked_pids(MARKER, self.run_id)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -88,6 +89,13 @@ class Faults(Deployment):
         self.redis = redis.client()
         self.pools: list[LoggedProcess] = []
         self.scripts_used = False
+
+    def use_fetch_command(self, script: str, **settings: str) -> None:
+        """From now on, fetch with the Python *script* (FETCH_COMMAND `python <script> {url} {dest}`); set
+        *settings* too."""
+        fetcher = self.tmp / "fetch_command.py"
+        fetcher.write_text(script)
+        self.set_env(FETCH_COMMAND=f"{sys.executable} {fetcher} {{url}} {{dest}}", **settings)
 
     # -- tasks ------------------------------------------------------------------------------
 

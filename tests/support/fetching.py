@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 
 from dev.devservers import ContentOrigin
+from udemy_dl.errors import FetchError
 from udemy_dl.fetch import Fetcher
 
 TIMEOUT = (5.0, 10.0)
@@ -36,6 +37,18 @@ def resolve_to_loopback(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
         return real_getaddrinfo("127.0.0.1" if name == host else name, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@contextlib.contextmanager
+def cut_transfer(origin: ContentOrigin, url_path: str, after: int) -> Iterator[pytest.ExceptionInfo[FetchError]]:
+    """For the block, the origin cuts each transfer of *url_path* after *after* bytes: the block's fetch must
+    fail (FetchError, yielded), keeping the bytes it got."""
+    origin.truncate[url_path] = after
+    try:
+        with pytest.raises(FetchError) as caught:
+            yield caught
+    finally:
+        del origin.truncate[url_path]
 
 
 @contextlib.contextmanager

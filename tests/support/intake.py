@@ -26,6 +26,9 @@ EMAIL = "buyer@shop.example"
 CONFIRM = "/orders/confirm"
 COURSE = "https://cdn.example/courses/1"
 
+NOT_PLAIN_DIGITS = ["+1", "%2B1", "1_000", "0x1", "01", "1" * 4301]
+"""Task ids that Python's int() would take, which are not a plain run of ASCII digits."""
+
 _ids = iter(range(1, 1_000_000))
 
 

@@ -54,8 +54,17 @@ def clean_environ() -> dict[str, str]:
 def run_command(
     argv: Sequence[str | Path], env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """Run *argv* to its end, its output captured as text."""
-    return subprocess.run([str(arg) for arg in argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """Run *argv* to its end, no standard input, its output captured as text."""
+    return subprocess.run(
+        [str(arg) for arg in argv],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def rq_info(*args: str, env: dict[str, str], cwd: Path | None = None) -> str:

@@ -14,19 +14,20 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue, Worker
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from dev.devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver
 from udemy_dl import context, producer
 from udemy_dl.fetch import PARTS_DIRNAME
 from udemy_dl.producer import Producer
-from udemy_dl.queues import job_id_for, worker_queues
+from udemy_dl.queues import EnqueueResult, job_id_for, worker_queues
 from udemy_dl.reconciler import Reconciler
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, TaskRow, TaskStore, utcnow
 
 from .processes import LoggedProcess, start_logged
 from .scripts import cli_command
+from .waiting import wait_for
 
 EMAIL = "buyer@shop.example"
 
@@ -187,3 +188,26 @@ def make_service(
         **variables,
     )
     return Service(settings, backend.store, redis, origin, receiver, configure)
+
+
+@dataclass
+class BusyWorker:
+    """A real worker (`udemy-dl worker`) busy downloading a paid task: the origin sends the course's 2 MB
+    file at 50 kB/s, so the job stays started long enough to kill the worker."""
+
+    rig: Rig
+    task_id: int
+    worker: LoggedProcess
+
+    @classmethod
+    def start(cls, rig: Rig, origin: ContentOrigin, start_worker: Callable[[], LoggedProcess]) -> BusyWorker:
+        origin.throttle = 50_000  # bytes/s
+        task_id = rig.store.insert_task(EMAIL, origin.add_course("slow", {"a.bin": 2_000_000}), PROCESSING)
+        job = rig.enqueue(task_id)
+        worker = start_worker()
+        wait_for(lambda: job.get_status(refresh=True) == JobStatus.STARTED, timeout=20, what=worker.log)
+        return cls(rig, task_id, worker)
+
+    def add_job(self) -> EnqueueResult:
+        """Ask for the task's download job again."""
+        return self.rig.producer().add_download_job(self.rig.payload(self.task_id))
