@@ -1,10 +1,10 @@
-"""`tests.ci.in_ci`: any set CI value but an explicit "no" makes a missing service a failure, not a skip."""
+"""`tests.support.ci.in_ci`: any set CI value but an explicit "no" makes a missing service a failure, not a skip."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.ci import in_ci
+from tests.support.ci import in_ci, unavailable
 
 
 @pytest.mark.parametrize("value", ["true", "TRUE", "True", "1", "yes", "YES", "on", " true ", "github"])
@@ -24,10 +24,12 @@ def test_ci_is_not_set_when_the_variable_is_absent(monkeypatch: pytest.MonkeyPat
     assert not in_ci()
 
 
-def test_every_conftest_asks_the_one_in_ci() -> None:
-    """The conftests that turn a missing service into a skip or a failure all use tests.ci.in_ci."""
-    import tests.conftest
-    import tests.e2e.conftest
-
-    assert tests.conftest.in_ci is in_ci
-    assert vars(tests.e2e.conftest)["in_ci"] is in_ci
+def test_a_missing_service_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every suite turns a missing service or tool into a skip or a failure through tests.support.ci.unavailable,
+    which asks in_ci."""
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        unavailable("Redis", "refused")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="Redis not available: refused"):
+        unavailable("Redis", "refused")

@@ -15,13 +15,16 @@ import pytest
 from redis import Redis
 from rq import Queue, Worker
 
+from tests.support.mariadb import TEST_URL, drop_tasks_table
+from tests.support.processes import LoggedProcess
+from tests.support.scripts import cli_command, run_command
+from tests.support.service import Backend
+from tests.support.waiting import wait_for
 from udemy_dl import __version__
 from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, open_store, utcnow
-
-from .conftest import MYSQL_TEST_URL, Backend, WorkerProcess, cli_command, drop_tasks_table, wait_for
 
 EMAIL = "buyer@shop.example"
 URL = "https://cdn.example/courses/1"
@@ -31,16 +34,7 @@ CLOSED_REDIS = "redis://127.0.0.1:1/0"
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run `udemy-dl ARGS` with this test's environment plus *env*, in this test's working directory."""
-    return subprocess.run(
-        [*cli_command(), *args],
-        env={**os.environ, **env},
-        cwd=os.getcwd(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_command([*cli_command(), *args], env={**os.environ, **env}, cwd=Path.cwd())
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[str]:
@@ -165,16 +159,8 @@ def test_missing_setting_a_command_needs_exits_3(command: str, environ: dict[str
     """A setting a command cannot do without is a configuration error too (exit 3), not a failed
     health check (5), nor a loop that logs the same warning forever."""
     try:
-        result = subprocess.run(
-            [*cli_command(), command],
-            env={**os.environ, "REDIS_URL": CLOSED_REDIS, **environ},
-            cwd=os.getcwd(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
+        env = {**os.environ, "REDIS_URL": CLOSED_REDIS, **environ}
+        result = run_command([*cli_command(), command], env=env, cwd=Path.cwd(), timeout=20)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{command} did not stop on a missing {variable}: {exc.stderr!r}")
     assert result.returncode == RET_CONFIG, explain(result)
@@ -199,7 +185,7 @@ def test_db_init_twice_creates_a_usable_table(back_end: str, tmp_path: Path, req
         request.getfixturevalue("mysql_url")
         drop_tasks_table()
         request.addfinalizer(drop_tasks_table)
-        url = MYSQL_TEST_URL
+        url = TEST_URL
     else:
         url = f"sqlite:///{tmp_path}/fresh/tasks.db"
     first = cli("db", "init", DATABASE_URL=url)
@@ -449,7 +435,7 @@ def test_requeue_failed_refusal_exits_non_zero(cli_backend: Backend, redis_conn:
 @pytest.fixture
 def healthy_env(configure: Callable[..., Settings], redis_conn: Redis, mysql_store: object) -> Settings:
     """Everything a worker needs, so that only what a test breaks can be unhealthy."""
-    return configure(DATABASE_URL=MYSQL_TEST_URL, ALLOWED_HOSTS="cdn.example")
+    return configure(DATABASE_URL=TEST_URL, ALLOWED_HOSTS="cdn.example")
 
 
 def unhealthy_checks(result: subprocess.CompletedProcess[str]) -> list[str]:
@@ -478,7 +464,7 @@ def test_health_with_database_down_names_database(healthy_env: Settings) -> None
 
 
 def test_health_with_a_worker_running_is_healthy(
-    healthy_env: Settings, redis_conn: Redis, start_worker: Callable[..., WorkerProcess]
+    healthy_env: Settings, redis_conn: Redis, start_worker: Callable[..., LoggedProcess]
 ) -> None:
     """With a worker listening on the queue, `health` exits 0."""
     worker = start_worker()

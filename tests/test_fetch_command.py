@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.waiting import wait_for
 from udemy_dl.errors import CommandError, Interrupted, PermanentError, TransientError
 from udemy_dl.fetch_command import CommandFetcher
 from udemy_dl.process_control import pid_alive
 from udemy_dl.settings import VARIABLES, load_settings
-
-from .conftest import wait_for
 
 URL = "https://cdn.example/courses/7"
 GRACE = 0.3
@@ -40,11 +39,6 @@ def fetcher(argv: tuple[str, ...], timeout: float = 60) -> CommandFetcher:
 def sh(script: str, *extra: str) -> tuple[str, ...]:
     """FETCH_COMMAND running *script* with $1={dest}, $2.. = *extra*, and {url} last."""
     return ("sh", "-c", script, "sh", "{dest}", *extra, "{url}")
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
 
 
 @pytest.fixture

@@ -12,17 +12,12 @@ from typing import BinaryIO, NamedTuple
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.fetching import cut_transfer, fetcher_for
+from tests.support.files import files_under
 from udemy_dl import defaults, fetch
-from udemy_dl.errors import FetchError, NoSpaceError, PermanentError, TooLargeError, TransientError
-
-from .test_fetch import fetcher_for, files_under
+from udemy_dl.errors import NoSpaceError, PermanentError, TooLargeError, TransientError
 
 TiB = 1 << 40
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
 
 
 class Usage(NamedTuple):
@@ -87,10 +82,8 @@ def test_bytes_already_fetched_are_not_needed_again(
 ) -> None:
     """What an earlier attempt kept (a verified file, a part file) counts as present: only the rest must fit."""
     url = origin.add_course("partly", {"a.bin": 100_000, "b.bin": 1_000_000})
-    origin.truncate["/files/partly/b.bin"] = 600_000
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, "/files/partly/b.bin", 600_000):
         fetcher_for(origin, concurrency=1).fetch(url, staging)
-    del origin.truncate["/files/partly/b.bin"]
     disk(monkeypatch, total=TiB, free=defaults.DISK_HEADROOM + 400_000)
     result = fetcher_for(origin).fetch(url, staging)
     assert result.total_bytes == 1_100_000

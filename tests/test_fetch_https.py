@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.fetching import TIMEOUT, cut_transfer, fetcher_for, resolve_to_loopback
+from tests.support.files import files_under, sha256_of
+from tests.support.http_servers import start_server
 from udemy_dl.errors import FetchError, HostNotAllowedError, TransientError
 from udemy_dl.fetch import Fetcher
-
-from .conftest import start_server
-from .test_fetch import TIMEOUT, fetcher_for, files_under, resolve_to_loopback, sha256_of
 
 TOKEN = "origin-token"
 
@@ -76,11 +76,6 @@ def trust_test_ca(monkeypatch: pytest.MonkeyPatch, certificates: Certificates) -
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificates.ca))
 
 
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
-
-
 @pytest.mark.usefixtures("trust_test_ca")
 def test_manifest_course_is_fetched_over_https(tls_origin: ContentOrigin, staging: Path) -> None:
     """A manifest and its files over HTTPS, the certificate verified against the operator's CA: every file in
@@ -108,10 +103,8 @@ def test_single_file_is_fetched_over_https(tls_origin: ContentOrigin, staging: P
 def test_interrupted_file_resumes_over_https(tls_origin: ContentOrigin, staging: Path) -> None:
     """A transfer cut mid-file over HTTPS continues with a Range request; no byte is sent twice."""
     url = tls_origin.add_course("cut", {"big.bin": 3_000_000})
-    tls_origin.truncate["/files/cut/big.bin"] = 2_000_000
-    with pytest.raises(FetchError):
+    with cut_transfer(tls_origin, "/files/cut/big.bin", 2_000_000):
         fetcher_for(tls_origin, token=TOKEN).fetch(url, staging)
-    del tls_origin.truncate["/files/cut/big.bin"]
     result = fetcher_for(tls_origin, token=TOKEN).fetch(url, staging)
     assert result.files[0].sha256 == tls_origin.manifests["/courses/cut"]["files"][0]["sha256"]
     assert sha256_of(staging / "big.bin") == result.files[0].sha256

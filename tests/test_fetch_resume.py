@@ -11,32 +11,24 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
-from udemy_dl.errors import FetchError, IntegrityError, TransientError
+from tests.support.fetching import cut_transfer, fetcher_for, killed_at_part_rename
+from tests.support.files import files_under, sha256_of
+from udemy_dl.errors import IntegrityError, TransientError
 from udemy_dl.fetch import FetchResult
-
-from .test_fetch import fetcher_for, files_under, sha256_of
 
 SIZE = 3_000_000
 CUT = 2_000_000
 
 
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return tmp_path / "downloads" / ".staging" / "1"
-
-
 def cut_course(origin: ContentOrigin, staging: Path, slug: str, checksums: bool = True, size: int = SIZE) -> str:
     """A one-file course whose first fetch is cut after CUT bytes; returns the course URL."""
     url = origin.add_course(slug, {"big.bin": size}, with_checksums=checksums)
-    origin.truncate[file_path(slug)] = CUT
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, file_path(slug), CUT):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate[file_path(slug)]
     return url
 
 
@@ -85,10 +77,8 @@ def test_part_complete_when_the_connection_broke_before_the_last_chunk_is_verifi
     size = 8 * 256 * 1024  # whole chunks of the origin's, whole reads of ours: every byte reaches the part
     url = origin.add_course("whole", {"big.bin": size}, with_checksums=False)
     origin.chunked = True
-    origin.truncate[file_path("whole")] = size
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, file_path("whole"), size):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate[file_path("whole")]
     result = fetcher_for(origin).fetch(url, staging)
     assert_in_place(result, staging, expected_sha(origin, "whole"))
     assert requests_for(origin, file_path("whole"))[1].get("Range") == f"bytes={size}-"
@@ -100,10 +90,8 @@ def test_chunked_body_cut_mid_read_keeps_every_byte_received(origin: ContentOrig
     exactly the bytes that never arrived."""
     url = origin.add_course("midread", {"big.bin": SIZE}, with_checksums=False)
     origin.chunked = True
-    origin.truncate[file_path("midread")] = 1_000_000
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, file_path("midread"), 1_000_000):
         fetcher_for(origin).fetch(url, staging)
-    del origin.truncate[file_path("midread")]
     result = fetcher_for(origin).fetch(url, staging)
     assert_in_place(result, staging, expected_sha(origin, "midread"))
     assert requests_for(origin, file_path("midread"))[1].get("Range") == "bytes=1000000-"
@@ -115,21 +103,9 @@ def test_part_complete_when_killed_before_the_rename_is_put_in_place(
     """A run killed between the last write and the rename leaves a complete part file: the next run verifies it
     and moves it into place, without fetching it again and without a permanent 416."""
 
-    class Killed(BaseException):
-        pass
-
-    real_replace = os.replace
-
-    def killed_at_rename(source: Any, target: Any) -> None:
-        if str(source).endswith(".part"):
-            raise Killed()
-        real_replace(source, target)
-
     url = origin.add_course("killed", {"big.bin": SIZE})
-    monkeypatch.setattr(os, "replace", killed_at_rename)
-    with pytest.raises(Killed):
+    with killed_at_part_rename():
         fetcher_for(origin).fetch(url, staging)
-    monkeypatch.setattr(os, "replace", real_replace)
     result = fetcher_for(origin).fetch(url, staging)
     assert_in_place(result, staging, expected_sha(origin, "killed"))
     assert origin.bytes_sent[file_path("killed")] == SIZE
@@ -140,22 +116,10 @@ def test_complete_single_file_part_is_put_in_place(
 ) -> None:
     """The same for a single-file course (its size comes from the first answer's Content-Length)."""
 
-    class Killed(BaseException):
-        pass
-
-    real_replace = os.replace
-
-    def killed_at_rename(source: Any, target: Any) -> None:
-        if str(source).endswith(".part"):
-            raise Killed()
-        real_replace(source, target)
-
     sha = write_sample_file(origin.root / "files" / "solo" / "talk.mp4", SIZE, "solo")
     course = f"{origin.base_url}/files/solo/talk.mp4"
-    monkeypatch.setattr(os, "replace", killed_at_rename)
-    with pytest.raises(Killed):
+    with killed_at_part_rename():
         fetcher_for(origin).fetch(course, staging)
-    monkeypatch.setattr(os, "replace", real_replace)
     result = fetcher_for(origin).fetch(course, staging)
     assert [(f.path, f.sha256) for f in result.files] == [("talk.mp4", sha)]
     assert origin.bytes_sent["/files/solo/talk.mp4"] == SIZE
@@ -301,11 +265,9 @@ def test_body_shorter_than_announced_on_resume_keeps_its_bytes(origin: ContentOr
     """A resume cut short again is a transient error that keeps what arrived; the third attempt finishes from
     there and no byte is sent twice."""
     url = cut_course(origin, staging, "twice")
-    origin.truncate[file_path("twice")] = CUT + 500_000
-    with pytest.raises(FetchError) as caught:
+    with cut_transfer(origin, file_path("twice"), CUT + 500_000) as caught:
         fetcher_for(origin).fetch(url, staging)
     assert isinstance(caught.value, TransientError)
-    del origin.truncate[file_path("twice")]
     result = fetcher_for(origin).fetch(url, staging)
     assert_in_place(result, staging, expected_sha(origin, "twice"))
     assert origin.bytes_sent[file_path("twice")] == SIZE
@@ -330,11 +292,9 @@ def test_body_longer_than_content_length_never_corrupts(origin: ContentOrigin, s
     """Bytes past the announced Content-Length (on the resume and on the next file over the same connection)
     never reach a file: what is in place is right, or the attempt fails transiently and the next one is."""
     url = origin.add_course("overrun", {"big.bin": SIZE, "next.bin": 100_000}, with_checksums=checksums)
-    origin.truncate[file_path("overrun")] = CUT
     fetcher = fetcher_for(origin, concurrency=1)
-    with pytest.raises(FetchError):
+    with cut_transfer(origin, file_path("overrun"), CUT):
         fetcher.fetch(url, staging)
-    del origin.truncate[file_path("overrun")]
     origin.overrun[file_path("overrun")] = 70_000
     try:
         result = fetcher.fetch(url, staging)

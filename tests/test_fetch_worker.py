@@ -4,58 +4,25 @@ staging folder never reaches the final folder."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from redis import Redis
 
-from dev.devservers import ContentOrigin, WebhookReceiver
-from udemy_dl.errors import FetchError
+from tests.support.fetching import cut_transfer, killed_at_part_rename
+from tests.support.service import Service
 from udemy_dl.fetch import PARTS_DIRNAME, Fetcher
 from udemy_dl.folders import staging_path
-from udemy_dl.settings import Settings
-from udemy_dl.store import COMPLETED, FAILED, TaskStore
-
-from .conftest import MYSQL_TEST_URL
-from .test_worker_rq import Service, make_service
-
-
-@pytest.fixture
-def svc(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    origin: ContentOrigin,
-    receiver: WebhookReceiver,
-    webhook_secret: str,
-    mysql_store: TaskStore,
-) -> Service:
-    """The service on MariaDB, wired to this test's origin and receiver."""
-    return make_service(configure, redis_conn, origin, receiver, webhook_secret, mysql_store, MYSQL_TEST_URL)
+from udemy_dl.store import COMPLETED, FAILED
 
 
 def test_complete_part_left_by_a_killed_run_completes_the_task(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run killed between the last write and the rename left every byte in the part file: the next run
     verifies it and completes the task (it used to fail for good on the origin's 416)."""
 
-    class Killed(BaseException):
-        pass
-
     url = svc.origin.add_course("killed", {"big.bin": 2_000_000})
     task_id = svc.confirm(url)
-    real_replace = os.replace
-
-    def killed_at_rename(source: Any, target: Any) -> None:
-        if str(source).endswith(".part"):
-            raise Killed()
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", killed_at_rename)
-    with pytest.raises(Killed):
+    with killed_at_part_rename():
         Fetcher({svc.origin.host_port}).fetch(url, staging_path(svc.settings, task_id))
-    monkeypatch.setattr(os, "replace", real_replace)
     svc.run_jobs()
     row = svc.row(task_id)
     assert (row.status, row.attempts, row.error_message) == (COMPLETED, 1, None)
@@ -68,11 +35,9 @@ def test_chunked_body_cut_before_its_last_chunk_completes_the_task(svc: Service)
     size = 8 * 256 * 1024  # whole chunks of the origin's, whole reads of ours: every byte reaches the part
     url = svc.origin.add_course("chunked", {"big.bin": size}, with_checksums=False)
     svc.origin.chunked = True
-    svc.origin.truncate["/files/chunked/big.bin"] = size
     task_id = svc.paid_task(url)
-    with pytest.raises(FetchError):
+    with cut_transfer(svc.origin, "/files/chunked/big.bin", size):
         Fetcher({svc.origin.host_port}).fetch(url, staging_path(svc.settings, task_id))
-    del svc.origin.truncate["/files/chunked/big.bin"]
     svc.store.begin_attempt(task_id, svc.settings.max_attempts)
     svc.producer().add_download_job(svc.payload(task_id))
     svc.run_jobs()

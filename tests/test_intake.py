@@ -12,17 +12,14 @@ import hashlib
 import http.client
 import importlib.util
 import json
-import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -32,140 +29,37 @@ from redis import Redis
 from rq import Queue
 from standardwebhooks import Webhook
 
+from tests.support.ci import in_ci
+from tests.support.intake import (
+    CONFIRM,
+    NOT_PLAIN_DIGITS,
+    Intake,
+    LogRecords,
+    Reply,
+    new_msg_id,
+    pending_tasks,
+    queued,
+    raw_exchange,
+    request_bytes,
+    signed_request,
+    snapshot,
+    start_intake,
+)
+from tests.support.mariadb import TEST_URL
+from tests.support.service import Backend
 from udemy_dl import intake as intake_module
 from udemy_dl.errors import ConfigError
-from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY, IntakeServer, make_server
+from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY, make_server
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore, utcnow
 from udemy_dl.webhooks import generate_secret, sign_headers
 
-from .conftest import MYSQL_TEST_URL, Backend, in_ci
-
 EMAIL = "buyer@shop.example"
-CONFIRM = "/orders/confirm"
 COURSE = "https://cdn.example/courses/1"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "INTAKE.md"
 CLOSED_REDIS = "redis://127.0.0.1:1/0"
 """Nothing listens on port 1: connecting fails at once."""
-
-_ids = iter(range(1, 1_000_000))
-
-
-def new_msg_id() -> str:
-    return f"msg_test_{next(_ids)}"
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    raw: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.raw)
-
-    @property
-    def error(self) -> str:
-        return str(self.json()["error"])
-
-
-@dataclass
-class Intake:
-    """A running intake server and a client that signs like the payment service would."""
-
-    server: IntakeServer
-    settings: Settings
-    secret: str
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Reply:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body=body or None, headers=headers or {})
-            response = connection.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-        finally:
-            connection.close()
-
-    def signed(
-        self, method: str, target: str, body: str = "", msg_id: str | None = None, at: datetime | None = None
-    ) -> dict[str, str]:
-        return signed_request(self.secret, method, target, body, msg_id=msg_id, at=at)
-
-    def confirm(self, payload: object, **sign: Any) -> Reply:
-        body = payload if isinstance(payload, str) else json.dumps(payload)
-        return self.request("POST", CONFIRM, body.encode(), self.signed("POST", CONFIRM, body, **sign))
-
-    def task(self, task_id: int | str, signed: bool = True) -> Reply:
-        target = f"/tasks/{task_id}"
-        return self.request("GET", target, headers=self.signed("GET", target) if signed else {})
-
-
-def signed_request(
-    secret: str, method: str, target: str, body: str = "", msg_id: str | None = None, at: datetime | None = None
-) -> dict[str, str]:
-    """Standard Webhooks headers for one intake request, written from docs/INTAKE.md and not from the server's
-    code: the signed content is `<METHOD> <request-target>\\n<body>`."""
-    return sign_headers(secret, msg_id or new_msg_id(), f"{method} {target}\n{body}", now=at)
-
-
-def start_intake(settings: Settings, secret: str) -> Iterator[Intake]:
-    server = make_server(settings, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield Intake(server, settings, secret)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-@pytest.fixture
-def secret() -> str:
-    return generate_secret()
-
-
-@pytest.fixture
-def intake(
-    configure: Callable[..., Settings], redis_conn: Redis, mysql_store: TaskStore, secret: str
-) -> Iterator[Intake]:
-    """The intake on MariaDB."""
-    yield from start_intake(configure(DATABASE_URL=MYSQL_TEST_URL, API_SECRET_KEY=secret), secret)
-
-
-@pytest.fixture
-def intake_on(configure: Callable[..., Settings], redis_conn: Redis, backend: Backend, secret: str) -> Iterator[Intake]:
-    """The intake on each store back end (MariaDB and SQLite)."""
-    yield from start_intake(configure(DATABASE_URL=backend.url, API_SECRET_KEY=secret), secret)
-
-
-def pending_tasks(store: TaskStore, count: int) -> list[int]:
-    return [store.insert_task(EMAIL, COURSE, PENDING) for _ in range(count)]
-
-
-def queued(redis_conn: Redis, queue: str = "downloads") -> list[str]:
-    return list(Queue(queue, connection=redis_conn).job_ids)
-
-
-def snapshot(redis_conn: Redis, store: TaskStore, ids: list[int], replay_keys: bool = True) -> tuple[Any, ...]:
-    """Everything a confirmation could change: the rows, and every Redis key with its type.
-
-    *replay_keys* False leaves out the intake's own webhook-id records (a new one per accepted request).
-    """
-    rows = [(r.id, r.status, r.priority, r.attempts, r.progress, r.updated_at) for r in store.get_many(ids)]
-    names = cast(list[bytes], redis_conn.keys("*"))
-    keys = sorted(
-        (key.decode(), cast(bytes, redis_conn.type(key)).decode())
-        for key in names
-        if replay_keys or not key.startswith(b"udemy_dl:intake:msg:")
-    )
-    return rows, keys, queued(redis_conn), queued(redis_conn, "downloads-high")
-
 
 # -- confirm: success and idempotency ---------------------------------------------------------------
 
@@ -685,12 +579,7 @@ def test_task_status_unsigned_or_badly_signed_is_401(intake: Intake, mysql_store
         "99999999999999999999",
         "%D9%A3",  # U+0663 ARABIC-INDIC DIGIT THREE
         "%C2%B2",  # ², isdigit() but not int()
-        "+1",
-        "%2B1",
-        "1_000",
-        "0x1",
-        "01",
-        "1" * 4301,
+        *NOT_PLAIN_DIGITS,
         "%",
         "%ff",
         "1%00",
@@ -704,75 +593,6 @@ def test_task_id_that_is_not_a_positive_integer_is_400(intake: Intake, raw: str)
 
 
 # -- bad input is a 4xx, never a 500 ------------------------------------------------------------------
-
-
-class LogRecords(logging.Handler):
-    """Every record the intake logs while a test runs (whatever other tests did to propagation)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def tracebacks(self) -> list[str]:
-        """Records at ERROR or above, or that carry an exception: what a request must never cause."""
-        return [
-            f"{record.levelname} {record.getMessage()} {record.exc_info!r}"
-            for record in self.records
-            if record.levelno >= logging.ERROR or record.exc_info or "Traceback" in record.getMessage()
-        ]
-
-
-@pytest.fixture
-def intake_log() -> Iterator[LogRecords]:
-    yield from capture_intake_log()
-
-
-def capture_intake_log() -> Iterator[LogRecords]:
-    handler = LogRecords()
-    logger = logging.getLogger("udemy_dl")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-def raw_exchange(port: int, data: bytes, timeout: float = 10) -> Reply | None:
-    """Send *data* as is on a new connection, end the sending side, and read the first answer (None if the server
-    closed without one, e.g. with a reset after refusing a body it did not read)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:  # a broken pipe, a reset: refused before the whole body was read, the answer is there
-            pass
-        response = http.client.HTTPResponse(sock)
-        try:
-            response.begin()
-            raw = response.read()
-        except (http.client.RemoteDisconnected, ConnectionResetError):
-            return None
-        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, raw)
-
-
-def wire(line: str) -> bytes:
-    """A request or header line as a client would put it on the wire: ISO-8859-1 (what HTTP parsers decode) where
-    it can be, else UTF-8 (whose bytes the server then reads as ISO-8859-1)."""
-    try:
-        return line.encode("iso-8859-1")
-    except UnicodeEncodeError:
-        return line.encode("utf-8")
-
-
-def request_bytes(method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: intake", *(f"{name}: {value}" for name, value in headers)]
-    return b"".join(wire(line) + b"\r\n" for line in lines) + b"\r\n" + body
 
 
 @pytest.mark.parametrize(
@@ -916,6 +736,16 @@ def test_a_webhook_id_that_is_not_short_printable_ascii_is_401(
 # -- /healthz and /metrics --------------------------------------------------------------------------
 
 
+def assert_healthz_names(settings: Settings, secret: str, up: str, down: str) -> None:
+    """/healthz is 503, says *up* is ok and *down* is down, and names *down* in its error."""
+    for intake in start_intake(settings, secret):
+        reply = intake.request("GET", "/healthz")
+        assert reply.status == 503, reply.raw
+        answer = reply.json()
+        assert answer[up] == "ok" and answer[down].startswith("down")
+        assert answer["error"] == f"not answering: {down}"
+
+
 def test_healthz_is_200_when_redis_and_the_database_answer(intake: Intake) -> None:
     reply = intake.request("GET", "/healthz")
     assert (reply.status, reply.json()) == (200, {"redis": "ok", "database": "ok"})
@@ -924,32 +754,22 @@ def test_healthz_is_200_when_redis_and_the_database_answer(intake: Intake) -> No
 def test_healthz_is_503_naming_redis_when_redis_does_not_answer(
     configure: Callable[..., Settings], mysql_store: TaskStore, secret: str
 ) -> None:
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL, API_SECRET_KEY=secret, REDIS_URL=CLOSED_REDIS)
-    for intake in start_intake(settings, secret):
-        reply = intake.request("GET", "/healthz")
-        assert reply.status == 503, reply.raw
-        answer = reply.json()
-        assert answer["database"] == "ok" and answer["redis"].startswith("down")
-        assert answer["error"] == "not answering: redis"
+    settings = configure(DATABASE_URL=TEST_URL, API_SECRET_KEY=secret, REDIS_URL=CLOSED_REDIS)
+    assert_healthz_names(settings, secret, up="database", down="redis")
 
 
 def test_healthz_is_503_naming_the_database_when_it_does_not_answer(
     configure: Callable[..., Settings], redis_conn: Redis, secret: str
 ) -> None:
     settings = configure(DATABASE_URL="mysql://root@127.0.0.1:1/udemy_dl_test", API_SECRET_KEY=secret)
-    for intake in start_intake(settings, secret):
-        reply = intake.request("GET", "/healthz")
-        assert reply.status == 503, reply.raw
-        answer = reply.json()
-        assert answer["redis"] == "ok" and answer["database"].startswith("down")
-        assert answer["error"] == "not answering: database"
+    assert_healthz_names(settings, secret, up="redis", down="database")
 
 
 def test_confirm_with_redis_down_is_503_and_retryable(
     configure: Callable[..., Settings], mysql_store: TaskStore, secret: str
 ) -> None:
     """No Redis: 503 with Retry-After (the caller retries; confirm is idempotent), not a 4xx or a hang."""
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL, API_SECRET_KEY=secret, REDIS_URL=CLOSED_REDIS)
+    settings = configure(DATABASE_URL=TEST_URL, API_SECRET_KEY=secret, REDIS_URL=CLOSED_REDIS)
     (task_id,) = pending_tasks(mysql_store, 1)
     for intake in start_intake(settings, secret):
         reply = intake.confirm({"taskIds": [task_id]})
@@ -1036,7 +856,7 @@ def test_the_python_example_in_the_docs_works(
 
 
 def test_without_api_secret_key_the_server_refuses_to_start(configure: Callable[..., Settings]) -> None:
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL)
+    settings = configure(DATABASE_URL=TEST_URL)
     with pytest.raises(ConfigError) as caught:
         make_server(settings, "127.0.0.1", 0)
     assert caught.value.variable == "API_SECRET_KEY"
@@ -1062,7 +882,7 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(
     configure: Callable[..., Settings], mysql_store: TaskStore, redis_conn: Redis, secret: str
 ) -> None:
     """`serve` in its own process: it answers, and on SIGTERM it stops, exits 0 and logs no secret."""
-    configure(DATABASE_URL=MYSQL_TEST_URL, API_SECRET_KEY=secret)
+    configure(DATABASE_URL=TEST_URL, API_SECRET_KEY=secret)
     process = subprocess.Popen(
         [sys.executable, "-c", SERVE_SCRIPT],
         env=dict(os.environ),

@@ -26,13 +26,15 @@ from redis import Redis
 from rq import Queue
 
 from dev.devservers import ContentOrigin
+from tests.support.ci import in_ci
+from tests.support.intake import Intake, queued, snapshot, start_intake
+from tests.support.mariadb import TEST_URL
+from tests.support.processes import LoggedProcess
+from tests.support.scripts import run_command
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore
 from udemy_dl.webhooks import generate_secret
-
-from .conftest import MYSQL_TEST_URL, WorkerProcess, in_ci
-from .test_intake import Intake, queued, snapshot, start_intake
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 CLIENT = NODE_DIR / "confirm.mjs"
@@ -57,15 +59,7 @@ def node() -> str:
     version = subprocess.run([node_bin, "--version"], capture_output=True, text=True, check=False).stdout.strip()
     if int(version.lstrip("v").split(".")[0] or 0) < 18:
         unavailable(f"Node.js >= 18 is needed for the global fetch, found {version}")
-    installed = subprocess.run(
-        [npm_bin, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=NODE_DIR,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    installed = run_command([npm_bin, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR, timeout=300)
     if installed.returncode != 0:
         unavailable(f"`npm ci` in {NODE_DIR} failed:\n{installed.stdout}\n{installed.stderr}")
     return node_bin
@@ -86,11 +80,6 @@ class NodeResult:
 
 
 @pytest.fixture
-def secret() -> str:
-    return generate_secret()
-
-
-@pytest.fixture
 def intake(
     configure: Callable[..., Settings],
     redis_conn: Redis,
@@ -99,7 +88,7 @@ def intake(
     secret: str,
 ) -> Iterator[Intake]:
     """The intake on MariaDB, with the environment a worker needs for the origin (workers read os.environ)."""
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL, API_SECRET_KEY=secret, ALLOWED_HOSTS=origin.host_port)
+    settings = configure(DATABASE_URL=TEST_URL, API_SECRET_KEY=secret, ALLOWED_HOSTS=origin.host_port)
     yield from start_intake(settings, secret)
 
 
@@ -114,15 +103,7 @@ def run_client(node: str, intake: Intake, secret: str) -> Callable[..., NodeResu
             "INTAKE_URL": f"http://127.0.0.1:{intake.port}",
             "API_SECRET_KEY": secret_key,
         }
-        done = subprocess.run(
-            [node, str(CLIENT), *map(str, args)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_command([node, CLIENT, *map(str, args)], env=env)
         return NodeResult(done.returncode, done.stdout, done.stderr)
 
     return run
@@ -133,7 +114,7 @@ def file_fetches(origin: ContentOrigin) -> Counter[str]:
     return Counter(path for path in origin.requests.paths() if path.startswith("/files/"))
 
 
-def run_burst_workers(start_worker: Callable[..., WorkerProcess], count: int) -> None:
+def run_burst_workers(start_worker: Callable[..., LoggedProcess], count: int) -> None:
     """Real `udemy-dl worker --burst` processes, side by side, until the queues are empty."""
     workers = [start_worker(burst=True) for _ in range(count)]
     for worker in workers:
@@ -146,7 +127,7 @@ def test_node_client_confirms_ten_tasks_twice_over_and_each_completes_once(
     mysql_store: TaskStore,
     origin: ContentOrigin,
     redis_conn: Redis,
-    start_worker: Callable[..., WorkerProcess],
+    start_worker: Callable[..., LoggedProcess],
 ) -> None:
     """Confirm 10 tasks from Node.js, then the same 10 again: 10 jobs. Workers complete each once, each file
     fetched once. Confirmed a third time after that, every task is refused as completed and nothing runs."""

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 import pytest
 from redis import Redis
 
+from tests.support.waiting import wait_for
 from udemy_dl.errors import LeaseBusyError
 from udemy_dl.lease import TaskLease, lease_key
-
-from .conftest import wait_for
 
 TASK = 7
 

@@ -9,12 +9,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from dev.devservers import ContentOrigin, WebhookReceiver
+from tests.support.processes import LoggedProcess
+from tests.support.service import Backend, Service, run_burst_worker
+from tests.support.waiting import wait_for
 from udemy_dl import metrics
 from udemy_dl.producer import Producer
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, SQLiteStore
-
-from .conftest import WorkerProcess, run_burst_worker, wait_for
 
 EMAIL = "metrics@shop.example"
 
@@ -32,21 +33,11 @@ def scrape(settings: Settings, connection: Redis) -> dict[tuple[str, tuple[tuple
 
 @pytest.fixture
 def wired(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    sqlite_store: SQLiteStore,
-    origin: ContentOrigin,
-    receiver: WebhookReceiver,
-    webhook_secret: str,
+    wire_service: Callable[..., Service], sqlite_backend: Backend, redis_conn: Redis
 ) -> tuple[Settings, Producer]:
-    settings = configure(
-        DATABASE_URL=f"sqlite:///{sqlite_store.path}",
-        ALLOWED_HOSTS=origin.host_port,
-        WEBHOOK_URL=receiver.url,
-        API_SECRET_KEY=webhook_secret,
-    )
+    service = wire_service(sqlite_backend)
     metrics.reset(redis_conn)
-    return settings, Producer(settings, connection=redis_conn, store=sqlite_store)
+    return service.settings, service.producer()
 
 
 def test_queue_depth_and_oldest_age_match_what_is_queued(
@@ -118,7 +109,7 @@ def test_workers_gauge_follows_live_workers(
     redis_conn: Redis,
     sqlite_store: SQLiteStore,
     origin: ContentOrigin,
-    start_worker: Callable[..., WorkerProcess],
+    start_worker: Callable[..., LoggedProcess],
 ) -> None:
     """Two real `udemy-dl worker` processes: the gauge shows them idle, one busy while it downloads,
     both idle again once the task is done, and one fewer once a worker has stopped."""

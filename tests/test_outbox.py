@@ -8,33 +8,24 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from redis import Redis
 
-from dev.devservers import ContentOrigin, WebhookReceiver
+from tests.support.service import Service
 from udemy_dl.errors import StoreError
 from udemy_dl.reconciler import Reconciler
 from udemy_dl.settings import Settings
-from udemy_dl.store import COMPLETED, FAILED, PROCESSING, TaskRow, TaskStore
+from udemy_dl.store import COMPLETED, FAILED, TaskStore
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
 from udemy_dl.worker_rq import process_download
 
-from .conftest import Backend, run_burst_worker
-
 EMAIL = "buyer@shop.example"
 
 
-@dataclass
-class World:
-    settings: Settings
-    store: TaskStore
-    redis: Redis
-    origin: ContentOrigin
-    receiver: WebhookReceiver
+class World(Service):
+    """The service on each store back end, with the outbox's moves: a paid task, its run, the sweep."""
 
     def paid(self, files: dict[str, int] | None = None, missing: bool = False) -> int:
         url = (
@@ -42,19 +33,10 @@ class World:
             if missing
             else self.origin.add_course(f"c-{uuid.uuid4().hex[:8]}", files or {"a.bin": 64})
         )
-        return self.store.insert_task(EMAIL, url, PROCESSING)
+        return self.paid_task(url)
 
     def run(self, task_id: int) -> dict[str, Any]:
-        row = self.row(task_id)
-        return process_download({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
-
-    def deliver(self) -> None:
-        run_burst_worker(self.redis, self.settings)
-
-    def row(self, task_id: int) -> TaskRow:
-        row = self.store.get(task_id)
-        assert row is not None
-        return row
+        return process_download(self.payload(task_id))
 
     def sweep(self) -> list[int]:
         return Reconciler(self.settings).sweep().events_resent
@@ -64,21 +46,8 @@ class World:
 
 
 @pytest.fixture
-def world(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    origin: ContentOrigin,
-    receiver: WebhookReceiver,
-    webhook_secret: str,
-    backend: Backend,
-) -> World:
-    settings = configure(
-        DATABASE_URL=backend.url,
-        ALLOWED_HOSTS=origin.host_port,
-        WEBHOOK_URL=receiver.url,
-        API_SECRET_KEY=webhook_secret,
-    )
-    return World(settings, backend.store, redis_conn, origin, receiver)
+def world(any_svc: Service) -> World:
+    return World(**vars(any_svc))
 
 
 def test_the_event_stays_pending_until_the_payment_service_takes_it(world: World) -> None:
@@ -89,14 +58,14 @@ def test_the_event_stays_pending_until_the_payment_service_takes_it(world: World
     pending = world.row(task_id).pending_event
     assert pending is not None and pending.startswith(f"msg_{task_id}_completed_")
 
-    world.deliver()  # refused: scheduled for a retry
+    world.run_jobs()  # refused: scheduled for a retry
     assert world.row(task_id).pending_event == pending
     assert world.final_ids() == []
 
     world.receiver.status_for = lambda attempt: 204
     world.redis.flushdb()  # the scheduled retry is gone with Redis's data
     assert world.sweep() == [task_id]
-    world.deliver()
+    world.run_jobs()
     assert world.final_ids() == [pending]  # the same webhook-id as the refused attempt
     assert (world.row(task_id).status, world.row(task_id).pending_event) == (COMPLETED, None)
     assert world.sweep() == []
@@ -112,7 +81,7 @@ def test_a_failed_task_s_event_is_sent_again_after_redis_lost_it(world: World) -
 
     world.redis.flushdb()
     assert world.sweep() == [task_id]
-    world.deliver()
+    world.run_jobs()
     assert world.final_ids(EVENT_FAILED) == [pending]
     assert world.row(task_id).pending_event is None
 
@@ -123,7 +92,7 @@ def test_the_sweep_leaves_an_event_whose_delivery_redis_still_holds(world: World
     world.run(task_id)
 
     assert world.sweep() == []
-    world.deliver()
+    world.run_jobs()
     assert len(world.final_ids()) == 1
     assert world.row(task_id).pending_event is None
 
@@ -141,14 +110,14 @@ def test_a_delivery_whose_acknowledgement_was_lost_is_not_sent_again(
         raise StoreError("status store: the database is away")
 
     monkeypatch.setattr(TaskStore, "event_delivered", unreachable)
-    world.deliver()  # delivered; the acknowledgement fails and is only logged
+    world.run_jobs()  # delivered; the acknowledgement fails and is only logged
     assert len(world.final_ids()) == 1
     assert world.row(task_id).pending_event is not None
 
     monkeypatch.setattr(TaskStore, "event_delivered", real)
     assert world.sweep() == []
     assert world.row(task_id).pending_event is None
-    world.deliver()
+    world.run_jobs()
     assert len(world.final_ids()) == 1
 
 

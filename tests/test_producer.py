@@ -16,7 +16,10 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 import udemy_dl
-from dev.devservers import ContentOrigin
+from tests.support.mariadb import TEST_URL
+from tests.support.processes import LoggedProcess, kill_group, pid_running
+from tests.support.service import Backend, BusyWorker, run_burst_worker
+from tests.support.waiting import wait_for
 from udemy_dl import defaults
 from udemy_dl.defaults import DOWNLOAD_JOB_FUNCTION as JOB_FUNCTION
 from udemy_dl.errors import InvalidTaskError
@@ -25,23 +28,13 @@ from udemy_dl.queues import job_id_for, retry_intervals
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, utcnow
 
-from .conftest import (
-    MYSQL_TEST_URL,
-    Backend,
-    WorkerProcess,
-    kill_group,
-    pid_alive,
-    run_burst_worker,
-    wait_for,
-)
-
 EMAIL = "buyer@shop.example"
 URL = "https://cdn.example/courses/1"
 DEAD_ORIGIN = "127.0.0.1:1"
 """A host:port where nothing listens: fetching from it fails at once with a (transient) connection error."""
 
 
-def horse_pids(worker: WorkerProcess) -> list[int]:
+def horse_pids(worker: LoggedProcess) -> list[int]:
     """The worker's work horse: the child that leads its own process group (RQ calls setpgrp in it)."""
     horses = []
     for pid in worker.children():
@@ -166,7 +159,7 @@ def test_add_download_job_enqueues_again_after_the_job_failed(
     configure: Callable[..., Settings], redis_conn: Redis, mysql_store: MySQLStore
 ) -> None:
     """A failed job does not block a new one (the operator's requeue path)."""
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL, ALLOWED_HOSTS=DEAD_ORIGIN, MAX_ATTEMPTS="1")
+    settings = configure(DATABASE_URL=TEST_URL, ALLOWED_HOSTS=DEAD_ORIGIN, MAX_ATTEMPTS="1")
     task_id = mysql_store.insert_task(EMAIL, f"http://{DEAD_ORIGIN}/course", PROCESSING)
     producer = Producer(settings, connection=redis_conn)
     producer.add_download_job(payload(task_id, f"http://{DEAD_ORIGIN}/course"))
@@ -184,7 +177,7 @@ def test_job_waiting_for_its_retry_counts_as_queued(
     """While a job is scheduled for a retry, asking again returns it instead of enqueuing a second one."""
     url = f"http://{DEAD_ORIGIN}/course"
     settings = configure(
-        DATABASE_URL=MYSQL_TEST_URL,
+        DATABASE_URL=TEST_URL,
         ALLOWED_HOSTS=DEAD_ORIGIN,
         MAX_ATTEMPTS="2",
         RETRY_DELAY="600",
@@ -200,54 +193,25 @@ def test_job_waiting_for_its_retry_counts_as_queued(
     assert queued_ids(redis_conn, settings) == []
 
 
-def test_job_started_by_a_killed_worker_is_replaced(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    mysql_store: MySQLStore,
-    origin: ContentOrigin,
-    start_worker: Callable[..., WorkerProcess],
-) -> None:
+def test_job_started_by_a_killed_worker_is_replaced(busy_worker: BusyWorker) -> None:
     """A job left `started` by a worker that was killed (kill -9) is not live: asking again enqueues a new one."""
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL, ALLOWED_HOSTS=origin.host_port)
-    origin.throttle = 50_000  # bytes/s: the 2 MB file keeps the job busy long enough to kill its worker
-    url = origin.add_course("slow", {"a.bin": 2_000_000})
-    task_id = mysql_store.insert_task(EMAIL, url, PROCESSING)
-    producer = Producer(settings, connection=redis_conn)
-    producer.add_download_job(payload(task_id, url))
-    worker = start_worker()
-    job = Job.fetch(job_id_for(task_id), connection=redis_conn)
-    wait_for(lambda: job.get_status(refresh=True) == JobStatus.STARTED, timeout=20, what=worker.log)
-    assert producer.add_download_job(payload(task_id, url)).created is False  # its worker is alive: still live
+    assert busy_worker.add_job().created is False  # its worker is alive: still live
 
-    worker.kill()
-    again = producer.add_download_job(payload(task_id, url))
+    busy_worker.worker.kill()
+    again = busy_worker.add_job()
     assert (again.created, again.job.get_status()) == (True, JobStatus.QUEUED)
 
 
-def test_killed_worker_takes_its_horse_down_and_frees_the_task(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    mysql_store: MySQLStore,
-    origin: ContentOrigin,
-    start_worker: Callable[..., WorkerProcess],
-) -> None:
+def test_killed_worker_takes_its_horse_down_and_frees_the_task(busy_worker: BusyWorker) -> None:
     """kill -9 of a worker's main process kills its horse too, so the task can be enqueued anew at once."""
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL, ALLOWED_HOSTS=origin.host_port)
-    origin.throttle = 50_000
-    url = origin.add_course("orphan", {"a.bin": 2_000_000})
-    task_id = mysql_store.insert_task(EMAIL, url, PROCESSING)
-    producer = Producer(settings, connection=redis_conn)
-    producer.add_download_job(payload(task_id, url))
-    worker = start_worker()
-    job = Job.fetch(job_id_for(task_id), connection=redis_conn)
-    wait_for(lambda: job.get_status(refresh=True) == JobStatus.STARTED, timeout=20, what=worker.log)
+    worker = busy_worker.worker
     horses = wait_for(lambda: horse_pids(worker), timeout=20, what="the work horse to fork")
     children = worker.children()
     try:
         os.kill(worker.pid, signal.SIGKILL)  # the worker alone, as `kill -9 <pid>` or the OOM killer would
         worker.process.wait(timeout=15)
-        wait_for(lambda: not pid_alive(horses[0]), timeout=15, what="the orphaned horse to die")
-        assert producer.add_download_job(payload(task_id, url)).created is True
+        wait_for(lambda: not pid_running(horses[0]), timeout=15, what="the orphaned horse to die")
+        assert busy_worker.add_job().created is True
     finally:
         for pid in children:
             kill_group(pid)

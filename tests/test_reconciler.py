@@ -10,30 +10,24 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
 from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
-from dev.devservers import ContentOrigin, WebhookReceiver
+from dev.devservers import WebhookReceiver
+from tests.support.mariadb import TEST_URL
+from tests.support.redis_servers import RedisServer
+from tests.support.service import Backend, BusyWorker, Rig, run_burst_worker
+from tests.support.waiting import wait_for
 from udemy_dl import defaults
 from udemy_dl.producer import Producer
 from udemy_dl.queues import job_id_for
 from udemy_dl.reconciler import SWEEP_LOCK, Reconciler, SweepResult
 from udemy_dl.settings import Settings
-from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore, TaskRow, TaskStore, utcnow
+from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
-
-from .conftest import (
-    MYSQL_TEST_URL,
-    Backend,
-    PrivateRedis,
-    WorkerProcess,
-    run_burst_worker,
-    wait_for,
-)
 
 EMAIL = "buyer@shop.example"
 
@@ -58,46 +52,6 @@ if job_id:
     worker.prepare_execution(job)  # the worker's bookkeeping (started registry), then the horse's
     worker.prepare_job_execution(job)
 """
-
-
-@dataclass
-class Rig:
-    """Settings, store and Redis for one test, and a way to build reconcilers (one per simulated host)."""
-
-    settings: Settings
-    store: TaskStore
-    redis: Redis
-
-    def producer(self) -> Producer:
-        return Producer(self.settings, connection=self.redis, store=self.store)
-
-    def reconciler(self) -> Reconciler:
-        return Reconciler(self.settings, self.producer())
-
-    def task(self, status: str = PROCESSING, attempts: int = 0) -> int:
-        """A task row in *status* that has used *attempts* attempts."""
-        paid = status in (PROCESSING, COMPLETED, FAILED)
-        task_id = self.store.insert_task(EMAIL, "https://cdn.example/courses/c", PROCESSING if paid else status)
-        for _ in range(attempts):
-            assert self.store.begin_attempt(task_id, 3)
-        if status == COMPLETED:
-            assert self.store.mark_completed(task_id, "/done", 1, utcnow())
-        elif status == FAILED:
-            assert self.store.mark_failed(task_id, "earlier failure", None, utcnow())
-        return task_id
-
-    def enqueue(self, task_id: int) -> Job:
-        row = self.row(task_id)
-        return self.producer().add_download_job({"taskId": row.id, "email": row.email, "courseUrl": row.course_url}).job
-
-    def row(self, task_id: int) -> TaskRow:
-        row = self.store.get(task_id)
-        assert row is not None
-        return row
-
-    @property
-    def queue(self) -> Queue:
-        return Queue(self.settings.queue_name, connection=self.redis)
 
 
 @pytest.fixture
@@ -240,7 +194,7 @@ def test_sweep_settles_a_job_rq_failed_while_its_row_says_processing(
     with its one attempt used; the sweep settles the row failed."""
     killer = "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"
     settings = configure(
-        DATABASE_URL=MYSQL_TEST_URL,
+        DATABASE_URL=TEST_URL,
         ALLOWED_HOSTS="cdn.example",
         MAX_ATTEMPTS="1",
         FETCH_COMMAND=shlex.join([sys.executable, "-c", killer, "{url}", "{dest}"]),
@@ -262,23 +216,11 @@ def test_sweep_settles_a_job_rq_failed_while_its_row_says_processing(
 # -- recover_started (Redis only) -----------------------------------------------------------------
 
 
-def test_recover_started_requeues_the_job_of_a_killed_worker_at_the_front(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    mysql_store: MySQLStore,
-    origin: ContentOrigin,
-    start_worker: Callable[..., WorkerProcess],
-) -> None:
+def test_recover_started_requeues_the_job_of_a_killed_worker_at_the_front(busy_worker: BusyWorker) -> None:
     """While its worker runs, a started download is left alone; after kill -9 of the worker, recover_started
     enqueues it again at the front of the queue, once."""
-    settings = configure(DATABASE_URL=MYSQL_TEST_URL, ALLOWED_HOSTS=origin.host_port)
-    rig = Rig(settings, mysql_store, redis_conn)
-    origin.throttle = 50_000  # bytes/s: the 2 MB file keeps the job busy until the worker is killed
-    url = origin.add_course("slow", {"a.bin": 2_000_000})
-    busy = mysql_store.insert_task(EMAIL, url, PROCESSING)
-    rig.enqueue(busy)
-    worker = start_worker()
-    wait_for(lambda: status_of(redis_conn, busy) == JobStatus.STARTED, timeout=20, what=worker.log)
+    rig, busy, worker = busy_worker.rig, busy_worker.task_id, busy_worker.worker
+    redis_conn = rig.redis
     waiting = rig.task()
     rig.enqueue(waiting)  # queued behind while the only worker is busy
     reconciler = rig.reconciler()
@@ -329,7 +271,7 @@ def test_retire_dead_local_workers_removes_only_dead_registrations_of_this_host(
 
 
 def test_redis_lost_data_is_reported_once_per_restart(
-    configure: Callable[..., Settings], private_redis: PrivateRedis
+    configure: Callable[..., Settings], private_redis: RedisServer
 ) -> None:
     """redis_lost_data() is False at first look and while Redis runs on; True once after a restart; then False."""
     connection = Redis.from_url(private_redis.url)
@@ -346,7 +288,7 @@ def test_redis_lost_data_is_reported_once_per_restart(
 
 def test_run_once_sweeps_one_renewal_period_after_a_redis_restart(
     configure: Callable[..., Settings],
-    private_redis: PrivateRedis,
+    private_redis: RedisServer,
     backend: Backend,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

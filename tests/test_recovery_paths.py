@@ -9,14 +9,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -27,7 +25,13 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
 
-from dev.devservers import ContentOrigin, WebhookReceiver
+from dev.devservers import WebhookReceiver
+from tests.support.mariadb import MYSQL_HOST, MYSQL_PORT, TEST_DB, database_url
+from tests.support.processes import LoggedProcess
+from tests.support.relay import RefusingServer, Relay
+from tests.support.service import Backend, Service, run_burst_worker
+from tests.support.waiting import wait_for
+from udemy_dl import defaults
 from udemy_dl import job as download_job
 from udemy_dl.context import get_context
 from udemy_dl.download_worker import WAKE_KEY, DownloadWorker, release_dead_scheduler_locks
@@ -35,119 +39,22 @@ from udemy_dl.errors import LeaseBusyError, StoreError
 from udemy_dl.fetch import PARTS_DIRNAME
 from udemy_dl.lease import TaskLease, lease_key
 from udemy_dl.process_control import HAND_BACK
-from udemy_dl.producer import Producer
 from udemy_dl.queues import job_id_for, worker_queues
-from udemy_dl.settings import Settings
-from udemy_dl.store import COMPLETED, FAILED, PROCESSING, MySQLStore, TaskRow, TaskStore, utcnow
+from udemy_dl.store import COMPLETED, FAILED, PROCESSING, MySQLStore, utcnow
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
 from udemy_dl.worker_rq import process_download
-
-from .conftest import (
-    MYSQL_HOST,
-    MYSQL_PORT,
-    MYSQL_TEST_DB,
-    MYSQL_TEST_URL,
-    MYSQL_USER,
-    Backend,
-    WorkerProcess,
-    run_burst_worker,
-    wait_for,
-)
 
 EMAIL = "buyer@shop.example"
 URL = "https://cdn.example/courses/1"
 
 
-def free_port() -> int:
-    """A local port nothing listens on (until someone binds it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def mysql_url_on(port: int) -> str:
-    return f"mysql://{MYSQL_USER}@{MYSQL_HOST}:{port}/{MYSQL_TEST_DB}"
-
-
-# -- the store's retry window ---------------------------------------------------------------------
-
-
-class TcpProxy:
-    """Forwards a local port to MariaDB; cut() closes every connection and stops listening (connections are
-    refused, as while the database restarts), restore() listens on the same port again."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._listener: socket.socket | None = None
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        listener.settimeout(0.05)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), name="proxy-accept", daemon=True).start()
-
-    def cut(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            _close(sock)
-
-    def _accept(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                _close(client)
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            with self._lock:
-                self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(source, sink), name="proxy-pipe", daemon=True).start()
-
-
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        _close(source)
-        _close(sink)
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
-
-
 @pytest.fixture
-def proxy(mysql_url: str) -> Iterator[TcpProxy]:
-    server = TcpProxy((MYSQL_HOST, MYSQL_PORT))
-    server.restore()
-    yield server
-    server.cut()
+def proxy(mysql_url: str) -> Iterator[Relay]:
+    """A relay to MariaDB that the test can cut (connections refused, as while the database restarts)."""
+    relay = Relay((MYSQL_HOST, MYSQL_PORT)).start()
+    yield relay
+    relay.cut()
 
 
 def timed(action: Callable[[], object]) -> tuple[float, BaseException | None]:
@@ -160,74 +67,43 @@ def timed(action: Callable[[], object]) -> tuple[float, BaseException | None]:
     return time.monotonic() - started, None
 
 
-class RefusingDatabase:
-    """A port where a database would be: it accepts each connection and closes it at once (the client
-    sees "lost connection", an unreachable database), counting how often the store tried."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
-        self.connections = 0
-        self._open = True
-        self._thread = threading.Thread(target=self._serve, name="refusing-database", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while self._open:
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            _close(client)
-
-    def close(self) -> None:
-        self._open = False
-        self._thread.join(timeout=5)
-        self._listener.close()
-
-
 @pytest.fixture
-def refusing_database() -> Iterator[RefusingDatabase]:
-    database = RefusingDatabase()
+def refusing_database() -> Iterator[RefusingServer]:
+    """A port where a database would be: each connection is accepted and closed at once."""
+    database = RefusingServer()
     yield database
     database.close()
 
 
-def test_unreachable_database_is_retried_with_backoff_until_retry_for(refusing_database: RefusingDatabase) -> None:
+def test_unreachable_database_is_retried_with_backoff_until_retry_for(refusing_database: RefusingServer) -> None:
     """With retry_for=2, a statement reconnects a few times (backoff, not a busy loop), then raises StoreError."""
-    store = MySQLStore(mysql_url_on(refusing_database.port), retry_for=2)
+    store = MySQLStore(database_url(TEST_DB, refusing_database.port), retry_for=2)
     with pytest.raises(StoreError):
         store.ping()
     assert 2 <= refusing_database.connections <= 6, refusing_database.connections
 
 
-def test_retry_for_zero_fails_at_once(refusing_database: RefusingDatabase) -> None:
+def test_retry_for_zero_fails_at_once(refusing_database: RefusingServer) -> None:
     """With retry_for=0 (the default), an unreachable database raises StoreError after one try."""
-    store = MySQLStore(mysql_url_on(refusing_database.port), retry_for=0)
+    store = MySQLStore(database_url(TEST_DB, refusing_database.port), retry_for=0)
     with pytest.raises(StoreError):
         store.ping()
     assert refusing_database.connections == 1
 
 
-def test_set_progress_never_retries(refusing_database: RefusingDatabase) -> None:
+def test_set_progress_never_retries(refusing_database: RefusingServer) -> None:
     """set_progress is best effort: even with retry_for set, an unreachable database fails it after one try."""
-    store = MySQLStore(mysql_url_on(refusing_database.port), retry_for=10)
+    store = MySQLStore(database_url(TEST_DB, refusing_database.port), retry_for=10)
     with pytest.raises(StoreError):
         store.set_progress(1, 50)
     assert refusing_database.connections == 1
 
 
-def test_statement_succeeds_when_the_database_returns_within_the_window(
-    proxy: TcpProxy, mysql_store: MySQLStore
-) -> None:
+def test_statement_succeeds_when_the_database_returns_within_the_window(proxy: Relay, mysql_store: MySQLStore) -> None:
     """The database goes away (connections cut and refused) and comes back 1 s later: a status change issued during
     the outage waits and is applied, exactly once."""
     task_id = mysql_store.insert_task(EMAIL, URL, PROCESSING)
-    store = MySQLStore(mysql_url_on(proxy.port), retry_for=15)
+    store = MySQLStore(database_url(TEST_DB, proxy.port), retry_for=15)
     try:
         assert store.get(task_id) is not None  # connected through the proxy
         proxy.cut()
@@ -268,49 +144,6 @@ def test_undo_attempt_only_gives_back_a_counted_attempt_of_a_processing_row(
 # -- process_download's recovery paths --------------------------------------------------------------
 
 
-@dataclass
-class Service:
-    """The job's world for one test: settings, MariaDB store, Redis, origin and webhook receiver."""
-
-    settings: Settings
-    store: TaskStore
-    redis: Redis
-    origin: ContentOrigin
-    receiver: WebhookReceiver
-
-    def paid_task(self, course_url: str) -> int:
-        return self.store.insert_task(EMAIL, course_url, PROCESSING)
-
-    def payload(self, task_id: int) -> dict[str, Any]:
-        row = self.row(task_id)
-        return {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}
-
-    def row(self, task_id: int) -> TaskRow:
-        row = self.store.get(task_id)
-        assert row is not None
-        return row
-
-    def enqueue(self, task_id: int) -> Job:
-        producer = Producer(self.settings, connection=self.redis, store=self.store)
-        return producer.add_download_job(self.payload(task_id)).job
-
-    def queued(self) -> list[str]:
-        return list(Queue(self.settings.queue_name, connection=self.redis).job_ids)
-
-    def partial_bytes(self, task_id: int) -> int:
-        """Bytes kept in the task's staging folder for files not finished yet."""
-        parts = self.settings.staging_dir / str(task_id) / PARTS_DIRNAME
-        return sum(p.stat().st_size for p in parts.glob("*.part")) if parts.is_dir() else 0
-
-    def file_requests(self, path: str) -> list[dict[str, str]]:
-        """Headers (lower-cased names) of each GET of *path* the origin saw."""
-        return [
-            {name.lower(): value for name, value in headers.items()}
-            for _, seen, headers in self.origin.requests.entries
-            if seen == path
-        ]
-
-
 def outcome_events(receiver: WebhookReceiver) -> list[tuple[str, int]]:
     """(type, taskId) of each verified download.completed / download.failed event the receiver accepted."""
     return [
@@ -321,21 +154,10 @@ def outcome_events(receiver: WebhookReceiver) -> list[tuple[str, int]]:
 
 
 @pytest.fixture
-def svc(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    origin: ContentOrigin,
-    receiver: WebhookReceiver,
-    webhook_secret: str,
-    mysql_store: MySQLStore,
-) -> Service:
-    settings = configure(
-        DATABASE_URL=MYSQL_TEST_URL,
-        ALLOWED_HOSTS=origin.host_port,
-        API_SECRET_KEY=webhook_secret,
-        WEBHOOK_URL=receiver.url,
-    )
-    return Service(settings, mysql_store, redis_conn, origin, receiver)
+def svc(svc: Service) -> Service:
+    """The service with the default RETRY_DELAY: no retry falls due while a test runs."""
+    svc.reconfigure(RETRY_DELAY=str(defaults.RETRY_DELAY))
+    return svc
 
 
 @pytest.fixture(autouse=True)
@@ -494,7 +316,7 @@ def test_status_change_whose_answer_was_lost_is_still_recognised(svc: Service, m
 
 
 def test_stopping_worker_hands_its_download_back_at_the_front(
-    svc: Service, start_worker: Callable[..., WorkerProcess]
+    svc: Service, start_worker: Callable[..., LoggedProcess]
 ) -> None:
     """SIGTERM to a real worker mid-download: it exits promptly, its task is queued again ahead of the waiting ones
     with the attempt given back and the bytes kept, and the next worker resumes the file rather than refetching it."""
@@ -534,7 +356,7 @@ def blocked_in_dequeue(svc: Service) -> int:
     return len([client for client in clients if "b" in client["flags"] and client["db"] == db])
 
 
-def freeze_in_dequeue(svc: Service, worker: WorkerProcess) -> None:
+def freeze_in_dequeue(svc: Service, worker: LoggedProcess) -> None:
     """SIGSTOP *worker* while it is blocked in its dequeue (the state a stop signal can find it in)."""
 
     def frozen() -> bool:
@@ -548,7 +370,7 @@ def freeze_in_dequeue(svc: Service, worker: WorkerProcess) -> None:
 
 
 def test_stopping_idle_worker_leaves_its_blocking_dequeue_at_once(
-    svc: Service, start_worker: Callable[..., WorkerProcess]
+    svc: Service, start_worker: Callable[..., LoggedProcess]
 ) -> None:
     """SIGTERM to a worker blocked in its dequeue (45 s BLPOP): it stops without waiting for the BLPOP to end,
     deregistered, its wake list gone."""
@@ -564,7 +386,7 @@ def test_stopping_idle_worker_leaves_its_blocking_dequeue_at_once(
 
 
 def test_stopping_idle_worker_puts_a_job_it_was_handed_back_at_the_front(
-    svc: Service, start_worker: Callable[..., WorkerProcess]
+    svc: Service, start_worker: Callable[..., LoggedProcess]
 ) -> None:
     """The race of a stop against a push, made certain: Redis hands a job to a worker blocked in its dequeue (frozen
     there) just before its stop signal takes effect. The worker puts that same job back at the front of its queue,
@@ -611,17 +433,26 @@ def in_process_worker(svc: Service) -> Iterator[DownloadWorker]:
             signal.signal(sig, handler)
 
 
+def dequeue_first_of_two(
+    svc: Service, worker: DownloadWorker, first: str, second: str, first_size: int = 10
+) -> tuple[int, int, Job, Queue]:
+    """Paid tasks for courses *first* (one file of *first_size* bytes) and *second* queued in that order, and the
+    first dequeued by *worker*: both task ids, the job in hand and its queue."""
+    first_id = svc.paid_task(svc.origin.add_course(first, {"a.bin": first_size}))
+    second_id = svc.paid_task(svc.origin.add_course(second, {"b.bin": 10}))
+    svc.enqueue(first_id)
+    svc.enqueue(second_id)
+    dequeued = worker.dequeue_job_and_maintain_ttl(None)
+    assert dequeued is not None
+    job, queue = dequeued
+    return first_id, second_id, job, queue
+
+
 def test_stop_between_dequeue_and_start_puts_the_job_back(svc: Service, in_process_worker: DownloadWorker) -> None:
     """A stop that arrives after the dequeue returned a job and before the job starts: the handler does not raise
     (RQ's would, dropping the job), and the job goes back, untouched, to the front of its queue."""
     worker = in_process_worker
-    first = svc.paid_task(svc.origin.add_course("popped", {"a.bin": 10}))
-    second = svc.paid_task(svc.origin.add_course("waiting", {"b.bin": 10}))
-    svc.enqueue(first)
-    svc.enqueue(second)
-    dequeued = worker.dequeue_job_and_maintain_ttl(None)
-    assert dequeued is not None
-    job, queue = dequeued
+    first, second, job, queue = dequeue_first_of_two(svc, worker, "popped", "waiting")
     assert (job.id, svc.queued()) == (job_id_for(first), [job_id_for(second)])
 
     deliver_stop(worker)  # must not raise here: the job is in hand
@@ -642,13 +473,7 @@ def test_stop_before_the_horse_exists_hands_the_task_back(
     task is queued again at the front, its attempt given back, instead of running to its end."""
     worker = in_process_worker
     svc.origin.throttle = 1_000_000  # bytes/s: the 6 MB file cannot finish before the hand-back
-    task_id = svc.paid_task(svc.origin.add_course("early-stop", {"a.bin": 6_000_000}))
-    waiting = svc.paid_task(svc.origin.add_course("behind", {"b.bin": 10}))
-    svc.enqueue(task_id)
-    svc.enqueue(waiting)
-    dequeued = worker.dequeue_job_and_maintain_ttl(None)
-    assert dequeued is not None
-    job, queue = dequeued
+    task_id, waiting, job, queue = dequeue_first_of_two(svc, worker, "early-stop", "behind", first_size=6_000_000)
     prepare = worker.prepare_execution
 
     def prepared_then_stopped(job: Job) -> Any:

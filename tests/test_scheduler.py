@@ -15,10 +15,11 @@ from rq import Queue
 from rq.job import JobStatus
 from rq.scheduler import RQScheduler
 
+from tests.support.processes import pid_running
+from tests.support.redis_servers import RedisServer
+from tests.support.waiting import wait_for
 from udemy_dl.download_worker import DownloadWorker, release_dead_scheduler_locks
 from udemy_dl.scheduler import ResilientScheduler
-
-from .conftest import PrivateRedis, pid_alive, wait_for
 
 
 def noop() -> None:
@@ -26,7 +27,7 @@ def noop() -> None:
 
 
 @pytest.fixture
-def private_conn(private_redis: PrivateRedis) -> Iterator[Redis]:
+def private_conn(private_redis: RedisServer) -> Iterator[Redis]:
     connection = Redis.from_url(private_redis.url, socket_connect_timeout=1, socket_timeout=5)
     yield connection
     connection.close()
@@ -37,7 +38,7 @@ def started(scheduler: RQScheduler) -> RQScheduler:
     return scheduler
 
 
-def test_the_scheduler_lives_through_a_redis_restart(private_redis: PrivateRedis, private_conn: Redis) -> None:
+def test_the_scheduler_lives_through_a_redis_restart(private_redis: RedisServer, private_conn: Redis) -> None:
     """Redis goes away and comes back empty: RQ's own scheduler process has died meanwhile (the
     control), ours is still running and moves a retry scheduled afterwards onto its queue."""
     ours = started(ResilientScheduler(["ours"], connection=private_conn, interval=1))
@@ -92,7 +93,7 @@ SCHEDULER_HOST = textwrap.dedent(
 
 
 def test_the_scheduler_dies_with_its_worker_and_its_lock_is_freed(
-    private_redis: PrivateRedis, private_conn: Redis
+    private_redis: RedisServer, private_conn: Redis
 ) -> None:
     """kill -9 of the process that started the scheduler takes the scheduler with it, so the next
     worker on this host frees the lock at once instead of waiting a minute for it to expire."""
@@ -117,7 +118,7 @@ def test_the_scheduler_dies_with_its_worker_and_its_lock_is_freed(
 
         host.kill()
         host.wait(10)
-        wait_for(lambda: not pid_alive(scheduler_pid), timeout=10, what="the scheduler gone with its worker")
+        wait_for(lambda: not pid_running(scheduler_pid), timeout=10, what="the scheduler gone with its worker")
         assert int(private_conn.ttl(lock)) > 30  # type: ignore[arg-type]  # it would have held the queue for this long more
         assert release_dead_scheduler_locks(private_conn, ["downloads"]) == ["downloads"]
         assert not private_conn.exists(lock)

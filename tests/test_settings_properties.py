@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.support.scripts import run_command
 from udemy_dl.errors import ConfigError
 from udemy_dl.settings import MAX_INT, MAX_WORKERS, VARIABLES, load_settings
 
@@ -83,6 +83,15 @@ def ints(minimum: int, maximum: int) -> st.SearchStrategy[Bad]:
 # -- URLs -----------------------------------------------------------------------------------------
 
 
+def with_bad_number(template: str, values: list[str]) -> st.SearchStrategy[Bad]:
+    """*template* (with {pw} and {value}) given letters, or one of *values*, where a number belongs."""
+    return st.builds(
+        lambda pw, value: Bad(template.format(pw=pw, value=value), pw),
+        marker,
+        st.one_of(st.from_regex(r"[a-z]{1,6}", fullmatch=True), st.sampled_from(values)),
+    )
+
+
 def redis_urls() -> st.SearchStrategy[Bad]:
     password = marker
     return st.one_of(
@@ -92,20 +101,8 @@ def redis_urls() -> st.SearchStrategy[Bad]:
             st.sampled_from(["http", "REDIS", "redis+tls", "mysql", "tcp"]),
         ),
         st.builds(lambda pw: Bad(f"redis:/:{pw}@cache.example/0", pw), password),
-        st.builds(
-            lambda pw, port: Bad(f"redis://:{pw}@cache.example:{port}/0", pw),
-            password,
-            st.one_of(
-                st.from_regex(r"[a-z]{1,6}", fullmatch=True), st.sampled_from(["0", "65536", "99999", "-1", "63 79"])
-            ),
-        ),
-        st.builds(
-            lambda pw, db: Bad(f"redis://:{pw}@cache.example:6379/{db}", pw),
-            password,
-            st.one_of(
-                st.from_regex(r"[a-z]{1,6}", fullmatch=True), st.sampled_from(["-1", "1/2", "0x1", "1.0", "%74en"])
-            ),
-        ),
+        with_bad_number("redis://:{pw}@cache.example:{value}/0", ["0", "65536", "99999", "-1", "63 79"]),
+        with_bad_number("redis://:{pw}@cache.example:6379/{value}", ["-1", "1/2", "0x1", "1.0", "%74en"]),
         st.builds(lambda pw: Bad(f"redis://:{pw}@cache.example:6379/0?db=ten", pw), password),
         st.builds(
             lambda pw, name: Bad(f"redis://:{pw}@cache.example/0?{name}=1", pw),
@@ -127,27 +124,33 @@ def redis_urls() -> st.SearchStrategy[Bad]:
 KNOWN_OPTIONS = {"db", "timeout", "password", "username", "client_name"}
 
 
+def password_url_cases(template: str, scheme: str, host: str, wrong_schemes: list[str]) -> list[st.SearchStrategy[Bad]]:
+    """What every URL holding a password must refuse, the password in hand: *template* (with {scheme}, {pw} and
+    {host}) under a wrong scheme, with no host, with a spliced host, and with a secret of special characters."""
+
+    def url(pw: str, scheme: str = scheme, host: str = host) -> Bad:
+        return Bad(template.format(scheme=scheme, pw=pw, host=host), pw)
+
+    return [
+        st.builds(url, marker, st.sampled_from(wrong_schemes)),
+        st.builds(lambda pw: url(pw, host=""), marker),
+        st.builds(lambda pw, spliced_host: url(pw, host=spliced_host), marker, spliced(host)),
+        st.builds(url, secret_with_special()),
+    ]
+
+
 def database_urls() -> st.SearchStrategy[Bad]:
     password = marker
     return st.one_of(
-        st.builds(
-            lambda pw, s: Bad(f"{s}://shop:{pw}@db.example/shop", pw),
-            password,
-            st.sampled_from(["postgres", "MYSQL", "mariadb", "http"]),
+        *password_url_cases(
+            "{scheme}://shop:{pw}@{host}/shop", "mysql", "db.example", ["postgres", "MYSQL", "mariadb", "http"]
         ),
-        st.builds(
-            lambda pw, port: Bad(f"mysql://shop:{pw}@db.example:{port}/shop", pw),
-            password,
-            st.one_of(st.from_regex(r"[a-z]{1,6}", fullmatch=True), st.sampled_from(["0", "65536", "-3306"])),
-        ),
+        with_bad_number("mysql://shop:{pw}@db.example:{value}/shop", ["0", "65536", "-3306"]),
         st.builds(
             lambda pw, tail: Bad(f"mysql://shop:{pw}@db.example{tail}", pw),
             password,
             st.sampled_from(["", "/", "/shop/more", "/shop?charset=x", "/shop#x"]),
         ),
-        st.builds(lambda pw: Bad(f"mysql://shop:{pw}@/shop", pw), password),
-        st.builds(lambda pw, host: Bad(f"mysql://shop:{pw}@{host}/shop", pw), password, spliced("db.example")),
-        st.builds(lambda pw: Bad(f"mysql://shop:{pw}@db.example/shop", pw), secret_with_special()),
         st.builds(lambda pw: Bad(f"sqlite://shop:{pw}@db.example/tasks.db", pw), password),
         st.sampled_from(
             ["sqlite://", "sqlite:///", "sqlite:tasks.db", "sqlite:///data/", "mysql://db.example/shop"]
@@ -156,17 +159,11 @@ def database_urls() -> st.SearchStrategy[Bad]:
 
 
 def webhook_urls() -> st.SearchStrategy[Bad]:
-    password = marker
     return st.one_of(
-        st.builds(
-            lambda pw, s: Bad(f"{s}://hook:{pw}@pay.example/hook", pw),
-            password,
-            st.sampled_from(["ftp", "ws", "file", "javascript"]),
+        *password_url_cases(
+            "{scheme}://hook:{pw}@{host}/hook", "https", "pay.example", ["ftp", "ws", "file", "javascript"]
         ),
-        st.builds(lambda pw: Bad(f"https://hook:{pw}@pay.example:port/hook", pw), password),
-        st.builds(lambda pw: Bad(f"https://hook:{pw}@/hook", pw), password),
-        st.builds(lambda pw: Bad(f"https://hook:{pw}@pay.example/hook", pw), secret_with_special()),
-        st.builds(lambda pw, host: Bad(f"https://hook:{pw}@{host}/hook", pw), password, spliced("pay.example")),
+        st.builds(lambda pw: Bad(f"https://hook:{pw}@pay.example:port/hook", pw), marker),
     )
 
 
@@ -308,16 +305,7 @@ def test_a_command_given_a_bad_value_exits_3(case: tuple[str, Bad]) -> None:
     (a subprocess each: a few examples only)."""
     variable, bad = case
     environ = {**os.environ, **dict(bad.also), variable: bad.value}
-    done = subprocess.run(
-        [sys.executable, "-m", "udemy_dl", "health"],
-        env=environ,
-        cwd=Path.cwd(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_command([sys.executable, "-m", "udemy_dl", "health"], env=environ, cwd=Path.cwd())
     assert done.returncode == 3, (variable, bad, done.stdout, done.stderr)
     assert variable in done.stderr and "Traceback" not in done.stderr
     if bad.secret is not None:

@@ -18,6 +18,9 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
+from tests.support.redis_servers import RedisServer
+from tests.support.service import Backend, Rig
+from tests.support.waiting import wait_for
 from udemy_dl import defaults
 from udemy_dl.context import get_context
 from udemy_dl.errors import PermanentError
@@ -33,9 +36,6 @@ from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PROCESSING
 from udemy_dl.webhooks import final_event
 from udemy_dl.worker_rq import process_download
-
-from .conftest import Backend, PrivateRedis, wait_for
-from .test_reconciler import Rig
 
 pytestmark = pytest.mark.usefixtures("redis_conn")
 
@@ -323,7 +323,7 @@ def test_the_sweep_does_not_resend_a_delivery_still_waiting_in_its_queue(hooked_
 
 
 def test_still_held_answers_false_once_redis_has_been_silent_for_the_leases_lifetime(
-    private_redis: PrivateRedis,
+    private_redis: RedisServer,
 ) -> None:
     """Cut off from Redis, a run cannot confirm its lease: still_held() keeps asking for the rest
     of the lease's lifetime, then answers False (it used to trust the last renewal forever)."""
@@ -340,7 +340,7 @@ def test_still_held_answers_false_once_redis_has_been_silent_for_the_leases_life
 
 
 def test_renewals_give_up_and_stop_the_run_after_the_leases_lifetime_without_redis(
-    private_redis: PrivateRedis,
+    private_redis: RedisServer,
 ) -> None:
     """The renewal thread does not retry forever: after a lease's lifetime without an answer it
     marks the lease lost and sets the run's stop event."""
@@ -360,7 +360,7 @@ def test_renewals_give_up_and_stop_the_run_after_the_leases_lifetime_without_red
         connection.close()
 
 
-def test_still_held_rides_out_a_short_outage(private_redis: PrivateRedis) -> None:
+def test_still_held_rides_out_a_short_outage(private_redis: RedisServer) -> None:
     """The control: Redis back within the lease's lifetime, the lease is confirmed and kept."""
     connection = Redis.from_url(private_redis.url, socket_connect_timeout=0.2, socket_timeout=0.2)
     lease = TaskLease(connection, 43, "download-43", ttl=20)

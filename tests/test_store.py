@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.mariadb import TEST_DB, drop_tasks_table, mysql_admin, mysql_query
+from tests.support.service import Backend
 from udemy_dl import store as store_module
 from udemy_dl.errors import ConfigError, StoreError
 from udemy_dl.store import (
@@ -25,8 +27,6 @@ from udemy_dl.store import (
     open_store,
     utcnow,
 )
-
-from .conftest import MYSQL_TEST_DB, Backend, drop_tasks_table, mysql_admin, mysql_query
 
 EMAIL = "buyer@shop.example"
 URL = "https://cdn.example/courses/1"
@@ -69,13 +69,12 @@ def test_mysql_init_adds_worker_columns_to_a_shop_table(mysql_url: str) -> None:
     """A pre-existing shop table with only id,email,course_url,status gains the worker's columns, rows intact."""
     drop_tasks_table()
     mysql_admin(
-        f"CREATE TABLE {MYSQL_TEST_DB}.download_tasks (id INT AUTO_INCREMENT PRIMARY KEY, "
+        f"CREATE TABLE {TEST_DB}.download_tasks (id INT AUTO_INCREMENT PRIMARY KEY, "
         "email VARCHAR(255) NOT NULL, course_url VARCHAR(1024) NOT NULL, "
         "status VARCHAR(20) NOT NULL DEFAULT 'pending')"
     )
     mysql_admin(
-        f"INSERT INTO {MYSQL_TEST_DB}.download_tasks (email, course_url, status) "
-        f"VALUES ('{EMAIL}', '{URL}', 'enrolled')"
+        f"INSERT INTO {TEST_DB}.download_tasks (email, course_url, status) VALUES ('{EMAIL}', '{URL}', 'enrolled')"
     )
     store = MySQLStore(mysql_url)
     try:
@@ -84,7 +83,7 @@ def test_mysql_init_adds_worker_columns_to_a_shop_table(mysql_url: str) -> None:
             str(row[0]).lower()
             for row in mysql_query(
                 "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
-                (MYSQL_TEST_DB, "download_tasks"),
+                (TEST_DB, "download_tasks"),
             )
         }
         assert set(MYSQL_WORKER_COLUMNS) <= columns
@@ -92,7 +91,7 @@ def test_mysql_init_adds_worker_columns_to_a_shop_table(mysql_url: str) -> None:
             str(row[0])
             for row in mysql_query(
                 "SELECT index_name FROM information_schema.statistics WHERE table_schema = %s AND table_name = %s",
-                (MYSQL_TEST_DB, "download_tasks"),
+                (TEST_DB, "download_tasks"),
             )
         }
         assert set(MYSQL_INDEXES) <= indexes
@@ -107,7 +106,7 @@ def test_mysql_upgraded_shop_table_supports_the_worker_flow(mysql_url: str) -> N
     """After init on a minimal shop table, the full paid -> processing -> completed flow works."""
     drop_tasks_table()
     mysql_admin(
-        f"CREATE TABLE {MYSQL_TEST_DB}.download_tasks (id INT AUTO_INCREMENT PRIMARY KEY, "
+        f"CREATE TABLE {TEST_DB}.download_tasks (id INT AUTO_INCREMENT PRIMARY KEY, "
         "email VARCHAR(255) NOT NULL, course_url VARCHAR(1024) NOT NULL, status VARCHAR(20) NOT NULL)"
     )
     store = MySQLStore(mysql_url)

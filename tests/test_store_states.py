@@ -35,6 +35,8 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.support.ports import free_port
+from tests.support.service import Backend
 from udemy_dl import job as download_job
 from udemy_dl.context import Context
 from udemy_dl.errors import LeaseBusyError
@@ -47,8 +49,6 @@ from udemy_dl.reconciler import Reconciler
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, UNPAID, TaskRow, TaskStore
 from udemy_dl.webhooks import final_event, final_event_of
-
-from .conftest import Backend, free_port
 
 TASKS = 2
 """Orders per example: enough for runs of different tasks to interleave, few enough for runs of

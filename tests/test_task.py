@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 
 from udemy_dl.errors import InvalidTaskError, PermanentError
 from udemy_dl.payload import TaskPayload, parse_task, parse_task_id
+
+T = TypeVar("T", bound=Callable[..., object])
 
 GOOD: dict[str, Any] = {"taskId": 42, "email": "buyer@shop.example", "courseUrl": "https://cdn.example/courses/x"}
 
@@ -121,30 +124,39 @@ def test_non_string_course_url_is_refused_naming_the_value(url: object) -> None:
 CONTROLS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\u202e", "\u200b", "\ufeff"]
 
 
-@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
-@pytest.mark.parametrize("where", ["middle", "end", "start"])
+def control_cases(*wheres: str) -> Callable[[T], T]:
+    """The test for each control character (id U+XXXX), placed at each of *wheres*."""
+
+    places = pytest.mark.parametrize("where", list(wheres))
+    chars = pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+
+    def apply(test: T) -> T:
+        marked: T = chars(places(test))
+        return marked
+
+    return apply
+
+
+def assert_refused_naming(field: str, value: str, char: str) -> None:
+    """A payload whose *field* is *value* is refused, the value shown with repr (no raw *char* in the message)."""
+    with pytest.raises(InvalidTaskError, match=field) as caught:
+        parse_task({**GOOD, field: value})
+    assert repr(value) in str(caught.value)
+    assert char not in str(caught.value)
+
+
+@control_cases("middle", "end", "start")
 def test_control_character_in_course_url_is_refused_naming_the_value(char: str, where: str) -> None:
     """A newline (or any control/format character) in courseUrl would forge log lines: refused, shown with repr."""
-    url = {"middle": f"https://cdn.example/c{char}INFO task 1: completed", "end": f"https://cdn.example/c{char}"}.get(
-        where, f"{char}https://cdn.example/c"
-    )
-    with pytest.raises(InvalidTaskError, match="courseUrl") as caught:
-        parse_task({**GOOD, "courseUrl": url})
-    assert repr(url) in str(caught.value)
-    assert char not in str(caught.value)
+    placed = {"middle": f"https://cdn.example/c{char}INFO task 1: completed", "end": f"https://cdn.example/c{char}"}
+    assert_refused_naming("courseUrl", placed.get(where, f"{char}https://cdn.example/c"), char)
 
 
-@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
-@pytest.mark.parametrize("where", ["local", "end", "start"])
+@control_cases("local", "end", "start")
 def test_control_character_in_email_is_refused_naming_the_value(char: str, where: str) -> None:
     """An email holding a control or format character is refused, shown with repr (no raw control in the message)."""
-    email = {"local": f"bu{char}yer@shop.example", "end": f"buyer@shop.example{char}"}.get(
-        where, f"{char}buyer@shop.example"
-    )
-    with pytest.raises(InvalidTaskError, match="email") as caught:
-        parse_task({**GOOD, "email": email})
-    assert repr(email) in str(caught.value)
-    assert char not in str(caught.value)
+    placed = {"local": f"bu{char}yer@shop.example", "end": f"buyer@shop.example{char}"}
+    assert_refused_naming("email", placed.get(where, f"{char}buyer@shop.example"), char)
 
 
 @pytest.mark.parametrize("url", ["https://cdn.example/a b", "https://cdn.example/a\\b", "https://cdn.example/a\xa0b"])

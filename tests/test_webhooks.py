@@ -21,6 +21,9 @@ from rq.job import Job, JobStatus
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from dev.devservers import WebhookReceiver
+from tests.support.processes import LoggedProcess
+from tests.support.service import run_burst_worker
+from tests.support.waiting import wait_for
 from udemy_dl import defaults
 from udemy_dl.errors import ConfigError, TransientError, WebhookDeliveryError
 from udemy_dl.settings import Settings
@@ -35,8 +38,6 @@ from udemy_dl.webhooks import (
     sign_headers,
 )
 from udemy_dl.worker_rq import deliver_webhook
-
-from .conftest import WorkerProcess, run_burst_worker, wait_for
 
 FINISHED_AT = datetime(2026, 3, 4, 5, 6, 7, 890123)
 DATA: dict[str, Any] = {
@@ -260,7 +261,7 @@ def test_failing_receiver_gets_the_event_later_exactly_once(
     redis_conn: Redis,
     receiver: WebhookReceiver,
     monkeypatch: pytest.MonkeyPatch,
-    start_worker: Callable[..., WorkerProcess],
+    start_worker: Callable[..., LoggedProcess],
 ) -> None:
     """A receiver answering 500 twice: a real worker with its scheduler retries, the third attempt lands,
     and the receiver accepts the event once under one webhook-id."""

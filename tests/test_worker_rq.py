@@ -8,136 +8,37 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from redis import Redis
 from rq import Queue, Retry
-from rq.job import Job, JobStatus
+from rq.job import JobStatus
 from rq.registry import ScheduledJobRegistry
 
-from dev.devservers import ContentOrigin, ReceivedWebhook, WebhookReceiver, write_sample_file
+from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.processes import LoggedProcess
+from tests.support.service import Service
+from tests.support.waiting import wait_for
 from udemy_dl.defaults import DOWNLOAD_JOB_FUNCTION as JOB_FUNCTION
 from udemy_dl.folders import RECORD_NAME, write_record
-from udemy_dl.producer import Producer
-from udemy_dl.queues import job_id_for
-from udemy_dl.settings import Settings
-from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, TaskRow, TaskStore, utcnow
+from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, utcnow
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
 from udemy_dl.worker_rq import process_download
-
-from .conftest import MYSQL_TEST_URL, Backend, WorkerProcess, run_burst_worker, wait_for
 
 EMAIL = "buyer@shop.example"
 FAILED_FOLDER = re.compile(r"^(\d+)-\d{8}T\d{12}Z$")
 
 
-@dataclass
-class Service:
-    """Everything one download needs, wired to this test's servers and databases."""
-
-    settings: Settings
-    store: TaskStore
-    redis: Redis
-    origin: ContentOrigin
-    receiver: WebhookReceiver
-    configure: Callable[..., Settings]
-
-    def reconfigure(self, **variables: str) -> None:
-        """Change settings for this test (the job code sees them from its next run)."""
-        self.settings = self.configure(**variables)
-
-    def paid_task(self, course_url: str, email: str = EMAIL) -> int:
-        """A task row the payment service has confirmed (status processing), not yet enqueued."""
-        return self.store.insert_task(email, course_url, PROCESSING)
-
-    def confirm(self, course_url: str) -> int:
-        """Insert an unpaid task and confirm its payment (row -> processing, job enqueued)."""
-        task_id = self.store.insert_task(EMAIL, course_url, PENDING)
-        result = self.producer().confirm_payment([task_id])
-        assert result.enqueued == [task_id], result
-        return task_id
-
-    def producer(self) -> Producer:
-        return Producer(self.settings, connection=self.redis, store=self.store)
-
-    def run_jobs(self) -> None:
-        """Run a forking RQ worker in this process until the download and webhook queues are empty."""
-        run_burst_worker(self.redis, self.settings)
-
-    def row(self, task_id: int) -> TaskRow:
-        row = self.store.get(task_id)
-        assert row is not None
-        return row
-
-    def job(self, task_id: int) -> Job:
-        return Job.fetch(job_id_for(task_id), connection=self.redis)
-
-    def payload(self, task_id: int) -> dict[str, Any]:
-        row = self.row(task_id)
-        return {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}
-
-    def webhooks(self) -> list[ReceivedWebhook]:
-        """The outcome events (completed/failed); live started/progress events have tests of their own."""
-        return self.receiver.outcomes()
-
-
-def make_service(
-    configure: Callable[..., Settings],
-    redis: Redis,
-    origin: ContentOrigin,
-    receiver: WebhookReceiver,
-    secret: str,
-    store: TaskStore,
-    database_url: str,
-) -> Service:
-    settings = configure(
-        DATABASE_URL=database_url,
-        ALLOWED_HOSTS=origin.host_port,
-        API_SECRET_KEY=secret,
-        WEBHOOK_URL=receiver.url,
-        RETRY_DELAY="1",
-    )
-    return Service(settings, store, redis, origin, receiver, configure)
-
-
-@pytest.fixture
-def svc(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    origin: ContentOrigin,
-    receiver: WebhookReceiver,
-    webhook_secret: str,
-    mysql_store: TaskStore,
-) -> Service:
-    """The service on MariaDB."""
-    return make_service(configure, redis_conn, origin, receiver, webhook_secret, mysql_store, MYSQL_TEST_URL)
-
-
-@pytest.fixture
-def any_svc(
-    configure: Callable[..., Settings],
-    redis_conn: Redis,
-    origin: ContentOrigin,
-    receiver: WebhookReceiver,
-    webhook_secret: str,
-    backend: Backend,
-) -> Service:
-    """The service on each store back end in turn."""
-    return make_service(configure, redis_conn, origin, receiver, webhook_secret, backend.store, backend.url)
-
-
-def worker_log(worker: WorkerProcess) -> Callable[[], str]:
+def worker_log(worker: LoggedProcess) -> Callable[[], str]:
     return lambda: f"worker log:\n{worker.log()}"
 
 
 # -- the happy path -------------------------------------------------------------------------------
 
 
-def test_forking_worker_completes_a_paid_task(any_svc: Service, start_worker: Callable[..., WorkerProcess]) -> None:
+def test_forking_worker_completes_a_paid_task(any_svc: Service, start_worker: Callable[..., LoggedProcess]) -> None:
     """`udemy-dl worker --burst` (a real forking RQ worker) takes a confirmed task to completed in one attempt."""
     url = any_svc.origin.add_course("happy", {"a.bin": 2000, "sub/b.bin": 300_000})
     task_id = any_svc.confirm(url)
@@ -309,7 +210,7 @@ def test_files_already_in_place_are_recorded_not_fetched(svc: Service) -> None:
 
 
 def test_transient_error_is_retried_and_row_stays_processing(
-    svc: Service, start_worker: Callable[..., WorkerProcess]
+    svc: Service, start_worker: Callable[..., LoggedProcess]
 ) -> None:
     """A 500 on a file fails attempt 1; the row stays processing while the retry waits; attempt 2 completes it."""
     url = svc.origin.add_course("flaky", {"a.bin": 1000, "b.bin": 1000})
@@ -346,7 +247,7 @@ def test_retry_does_not_refetch_files_verified_by_the_failed_attempt(svc: Servic
 
 
 def test_transient_error_on_every_attempt_fails_after_max_attempts(
-    svc: Service, start_worker: Callable[..., WorkerProcess]
+    svc: Service, start_worker: Callable[..., LoggedProcess]
 ) -> None:
     """An origin answering 500 every time: after MAX_ATTEMPTS (3) attempts the task is failed, the job too."""
     url = svc.origin.add_course("down", {"a.bin": 100})

@@ -13,39 +13,27 @@ import pytest
 from redis import Redis
 
 from dev.devservers import WebhookReceiver, write_sample_file
+from tests.support.ci import unavailable
+from tests.support.deployment import Scripts
+from tests.support.e2e import HOSTNAME, E2EEnv, host_workers, worker_pids_by_name
+from tests.support.files import sha256_of
+from tests.support.http_servers import Origin, completed_ids
+from tests.support.mariadb import E2E_DB
+from tests.support.processes import parent, pid_running
+from tests.support.scripts import CLEARED_VARIABLES, REPO_ROOT, STOP_SCRIPT, UNIT_FILE, venv_bin
+from tests.support.waiting import wait_for
 from udemy_dl.store import COMPLETED, PROCESSING, MySQLStore
-
-from .conftest import (
-    E2E_DB_NAME,
-    E2E_HOSTNAME,
-    E2E_SETTING_VARIABLES,
-    REPO_ROOT,
-    STOP_SCRIPT,
-    UNIT_FILE,
-    E2EEnv,
-    E2EOrigin,
-    E2EScripts,
-    e2e_bin,
-    e2e_completed_ids,
-    e2e_parent,
-    e2e_pid_running,
-    e2e_rq_info_workers,
-    e2e_sha256,
-    e2e_unavailable,
-    e2e_wait_for,
-    e2e_worker_pids_by_name,
-)
 
 pytestmark = pytest.mark.e2e
 
 
-def test_start_twice_does_not_duplicate(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> None:
+def test_start_twice_does_not_duplicate(e2e_env: E2EEnv, e2e_scripts: Scripts) -> None:
     first = e2e_scripts.start(WORKER_COUNT="2")
     assert first.returncode == 0, first.stdout + first.stderr + e2e_env.logs()
     pids = e2e_scripts.pids()
     assert sorted(pids) == [1, 2]
-    expected = {f"udemy-dl.{E2E_HOSTNAME}.{n}": pid for n, pid in pids.items()}
-    assert e2e_rq_info_workers(e2e_env.rq_info()) == expected
+    expected = {f"udemy-dl.{HOSTNAME}.{n}": pid for n, pid in pids.items()}
+    assert host_workers(e2e_env.rq_info()) == expected
 
     second = e2e_scripts.start(WORKER_COUNT="2")
     assert second.returncode == 0, second.stdout + second.stderr
@@ -53,25 +41,25 @@ def test_start_twice_does_not_duplicate(e2e_env: E2EEnv, e2e_scripts: E2EScripts
         assert f"worker {number} already running (pid {pid})" in second.stdout
     assert "started (pid" not in second.stdout
     assert e2e_scripts.pids() == pids, "the PID files must still name the first workers"
-    assert all(e2e_pid_running(pid) for pid in pids.values())
+    assert all(pid_running(pid) for pid in pids.values())
 
     # Exactly two worker processes (their RQ scheduler children share the command line) and two registrations.
-    running = e2e_worker_pids_by_name(e2e_env.run_id)
+    running = worker_pids_by_name(e2e_env.run_id)
     assert set(running) == set(expected)
     ours = {pid for found in running.values() for pid in found}
-    assert {pid for pid in ours if e2e_parent(pid) not in ours} == set(pids.values())
+    assert {pid for pid in ours if parent(pid) not in ours} == set(pids.values())
     info = e2e_env.rq_info()
-    assert e2e_rq_info_workers(info) == expected, "still the same two workers"
+    assert host_workers(info) == expected, "still the same two workers"
     assert re.search(r"^2 workers, ", info, re.MULTILINE), info
 
     stopped = e2e_scripts.stop()
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert not e2e_scripts.pid_files()
-    assert not any(e2e_pid_running(pid) for pid in pids.values())
+    assert not any(pid_running(pid) for pid in pids.values())
     assert e2e_env.leftover_processes() == []
 
 
-def test_bad_config_stops_startup(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> None:
+def test_bad_config_stops_startup(e2e_env: E2EEnv, e2e_scripts: Scripts) -> None:
     done = e2e_scripts.start(WORKER_COUNT="abc")
     assert done.returncode != 0
     assert "WORKER_COUNT" in done.stderr
@@ -81,7 +69,7 @@ def test_bad_config_stops_startup(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> N
     assert e2e_env.leftover_processes() == []
 
 
-def _nothing_started(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> None:
+def _nothing_started(e2e_env: E2EEnv, e2e_scripts: Scripts) -> None:
     assert e2e_scripts.pid_files() == []
     assert not (e2e_env.pid_dir / "reconciler.pid").exists()
     assert e2e_env.leftover_processes() == []
@@ -90,13 +78,13 @@ def _nothing_started(e2e_env: E2EEnv, e2e_scripts: E2EScripts) -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "named"),
     [
-        ("DATABASE_URL", f"mysql://root@127.0.0.1:1/{E2E_DB_NAME}", "database"),
+        ("DATABASE_URL", f"mysql://root@127.0.0.1:1/{E2E_DB}", "database"),
         ("REDIS_URL", "redis://127.0.0.1:1/0", "redis"),
     ],
     ids=["database", "redis"],
 )
 def test_start_with_a_service_unreachable_starts_nothing(
-    e2e_env: E2EEnv, e2e_scripts: E2EScripts, variable: str, value: str, named: str
+    e2e_env: E2EEnv, e2e_scripts: Scripts, variable: str, value: str, named: str
 ) -> None:
     """Redis or the database down: start_workers.sh checks both before starting anything and exits 7
     (RET_UNREACHABLE) naming the one that does not answer; no worker, no reconciler, no PID file."""
@@ -107,7 +95,7 @@ def test_start_with_a_service_unreachable_starts_nothing(
     _nothing_started(e2e_env, e2e_scripts)
 
 
-def test_a_failed_start_leaves_nothing_running(e2e_env: E2EEnv, e2e_scripts: E2EScripts, tmp_path: Path) -> None:
+def test_a_failed_start_leaves_nothing_running(e2e_env: E2EEnv, e2e_scripts: Scripts, tmp_path: Path) -> None:
     """When one worker does not start, start_workers.sh exits 6 and stops again everything it had
     started (the other worker and the reconciler), removing their PID files."""
     wrapper = tmp_path / "bin" / "udemy-dl"
@@ -115,7 +103,7 @@ def test_a_failed_start_leaves_nothing_running(e2e_env: E2EEnv, e2e_scripts: E2E
     wrapper.write_text(
         "#!/usr/bin/env bash\n"
         'if [[ "${1-}" == worker && "${3-}" == *.2 ]]; then echo "worker 2: simulated failure" >&2; exit 1; fi\n'
-        f'exec {e2e_bin("udemy-dl")} "$@"\n'
+        f'exec {venv_bin("udemy-dl")} "$@"\n'
     )
     wrapper.chmod(0o755)
     done = e2e_scripts.start(WORKER_COUNT="2", UDEMY_DL_BIN=str(wrapper))
@@ -125,13 +113,13 @@ def test_a_failed_start_leaves_nothing_running(e2e_env: E2EEnv, e2e_scripts: E2E
     assert "stopping the 3 process(es) this run started" in done.stderr, done.stderr
 
 
-def test_stop_needs_nothing_but_the_pid_files(e2e_env: E2EEnv, e2e_scripts: E2EScripts, tmp_path: Path) -> None:
+def test_stop_needs_nothing_but_the_pid_files(e2e_env: E2EEnv, e2e_scripts: Scripts, tmp_path: Path) -> None:
     """stop_workers.sh stops the workers whatever else .env and the environment hold: it reads PID_DIR
     (and STOP_TIMEOUT, falling back to its default with a warning) and needs no udemy-dl to do it."""
     started = e2e_scripts.start(WORKER_COUNT="1")
     assert started.returncode == 0, started.stdout + started.stderr + e2e_env.logs()
     pids = [*e2e_scripts.pids().values(), int((e2e_env.pid_dir / "reconciler.pid").read_text())]
-    assert len(pids) == 2 and all(e2e_pid_running(pid) for pid in pids)
+    assert len(pids) == 2 and all(pid_running(pid) for pid in pids)
 
     # The script as installed elsewhere, with its own .env holding the PID_DIR and bad values around it.
     install = tmp_path / "install"
@@ -155,7 +143,7 @@ def test_stop_needs_nothing_but_the_pid_files(e2e_env: E2EEnv, e2e_scripts: E2ES
     assert "sent SIGTERM to 2 process(es)" in done.stdout and "all workers stopped" in done.stdout, done.stdout
     assert "s3c" not in done.stdout + done.stderr
     assert list(e2e_env.pid_dir.glob("*.pid")) == []
-    assert not any(e2e_pid_running(pid) for pid in pids)
+    assert not any(pid_running(pid) for pid in pids)
     assert e2e_env.leftover_processes() == []
 
 
@@ -192,11 +180,11 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        e2e_unavailable("systemd-analyze", "not on PATH")
+        unavailable("systemd-analyze", "not on PATH")
 
     env_file = tmp_path / "udemy_dl.env"
     env_file.write_text("REDIS_URL=redis://127.0.0.1:6379/14\n")
-    udemy_dl = str(e2e_bin("udemy-dl"))
+    udemy_dl = str(venv_bin("udemy-dl"))
     lines = []
     for line in shipped.splitlines():
         key, sep, value = line.partition("=")
@@ -233,10 +221,10 @@ def test_systemd_unit_does_not_restart_a_configuration_error(tmp_path: Path) -> 
     (exec_start,) = settings["ExecStart"]
     argv = exec_start.split()
     assert argv[0] == "/opt/udemy_dl/.venv/bin/udemy-dl", argv
-    env = {key: value for key, value in os.environ.items() if key not in E2E_SETTING_VARIABLES}
+    env = {key: value for key, value in os.environ.items() if key not in CLEARED_VARIABLES}
     for bad in ({"REDIS_URL": "redis://127.0.0.1:6379/ten"}, {"DATABASE_URL": "mysql://u:pw@db.example:port/x"}):
         done = subprocess.run(
-            [str(e2e_bin("udemy-dl")), *argv[1:]],
+            [str(venv_bin("udemy-dl")), *argv[1:]],
             env={**env, **bad},
             cwd=tmp_path,
             capture_output=True,
@@ -250,19 +238,19 @@ def test_systemd_unit_does_not_restart_a_configuration_error(tmp_path: Path) -> 
 
 def test_stop_hands_a_running_download_back(
     e2e_env: E2EEnv,
-    e2e_scripts: E2EScripts,
+    e2e_scripts: Scripts,
     e2e_store: MySQLStore,
-    e2e_origin: E2EOrigin,
-    e2e_receiver: WebhookReceiver,
+    token_origin: Origin,
+    receiver: WebhookReceiver,
     e2e_redis: Redis,
 ) -> None:
     """stop_workers.sh hands a download under way back to the queue at once, without using up an
     attempt; the next start resumes it from its bytes (a Range request) and completes it once."""
     size = 20 * 1024 * 1024
     url_path = "/files/finishing/lecture.mp4"
-    sha = write_sample_file(e2e_origin.file_path(url_path), size, "finishing")
-    e2e_origin.throttle = 4 * 1024 * 1024  # about 5 s for the file
-    task_id = e2e_store.insert_task("buyer@example.com", f"{e2e_origin.base_url}{url_path}")
+    sha = write_sample_file(token_origin.file_path(url_path), size, "finishing")
+    token_origin.throttle = 4 * 1024 * 1024  # about 5 s for the file
+    task_id = e2e_store.insert_task("buyer@example.com", f"{token_origin.base_url}{url_path}")
     e2e_env.vars.update(WORKER_COUNT="1", STOP_TIMEOUT="20")
     started = e2e_scripts.start()
     assert started.returncode == 0, started.stdout + started.stderr + e2e_env.logs()
@@ -272,7 +260,7 @@ def test_stop_hands_a_running_download_back(
         row = e2e_store.get(task_id)
         return bool(row and row.progress > 0)
 
-    e2e_wait_for(under_way, timeout=30, what="the download to be under way", interval=0.05)
+    wait_for(under_way, timeout=30, what="the download to be under way", interval=0.05)
 
     began = time.monotonic()
     stopped = e2e_scripts.stop()
@@ -293,11 +281,11 @@ def test_stop_hands_a_running_download_back(
         current = e2e_store.get(task_id)
         return current is not None and current.status == COMPLETED
 
-    e2e_wait_for(completed, timeout=30, what="the task to complete")
+    wait_for(completed, timeout=30, what="the task to complete", interval=0.1)
     row = e2e_store.get(task_id)
     assert row is not None and row.attempts == 1
-    assert e2e_sha256(e2e_env.download_dir / str(task_id) / "lecture.mp4") == sha
-    ranges = [headers.get("Range") for _, path, headers in e2e_origin.requests.entries if path == url_path]
+    assert sha256_of(e2e_env.download_dir / str(task_id) / "lecture.mp4") == sha
+    ranges = [headers.get("Range") for _, path, headers in token_origin.requests.entries if path == url_path]
     assert len(ranges) == 2 and ranges[0] is None and (ranges[1] or "").startswith("bytes="), ranges
-    e2e_wait_for(lambda: task_id in e2e_completed_ids(e2e_receiver), timeout=20, what="the completed webhook")
-    assert len(e2e_completed_ids(e2e_receiver)[task_id]) == 1
+    wait_for(lambda: task_id in completed_ids(receiver), timeout=20, what="the completed webhook", interval=0.1)
+    assert len(completed_ids(receiver)[task_id]) == 1

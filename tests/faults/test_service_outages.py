@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from dev.devservers import WebhookReceiver
-from tests.conftest import start_server, wait_for
-from tests.e2e.conftest import e2e_pid_running
+from tests.support.faults import OUTAGE_SECONDS, Faults
+from tests.support.http_servers import Task, start_server
+from tests.support.processes import LoggedProcess, pid_running
+from tests.support.waiting import wait_for
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
-
-from .conftest import OUTAGE_SECONDS, Faults, Pool, Task
 
 MIB = 1024 * 1024
 THROTTLE = 1.5 * MIB
@@ -53,7 +53,7 @@ def _hold_outage(faults: Faults, seconds: float, names: str) -> int:
 
 
 def _script_workers_alive(faults: Faults, pids: dict[int, int]) -> None:
-    dead = {number: pid for number, pid in pids.items() if not e2e_pid_running(pid)}
+    dead = {number: pid for number, pid in pids.items() if not pid_running(pid)}
     assert not dead, f"workers died and nothing replaced them: {dead}\n{faults.logs()}"
 
 
@@ -64,11 +64,11 @@ def _scaled(seconds: float) -> str:
 # -- Redis restarted ----------------------------------------------------------------------------
 
 
-def _pool_listed(faults: Faults, pool: Pool, count: int, timeout: float) -> dict[str, int]:
+def _pool_listed(faults: Faults, pool: LoggedProcess, count: int, timeout: float) -> dict[str, int]:
     """Wait until the pool runs *count* registered workers and `rq info` lists exactly those."""
 
     def listed() -> dict[str, int]:
-        assert pool.process.poll() is None, f"the pool died:\n{pool.log()}"
+        assert pool.process.poll() is None, f"the pool died:\n{pool.log(6000)}"
         workers = faults.pool_workers(pool)
         return workers if len(workers) == count and faults.rq_info_workers() == workers else {}
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.e2e.conftest import e2e_descendants, e2e_pid_running
-
-from .conftest import Faults, Task
+from tests.support.faults import Faults
+from tests.support.http_servers import Task
+from tests.support.processes import descendants, pid_running
+from tests.support.waiting import wait_for
 
 MIB = 1024 * 1024
 FILE_SIZE = 12 * MIB
@@ -43,6 +43,18 @@ def _assert_resumed_once(faults: Faults, task: Task) -> None:
     assert faults.row(task).attempts == 1, "the handed-back run used no attempt"
 
 
+def _handed_back_then_resumed(
+    faults: Faults, measure: Callable[..., float], task: Task, restart_name: str, restart: Callable[[], object]
+) -> None:
+    """*task* was handed back; after *restart* its download resumes (the time measured) and completes once."""
+    _assert_handed_back(faults, task)
+    restarted_at = time.monotonic()
+    restart()
+    resumed_at = faults.wait_resumed(task, restarted_at, timeout=60)
+    measure(f"{restart_name} -> download resumed", resumed_at - restarted_at)
+    _assert_resumed_once(faults, task)
+
+
 def test_stop_workers_hands_download_back(faults: Faults, measure: Callable[..., float]) -> None:
     """stop_workers.sh mid-download returns within STOP_TIMEOUT; the task goes back to the queue at
     once without using an attempt, and after start_workers.sh it resumes with a Range request."""
@@ -59,13 +71,7 @@ def test_stop_workers_hands_download_back(faults: Faults, measure: Callable[...,
     measure("stop_workers.sh mid-download", elapsed, limit=STOP_TIMEOUT)
     assert elapsed <= STOP_TIMEOUT and "did not stop in time" not in stopped.stdout, (elapsed, stopped.stdout)
     assert faults.leftovers(exclude=[faults.redis_server.process.pid if faults.redis_server.process else 0]) == []
-    _assert_handed_back(faults, task)
-
-    restarted_at = time.monotonic()
-    faults.start_workers(1)
-    resumed_at = faults.wait_resumed(task, restarted_at, timeout=60)
-    measure("start_workers.sh -> download resumed", resumed_at - restarted_at)
-    _assert_resumed_once(faults, task)
+    _handed_back_then_resumed(faults, measure, task, "start_workers.sh", lambda: faults.start_workers(1))
 
 
 def test_sigterm_to_pool_hands_download_back(faults: Faults, measure: Callable[..., float]) -> None:
@@ -77,26 +83,20 @@ def test_sigterm_to_pool_hands_download_back(faults: Faults, measure: Callable[.
     pool = faults.start_pool(1)  # an idle peer: see test_hand_back_survives_a_stopping_idle_peer
     faults.pay([task])
     faults.wait_under_way(task, fraction=0.1)
-    family = e2e_descendants(pool.pid)
+    family = descendants(pool.pid)
 
     began = time.monotonic()
     pool.process.send_signal(signal.SIGTERM)
     try:
         code = pool.process.wait(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"the pool did not exit within {STOP_TIMEOUT} s of SIGTERM\n{pool.log()}") from None
+        raise AssertionError(f"the pool did not exit within {STOP_TIMEOUT} s of SIGTERM\n{pool.log(6000)}") from None
     elapsed = measure("SIGTERM -> pool exited", time.monotonic() - began, limit=STOP_TIMEOUT)
-    assert code == 0, pool.log()
-    left = [pid for pid in family if e2e_pid_running(pid)]
+    assert code == 0, pool.log(6000)
+    left = [pid for pid in family if pid_running(pid)]
     assert left == [], f"left for systemd's SIGKILL: {left}"
     assert elapsed <= STOP_TIMEOUT
-    _assert_handed_back(faults, task)
-
-    restarted_at = time.monotonic()
-    faults.start_pool(1)
-    resumed_at = faults.wait_resumed(task, restarted_at, timeout=60)
-    measure("pool restart -> download resumed", resumed_at - restarted_at)
-    _assert_resumed_once(faults, task)
+    _handed_back_then_resumed(faults, measure, task, "pool restart", lambda: faults.start_pool(1))
 
 
 @pytest.mark.parametrize("launcher", ["scripts", "pool"])
@@ -142,7 +142,7 @@ def test_hand_back_survives_a_stopping_idle_peer(faults: Faults, launcher: str) 
             timeout=STOP_TIMEOUT,
             what=lambda: f"the hand-back\n{faults.logs()}",
         )
-        wait_for(lambda: not e2e_pid_running(busy), timeout=STOP_TIMEOUT, what="the busy worker to exit")
+        wait_for(lambda: not pid_running(busy), timeout=STOP_TIMEOUT, what="the busy worker to exit")
     finally:
         os.kill(idle, signal.SIGCONT)
     if launcher == "scripts":
@@ -174,15 +174,15 @@ def test_pool_replaces_killed_worker(faults: Faults, measure: Callable[..., floa
     os.kill(worker_pid, signal.SIGKILL)
 
     def replaced() -> dict[str, int]:
-        assert pool.process.poll() is None, pool.log()
+        assert pool.process.poll() is None, pool.log(6000)
         live = faults.pool_workers(pool)
         return live if len(live) == 3 and worker_pid not in live.values() else {}
 
-    after = wait_for(replaced, timeout=REPLACEMENT_LIMIT + 15, interval=0.1, what=lambda: pool.log())
+    after = wait_for(replaced, timeout=REPLACEMENT_LIMIT + 15, interval=0.1, what=lambda: pool.log(6000))
     replacement = measure("kill -9 -> replacement registered", time.monotonic() - killed_at, limit=REPLACEMENT_LIMIT)
     assert replacement <= REPLACEMENT_LIMIT
     assert set(before) - {victim_name} <= set(after), "the other workers kept running"
-    assert not e2e_pid_running(horse_pid), "the horse died with its worker"
+    assert not pid_running(horse_pid), "the horse died with its worker"
 
     def listed_exactly() -> dict[str, int]:
         listed = faults.rq_info_workers()

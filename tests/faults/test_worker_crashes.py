@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 
 from rq import Queue, Retry
 
-from tests.conftest import wait_for
-from tests.e2e.conftest import e2e_pid_running
-
-from .conftest import Faults
+from tests.support.faults import Faults
+from tests.support.processes import pid_running
+from tests.support.waiting import wait_for
 
 MIB = 1024 * 1024
 FILE_SIZE = 6 * MIB
@@ -46,12 +44,12 @@ def _kill_mid_download(faults: Faults, measure: Callable[..., float], victims: s
         os.kill(worker_pid, signal.SIGKILL)
     if victims in ("horse", "both"):
         os.kill(horse_pid, signal.SIGKILL)
-    wait_for(lambda: not e2e_pid_running(horse_pid), timeout=10, what="the work horse to die")
+    wait_for(lambda: not pid_running(horse_pid), timeout=10, what="the work horse to die")
     if victims == "worker":
         died = time.monotonic() - killed_at
         assert died < 5, f"the horse outlived its worker by {died:.1f} s (PR_SET_PDEATHSIG)"
     if victims == "horse":
-        assert e2e_pid_running(worker_pid), "the worker survives its horse"
+        assert pid_running(worker_pid), "the worker survives its horse"
     bytes_before = faults.part_bytes(victim)
     assert 0 < bytes_before < victim.size, "killed mid-way"
 
@@ -111,13 +109,7 @@ def test_poison_task_fails_after_max_attempts(faults: Faults, measure: Callable[
     FETCH_COMMAND applies to every task of a pool, so the pool runs a small fetcher that SIGKILLs
     its parent (the work horse) for the poison course and fetches any other course itself.
     """
-    fetcher = faults.tmp / "poison_fetcher.py"
-    fetcher.write_text(POISON_FETCHER)
-    faults.set_env(
-        FETCH_COMMAND=f"{sys.executable} {fetcher} {{url}} {{dest}}",
-        MAX_ATTEMPTS="3",
-        RECONCILE_INTERVAL="5",
-    )
+    faults.use_fetch_command(POISON_FETCHER, MAX_ATTEMPTS="3", RECONCILE_INTERVAL="5")
     poison = faults.make_tasks(1, 64 * 1024, prefix="poison")
     good = faults.make_tasks(3, 2 * MIB)
     pool = faults.start_pool(2)

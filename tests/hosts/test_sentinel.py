@@ -29,27 +29,21 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from dev.devservers import WebhookReceiver
-from tests.conftest import start_server, wait_for
-from tests.e2e.conftest import e2e_bin, e2e_kill_tree
-from tests.faults.conftest import CourseFile, FaultOrigin, Task
+from tests.support.deployment import Deployment, served_by, site_environ
+from tests.support.files import sha256_of
+from tests.support.hosts import MARKER
+from tests.support.http_servers import Origin, Task, completed_ids, make_tasks, serving
+from tests.support.mariadb import HOSTS_DB, database_url, fresh_store
+from tests.support.measurements import record
+from tests.support.processes import kill_tree
+from tests.support.scripts import clean_environ, rq_info, rq_info_workers
+from tests.support.sentinel import MASTER_NAME, SentinelGroup, running_sentinel_group
+from tests.support.waiting import wait_for
+from udemy_dl import defaults
 from udemy_dl.connection import redis_connection
 from udemy_dl.settings import load_settings
-from udemy_dl.store import COMPLETED, PROCESSING, MySQLStore
-from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
+from udemy_dl.store import COMPLETED, PROCESSING
 from udemy_dl.webhooks import generate_secret
-
-from .conftest import (
-    DIRECT_DATABASE_URL,
-    MARKER,
-    MASTER_NAME,
-    RQ_INFO_WORKER,
-    SentinelGroup,
-    clean_environ,
-    fresh_store,
-    record,
-    running_sentinel_group,
-    sha256_file,
-)
 
 NO_SERVER_URL = "redis://127.0.0.1:1/0"
 """REDIS_URL of the Sentinel scenarios: database 0, on a port where nothing listens."""
@@ -128,17 +122,6 @@ THROTTLE = 1 * MIB
 """Bytes per second per response: a second per task, so the failover falls mid-run."""
 
 
-def make_tasks(origin: FaultOrigin, store: MySQLStore, count: int, size: int, prefix: str) -> list[Task]:
-    tasks = []
-    for n in range(count):
-        slug = f"{prefix}-{n + 1}"
-        url = origin.add_course(slug, {"lecture.mp4": size})
-        entry = origin.manifests[f"/courses/{slug}"]["files"][0]
-        files = (CourseFile(entry["path"], entry["url"], entry["sha256"], entry["size"]),)
-        tasks.append(Task(store.insert_task(f"buyer-{slug}@example.com", url), url, files))
-    return tasks
-
-
 def rq_info_with_sentinel(group: SentinelGroup, folder: Path) -> str:
     """`rq info -c <module> -P <folder>`, the module holding RQ's SENTINEL setting (as docs/MULTI_SERVER.md shows)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,15 +129,7 @@ def rq_info_with_sentinel(group: SentinelGroup, folder: Path) -> str:
     (folder / "rq_sentinel_settings.py").write_text(
         f"SENTINEL = {{'INSTANCES': [{instances}], 'MASTER_NAME': '{MASTER_NAME}', 'DB': 0, 'SOCKET_TIMEOUT': 5}}\n"
     )
-    done = subprocess.run(
-        [str(e2e_bin("rq")), "info", "-c", "rq_sentinel_settings", "-P", str(folder)],
-        env=clean_environ(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, f"rq info failed: {done.stdout}{done.stderr}"
-    return done.stdout
+    return rq_info("-c", "rq_sentinel_settings", "-P", str(folder), env=clean_environ())
 
 
 def held_deliveries(client: Redis, task_ids: list[int]) -> dict[int, str]:
@@ -187,62 +162,40 @@ def workers_on(port: int) -> list[str]:
         client.close()
 
 
-class Service:
+class Service(Deployment):
     """udemy_dl on a Sentinel group: a fresh table, an origin, a receiver, `udemy-dl pool` as systemd
     runs it, and the CLI as the payment service runs it; everything closed by *stack*."""
 
     def __init__(self, stack: contextlib.ExitStack, group: SentinelGroup, folder: Path, run_id: str) -> None:
         self.group = group
-        self.folder = folder
         secret = generate_secret()
-        self.store = stack.enter_context(contextlib.contextmanager(fresh_store)())
-        self.origin = FaultOrigin(folder / "origin", token=uuid.uuid4().hex)
-        start_server(self.origin)
-        stack.callback(self.origin.stop)
-        self.receiver = start_server(WebhookReceiver(secret))
-        stack.callback(self.receiver.stop)
-        self.env = {
-            **clean_environ(),
+        self.store = stack.enter_context(fresh_store(HOSTS_DB))
+        self.origin = stack.enter_context(serving(Origin(folder / "origin", token=uuid.uuid4().hex)))
+        self.receiver = stack.enter_context(serving(WebhookReceiver(secret)))
+        env = site_environ(
+            MARKER,
+            run_id,
+            folder,
             **sentinel_settings(group),
-            MARKER: run_id,
-            "DATABASE_URL": DIRECT_DATABASE_URL,
-            "ALLOWED_HOSTS": self.origin.host_port,
-            "CONTENT_TOKEN": self.origin.token or "",
-            "API_SECRET_KEY": secret,
-            "WEBHOOK_URL": self.receiver.url,
-            "RETRY_DELAY": "1",
-            "RECONCILE_INTERVAL": "5",
-            "DOWNLOAD_DIR": str(folder / "downloads"),
-            "FAILED_DIR": str(folder / "failed"),
-            "LOG_DIR": str(folder / "logs"),
-            "PID_DIR": str(folder / "run"),
-        }
+            **served_by(self.origin, self.receiver, secret),
+            DATABASE_URL=database_url(HOSTS_DB),
+            STOP_TIMEOUT=str(defaults.STOP_TIMEOUT),
+            RECONCILE_INTERVAL="5",
+        )
+        super().__init__(folder, env)
         self.log_path = folder / "pool.log"
         self._stack = stack
         self.pool: subprocess.Popen[bytes] | None = None
 
     def start_pool(self, count: int) -> None:
-        with open(self.log_path, "wb") as log:
-            self.pool = subprocess.Popen(
-                [str(e2e_bin("udemy-dl")), "pool", "--count", str(count)],
-                env=self.env,
-                cwd=self.folder,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self._stack.callback(stop_pool, self.pool)
+        pool = self.launch_pool(count, self.log_path)
+        self.pool = pool.process
+        self._stack.callback(pool.stop, 20)
         wait_for(
             lambda: len(workers_on(self.group.master.port)) == count,
             timeout=60,
             interval=0.2,
             what=lambda: f"{count} pool workers on the master\n{self.pool_log()[-4000:]}",
-        )
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(e2e_bin("udemy-dl")), *args], env=self.env, cwd=self.folder, capture_output=True, text=True, timeout=60
         )
 
     def pay(self, tasks: list[Task]) -> subprocess.CompletedProcess[str]:
@@ -256,22 +209,7 @@ class Service:
 
     def webhook_ids(self, tasks: list[Task]) -> dict[int, set[str]]:
         """taskId -> distinct webhook ids of verified download.completed events."""
-        ids: dict[int, set[str]] = {task.id: set() for task in tasks}
-        for item in self.receiver.accepted():
-            if item.event_type == EVENT_COMPLETED:
-                ids.setdefault(int(item.body["data"]["taskId"]), set()).add(item.webhook_id)
-        return ids
-
-
-def stop_pool(pool: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (a warm stop), then SIGKILL to its session."""
-    if pool.poll() is None:
-        pool.send_signal(signal.SIGTERM)
-        try:
-            pool.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(pool.pid, signal.SIGKILL)
-            pool.wait(timeout=10)
+        return {**{task.id: set() for task in tasks}, **completed_ids(self.receiver)}
 
 
 def test_an_event_the_old_master_never_replicated_is_still_sent(
@@ -385,7 +323,11 @@ def failover(redis_binary: str, hosts_database: str, tmp_path_factory: pytest.Te
             interval=0.5,
             what=lambda: f"the pool's workers on the new master\n{service.pool_log()[-4000:]}",
         )
-        listed = [name for name, _, _ in RQ_INFO_WORKER.findall(rq_info_with_sentinel(group, tmp / "rqconf"))]
+        listed = [
+            name
+            for name, _, _ in rq_info_workers(rq_info_with_sentinel(group, tmp / "rqconf"))
+            if name.startswith("udemy-dl.")
+        ]
         yield Failover(
             service=service,
             tasks=tasks,
@@ -409,8 +351,8 @@ def test_sentinel_failover_keeps_the_service_running(failover: Failover, request
     A delivery that failed during the outage is retried (the scheduler, which waits out the failover,
     puts it back on the queue): every task has exactly one download.completed webhook id."""
     run = failover
-    record(request.config, "sentinel", "kill -9 of the master -> replica promoted", run.failover_seconds)
-    record(request.config, "sentinel", "kill -9 of the master -> all tasks completed", run.completed_seconds)
+    record(request.config, "hosts", "sentinel", "kill -9 of the master -> replica promoted", run.failover_seconds)
+    record(request.config, "hosts", "sentinel", "kill -9 of the master -> all tasks completed", run.completed_seconds)
     assert run.failover_seconds < 30
     assert run.paid_after.returncode == 0, run.paid_after.stdout + run.paid_after.stderr
 
@@ -418,7 +360,7 @@ def test_sentinel_failover_keeps_the_service_running(failover: Failover, request
         row = run.service.store.get(task.id)
         assert row is not None and row.status == COMPLETED and row.bytes == task.size, row
         for item in task.files:
-            assert sha256_file(Path(str(row.output_path)) / item.rel) == item.sha256, f"task {task.id}"
+            assert sha256_of(Path(str(row.output_path)) / item.rel) == item.sha256, f"task {task.id}"
             full = [
                 headers for _, headers in run.service.origin.timed.for_path(item.url_path) if "Range" not in headers
             ]
@@ -526,7 +468,7 @@ def test_a_delivery_whose_worker_died_is_sent_again(failover: Failover) -> None:
             assert worker is not None and worker.pid, job.worker_name
         finally:
             client.close()
-        e2e_kill_tree(worker.pid)
+        kill_tree(worker.pid)
         killed_at = time.monotonic()
         release.set()
         webhook_id = in_hand[0].removeprefix("webhook-")

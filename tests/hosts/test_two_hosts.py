@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 
-from tests.conftest import wait_for
-from tests.faults.conftest import Task
+from tests.support.files import sha256_of
+from tests.support.hosts import TwoHosts
+from tests.support.http_servers import Task
+from tests.support.measurements import record
+from tests.support.waiting import wait_for
 from udemy_dl.store import COMPLETED
-
-from .conftest import TwoHosts, record, sha256_file
 
 MIB = 1024 * 1024
 TASKS = 20
@@ -202,13 +203,20 @@ def test_two_hosts_share_redis_and_mysql_and_survive_losing_one(
     first = min(loss.resumed_at.values()) - loss.killed_at
     record(
         request.config,
+        "hosts",
         "two_hosts",
         "kill -9 of host A -> its orphaned jobs running on B",
         recovery,
         note=f"{len(loss.orphans)} orphans, first after {first:.1f} s",
     )
     assert loss.settled_at is not None, f"not every task completed within {SETTLE_DEADLINE:g} s\n{world.logs()}"
-    record(request.config, "two_hosts", "kill -9 of host A -> all tasks completed", loss.settled_at - loss.killed_at)
+    record(
+        request.config,
+        "hosts",
+        "two_hosts",
+        "kill -9 of host A -> all tasks completed",
+        loss.settled_at - loss.killed_at,
+    )
 
     # Every task completed once: files verified where the row says, in one host's folder only.
     rows = world.rows(loss.tasks)
@@ -220,7 +228,7 @@ def test_two_hosts_share_redis_and_mysql_and_survive_losing_one(
         assert row.output_path in {str(folder) for folder in folders}, row
         assert [folder.is_dir() for folder in folders].count(True) == 1, f"task {task.id} in {folders}"
         for item in task.files:
-            assert sha256_file(Path(str(row.output_path)) / item.rel) == item.sha256, f"task {task.id}: {item.rel}"
+            assert sha256_of(Path(str(row.output_path)) / item.rel) == item.sha256, f"task {task.id}: {item.rel}"
     for task in loss.orphans:
         assert rows[task.id].output_path == str(b.download_dir / str(task.id)), rows[task.id]
     assert [pid for pid in world.processing_ids() if pid != loss.probe.id] == [], "a task was left processing"

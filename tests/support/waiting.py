@@ -1,0 +1,30 @@
+"""Waiting for a condition, with a deadline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "",
+) -> T:
+    """Poll *predicate* until it returns something truthy, and return that; fail after *timeout* seconds.
+
+    *what* describes the wait in the failure message; a callable is asked only on timeout (e.g. a worker log).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            description = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {description or predicate!r}")
+        time.sleep(interval)
