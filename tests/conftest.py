@@ -33,7 +33,6 @@ from tests.support.service import (
     reset_process_state,
     start_worker_process,
 )
-from tests.support.waiting import wait_for as wait_for  # still imported from here by tests/faults/test_crash_points.py
 from udemy_dl.settings import VARIABLES, Settings, get_settings
 from udemy_dl.store import MySQLStore, SQLiteStore
 from udemy_dl.webhooks import generate_secret

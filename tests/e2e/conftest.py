@@ -23,14 +23,10 @@ from tests.support.deployment import Scripts, served_by, site_environ
 from tests.support.e2e import MARKER, E2EEnv
 from tests.support.http_servers import Origin
 from tests.support.mariadb import E2E_DB, database_url, fresh_store, require_database
-from tests.support.processes import kill_marked, pid_running
+from tests.support.processes import kill_marked
 from tests.support.redis_servers import E2E_REDIS_URL, flushed_client, require_redis
 from tests.support.scripts import clean_environ, run_command, venv_bin
 from udemy_dl.store import MySQLStore
-
-# Old names, still imported by tests/faults/test_crash_points.py (to move to tests.support with it):
-e2e_bin = venv_bin
-e2e_pid_running = pid_running
 
 
 @pytest.fixture(scope="session")

@@ -31,21 +31,13 @@ import pytest
 from dev.devservers import WebhookReceiver
 from tests.support.ci import unavailable
 from tests.support.faults import MARKER, Faults
-from tests.support.http_servers import Origin, Task
+from tests.support.http_servers import Origin
 from tests.support.mariadb import FAULTS_DB, MYSQL_HOST, MYSQL_PORT, fresh_store, mysql_admin, named_lock
 from tests.support.measurements import record, write_summary
 from tests.support.redis_servers import RedisServer, require_redis_server
 from tests.support.relay import Relay
 from tests.support.scripts import clean_environ, venv_bin
 from udemy_dl.store import MySQLStore
-
-
-def TcpProxy(target_host: str, target_port: int) -> Relay:
-    """The relay under its old name, for tests/faults/test_crash_points.py (until it imports tests.support)."""
-    return Relay((target_host, target_port))
-
-
-__all__ = ["Faults", "Task", "TcpProxy"]  # what tests/faults/test_crash_points.py still imports from here
 
 
 @pytest.fixture

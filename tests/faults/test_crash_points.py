@@ -29,8 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.e2e.conftest import e2e_bin, e2e_pid_running
+from tests.support.faults import Faults
+from tests.support.http_servers import Task
+from tests.support.processes import pid_running
+from tests.support.relay import Relay
+from tests.support.scripts import venv_bin
+from tests.support.waiting import wait_for
 from udemy_dl import crashpoints
 from udemy_dl.crashpoints import (
     AFTER_ATTEMPT,
@@ -52,7 +56,6 @@ from udemy_dl.store import COMPLETED, FAILED, PROCESSING
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
 
-from .conftest import Faults, Task, TcpProxy
 from .test_worker_crashes import POISON_FETCHER
 
 MIB = 1024 * 1024
@@ -154,18 +157,24 @@ def _one_task(faults: Faults, point: str) -> Task:
 # -- the work horse killed ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("point", JOB_POINTS)
-def test_horse_killed_at_each_step(faults: Faults, point: str) -> None:
-    """kill -9 of the work horse at each step boundary of a download, MAX_ATTEMPTS=3: RQ retries
-    the job, and the task ends `completed` once, with verified files, one download.completed id, the
-    bytes fetched once (a kill mid-fetch resumes with a Range request) and two attempts at most."""
-    faults.set_env(RECONCILE_INTERVAL="5")
+def _kill_at(faults: Faults, point: str, **settings: str) -> Task:
+    """One task through a one-worker pool whose horse is killed at *point*; it must end completed once."""
+    faults.set_env(**settings)
     marker = _arm(faults, point)
     task = _one_task(faults, point)
     faults.start_pool(1)
     faults.pay([task])
     _wait_fired(faults, marker)
     _assert_once(faults, task)
+    return task
+
+
+@pytest.mark.parametrize("point", JOB_POINTS)
+def test_horse_killed_at_each_step(faults: Faults, point: str) -> None:
+    """kill -9 of the work horse at each step boundary of a download, MAX_ATTEMPTS=3: RQ retries
+    the job, and the task ends `completed` once, with verified files, one download.completed id, the
+    bytes fetched once (a kill mid-fetch resumes with a Range request) and two attempts at most."""
+    task = _kill_at(faults, point, RECONCILE_INTERVAL="5")
     assert "Work-horse terminated unexpectedly" in faults.log_text()
     assert faults.row(task).attempts <= 2, faults.row(task)
 
@@ -176,13 +185,7 @@ def test_horse_killed_on_last_attempt_after_the_files_are_complete(faults: Fault
     and verified (record written, folder moved into place, row marked, webhook queued): no retry
     comes, the reconciler's sweep finds the task, and it must end `completed`, never `failed`
     (issue 8 item 2: a finished download was marked failed and its files moved aside)."""
-    faults.set_env(MAX_ATTEMPTS="1", RECONCILE_INTERVAL="5")
-    marker = _arm(faults, point)
-    task = _one_task(faults, point)
-    faults.start_pool(1)
-    faults.pay([task])
-    _wait_fired(faults, marker)
-    _assert_once(faults, task)
+    task = _kill_at(faults, point, MAX_ATTEMPTS="1", RECONCILE_INTERVAL="5")
     assert faults.row(task).attempts == 1, faults.row(task)
 
 
@@ -202,7 +205,7 @@ def test_worker_killed_at_each_step(faults: Faults, point: str) -> None:
     faults.pay([task])
     _wait_fired(faults, marker)
     wait_for(
-        lambda: not any(e2e_pid_running(pid) for pid in before.values()),
+        lambda: not any(pid_running(pid) for pid in before.values()),
         timeout=15,
         what="the worker to die",
     )
@@ -220,13 +223,7 @@ def test_reconciler_killed_settling_an_exhausted_task(faults: Faults, point: str
     settles it and is killed (kill -9) holding the task's lease, before or just after settling.
     The pool starts another reconciler, which takes the dead one's lease: the task ends `failed`
     once, with one download.failed id and its folder kept aside once."""
-    fetcher = faults.tmp / "poison_fetcher.py"
-    fetcher.write_text(POISON_FETCHER)
-    faults.set_env(
-        FETCH_COMMAND=f"{sys.executable} {fetcher} {{url}} {{dest}}",
-        MAX_ATTEMPTS="2",
-        RECONCILE_INTERVAL="5",
-    )
+    faults.use_fetch_command(POISON_FETCHER, MAX_ATTEMPTS="2", RECONCILE_INTERVAL="5")
     marker = _arm(faults, point)
     (poison,) = faults.make_tasks(1, 64 * 1024, prefix="poison")
     pool = faults.start_pool(1)
@@ -299,8 +296,7 @@ def test_run_cut_off_from_redis_past_its_lease_moves_nothing_into_place(faults: 
     and another run (on another host) holds the lease then. Let go, the cut-off run cannot confirm
     its lease: it must not move the files into place nor settle the task. Once the relay is back
     and the other run has let the lease go, the task ends `completed` once."""
-    relay = TcpProxy("127.0.0.1", faults.redis_server.port)
-    relay.start()
+    relay = Relay(("127.0.0.1", faults.redis_server.port)).start()
     try:
         faults.set_env(REDIS_URL=f"redis://127.0.0.1:{relay.port}/0", RECONCILE_INTERVAL="5")
         marker = _arm(faults, AFTER_RECORD, PAUSE)
@@ -331,7 +327,7 @@ def test_run_cut_off_from_redis_past_its_lease_moves_nothing_into_place(faults: 
             what=lambda: f"the cut-off run to give up its lease\n{faults.logs()}",
         )
         wait_for(
-            lambda: "leaving the task to the run that holds it" in faults.log_text() or not e2e_pid_running(horse),
+            lambda: "leaving the task to the run that holds it" in faults.log_text() or not pid_running(horse),
             timeout=30,
             interval=0.1,
             what=lambda: f"the cut-off run to stop\n{faults.logs()}",
@@ -377,7 +373,7 @@ def test_reconciler_clock_ahead_spares_a_last_attempt(faults: Faults) -> None:
     ahead = float(clock.stdout) - time.time()
     assert CLOCK_SKEW - 5 < ahead < CLOCK_SKEW + 5, f"the skewed clock is {ahead:.1f} s ahead"
     swept = subprocess.run(
-        [str(e2e_bin("udemy-dl")), "reconcile"], env=env, cwd=faults.tmp, capture_output=True, text=True, timeout=60
+        [str(venv_bin("udemy-dl")), "reconcile"], env=env, cwd=faults.tmp, capture_output=True, text=True, timeout=60
     )
     assert swept.returncode == 0, swept.stdout + swept.stderr
     print(f"[faults] udemy-dl reconcile, clock {CLOCK_SKEW} s ahead: {swept.stdout.strip()}")
