@@ -24,7 +24,7 @@ from udemy_dl import __version__
 from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings, load_settings
-from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, open_store, utcnow
+from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, open_store, utcnow
 
 EMAIL = "buyer@shop.example"
 URL = "https://cdn.example/courses/1"
@@ -349,7 +349,8 @@ def test_enqueue_refuses_bad_task_data(configure: Callable[..., Settings], redis
 
 
 def test_stats_json_reports_queue_and_tasks(cli_backend: Backend, redis_conn: Redis) -> None:
-    """`stats --json` prints parseable JSON with queue counts, task counts per status and running tasks."""
+    """`stats --json` prints parseable JSON with queue counts, task counts for every status (zero ones too, as the
+    table shows them) and running tasks."""
     task_id = cli_backend.store.insert_task(EMAIL, URL, PENDING)
     cli_backend.store.insert_task(EMAIL, URL, COMPLETED)
     cli("confirm-payment", str(task_id))
@@ -357,7 +358,7 @@ def test_stats_json_reports_queue_and_tasks(cli_backend: Backend, redis_conn: Re
     assert result.returncode == RET_OK, explain(result)
     stats = json.loads(result.stdout)
     assert stats["queue"]["waiting"] == 1 and stats["queue"]["workers"] == 0
-    assert stats["tasks"] == {PROCESSING: 1, COMPLETED: 1}
+    assert stats["tasks"] == {PENDING: 0, ENROLLED: 0, PROCESSING: 1, COMPLETED: 1, FAILED: 0}
     assert [item["taskId"] for item in stats["running"]] == [task_id]
     assert stats["events_unacknowledged"] == 0
 

@@ -49,7 +49,6 @@ EXIT_CODES = f"""exit codes:
 
 
 def _producer(settings: Settings) -> Any:
-
     return Producer(settings)
 
 
@@ -137,11 +136,11 @@ def _human(count: float) -> str:
 
 
 def _collect_stats(settings: Settings) -> dict[str, Any]:
-
     producer = _producer(settings)
     stats: dict[str, Any] = {"queue": producer.get_queue_stats()}
     try:
-        stats["tasks"] = producer.store.count_by_status()
+        counts = producer.store.count_by_status()
+        stats["tasks"] = {**dict.fromkeys(STATUS_ORDER, 0), **counts}  # every status, as the table shows them
         stats["events_unacknowledged"] = producer.store.count_pending_events()
         running = []
         for row in producer.store.rows_with_status("processing", limit=50):
@@ -164,7 +163,7 @@ def _render_stats(settings: Settings, stats: dict[str, Any]) -> str:
         lines.append(f"tasks: unavailable ({stats['tasks_error']})")
         return "\n".join(lines)
     lines.append(f"tasks in {settings.database_url_redacted}")
-    lines += [f"  {key:<17} {stats['tasks'].get(key, 0)}" for key in STATUS_ORDER]
+    lines += [f"  {key:<17} {count}" for key, count in stats["tasks"].items()]
     lines.append(f"  {'events pending':<17} {stats['events_unacknowledged']}  (final webhooks not yet acknowledged)")
     if stats["running"]:
         lines.append("running")
@@ -205,7 +204,6 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
-
     failures: list[str] = []
     workers = 0
     try:
@@ -238,7 +236,6 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-
     settings.require_database()
     reconciler = Reconciler(settings)
     recovered = reconciler.recover_started()
@@ -259,7 +256,6 @@ def cmd_requeue_failed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_db_init(settings: Settings, args: argparse.Namespace) -> int:
-
     store = open_store(settings.require_database())
     store.init_schema()
     print(f"download_tasks ready in {settings.database_url_redacted}")
@@ -267,7 +263,6 @@ def cmd_db_init(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_gen_secret(settings: Settings, args: argparse.Namespace) -> int:
-
     print(generate_secret())
     return RET_OK
 
@@ -288,14 +283,12 @@ def cmd_shell_settings(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(settings: Settings, args: argparse.Namespace) -> int:
-
     body, _ = render_latest(settings, redis_connection(settings))
     sys.stdout.write(body.decode())
     return RET_OK
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-
     try:
         serve(settings, args.host, args.port)
     except OSError as exc:  # the address is taken or not ours to bind
@@ -305,20 +298,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
-
     settings.require_database()  # without it every round would fail the same way: stop with exit 3 instead
     run_reconciler(settings)
     return RET_OK
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-
     run_worker(settings, args.name or default_worker_name(1), burst=args.burst, logging_level=args.log_level)
     return RET_OK
 
 
 def cmd_pool(settings: Settings, args: argparse.Namespace) -> int:
-
     run_pool(settings, args.count or settings.worker_count, logging_level=args.log_level)
     return RET_OK
 
