@@ -268,6 +268,7 @@ def test_stop_hands_a_running_download_back(
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "killed" not in stopped.stdout and elapsed < 5, (elapsed, stopped.stdout)
     assert e2e_scripts.pid_files() == [] and e2e_env.leftover_processes() == []
+    assert "Traceback" not in e2e_env.logs(tail=1_000_000), "a warm stop is not a crash: " + e2e_env.logs()
 
     row = e2e_store.get(task_id)
     assert row is not None and row.status == PROCESSING and row.attempts == 0, e2e_env.logs()
