@@ -29,14 +29,16 @@ class Context:
 _context: Context | None = None
 
 
-def get_context() -> Context:
+def get_context(redis: Redis | None = None) -> Context:
+    """The process's context, built on first use. *redis*: the client it uses, if this call builds
+    it (a worker passes its own, so each work horse keeps to one Redis connection)."""
     global _context
     if _context is None:
         settings = get_settings()
         _context = Context(
             settings=settings,
             store=open_store(settings.require_database(), retry_for=defaults.STORE_RETRY_SECONDS),
-            redis=redis_connection(settings),
+            redis=redis if redis is not None else redis_connection(settings),
             fetcher=_fetcher(settings),
         )
     return _context

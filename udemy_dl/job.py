@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
@@ -384,11 +385,12 @@ def _acknowledge(msg_id: str) -> None:
         log.warning("webhook %s delivered, but not recorded in the database: %s", msg_id, exc)
 
 
-def prepare_job_context() -> None:
-    """In the worker, before it forks a horse for a download or a delivery: settings parsed,
-    database connection open and answering. The horse inherits both instead of setting them up
-    again (a delivery records its acknowledgement in the task's row)."""
+def prepare_job_context(connection: Redis | None = None) -> None:
+    """In the worker, before it runs a download (in a forked horse) or a delivery: settings parsed,
+    database connection open and answering, and Redis reached through the worker's own client
+    (*connection*), whose pool the horse's RQ bookkeeping uses too. A horse inherits all of it
+    instead of setting it up again (a delivery records its acknowledgement in the task's row)."""
     try:
-        get_context().store.ensure_connected()
+        get_context(connection).store.ensure_connected()
     except Exception as exc:  # the horse will try again, with retries, and report properly
         log.warning("could not prepare the database connection: %s", exc)
