@@ -10,6 +10,18 @@ from redis.sentinel import Sentinel
 
 from .settings import Settings, redis_db_of
 
+try:
+    from redis.driver_info import DriverInfo
+except ImportError:  # redis-py before 7: the version is passed on its own
+    from redis.utils import get_lib_version
+
+    _IDENTITY: dict[str, Any] = {"lib_version": get_lib_version()}  # type: ignore[no-untyped-call]
+else:
+    _IDENTITY = {"driver_info": DriverInfo()}
+"""How each connection names its client library to the server (CLIENT SETINFO), read from the
+installed package once per process: redis-py would read it again for every connection it opens,
+and a work horse opens one for each job."""
+
 CLIENT_OPTIONS: dict[str, Any] = {
     "socket_connect_timeout": 5,
     # Longer than a worker's blocking dequeue (WORKER_TTL - 15 s), so only a dead server trips it.
@@ -17,6 +29,7 @@ CLIENT_OPTIONS: dict[str, Any] = {
     "socket_keepalive": True,
     "health_check_interval": 30,
     "retry_on_timeout": True,
+    **_IDENTITY,
 }
 
 

@@ -708,7 +708,7 @@ def parse_manifest(document: bytes, manifest_url: str) -> tuple[str, list[FileSp
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise BadManifestError(f"manifest file #{number} ({path}): size must be a whole number, got {size!r}")
         sha = item.get("sha256")
-        if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        if sha is not None and (not isinstance(sha, str) or not _SHA256_HEX.fullmatch(sha)):
             raise BadManifestError(f"manifest file #{number} ({path}): sha256 must be 64 hex digits, got {sha!r}")
         try:
             absolute = urljoin(manifest_url, url.strip())
@@ -968,6 +968,9 @@ def _content_length(response: requests.Response) -> int | None:
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+# Compiled at import, in the worker: compiled at first use, each work horse would compile them anew.
+_DISPOSITION_NAME = re.compile(r"filename\*?=(?:UTF-8'')?\"?([^\";]+)\"?", re.IGNORECASE)
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _VALIDATORS = (("etag", "ETag"), ("lastModified", "Last-Modified"))
 """Transfer-state key and response header of each validator stored when a file is started."""
 
@@ -1030,7 +1033,7 @@ def _range_total(response: requests.Response) -> int | None:
 
 def _filename(response: requests.Response, url: str) -> str:
     disposition = response.headers.get("Content-Disposition", "")
-    match = re.search(r"filename\*?=(?:UTF-8'')?\"?([^\";]+)\"?", disposition, re.IGNORECASE)
+    match = _DISPOSITION_NAME.search(disposition)
     if match:
         return unquote(match.group(1))
     return unquote(urlsplit(response.url or url).path.rsplit("/", 1)[-1])
