@@ -110,6 +110,14 @@ LEASE_TTL = 30
 STORE_RETRY_SECONDS = 120
 """How long a worker keeps retrying a status update while the database is unreachable."""
 
+SCHEDULER_TAKEOVER_INTERVAL = 10
+"""Seconds between a worker's tries to take the scheduler locks while its own scheduler is not
+running (a peer's holds them, or its own died): a dead scheduler's lock outlives it by a minute."""
+
+HORSE_MAX_JOBS = 100
+"""Downloads one work horse runs before its worker forks a fresh one (sooner after a job that
+failed): a horse is kept from one download to the next, and this bounds what it may accumulate."""
+
 HAND_BACK_SIGNAL_NAME = "SIGUSR1"
 """Signal a stopping worker sends its work horse: hand the task back to the queue now."""
 

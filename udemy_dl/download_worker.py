@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import random
 import signal
 import socket
+import threading
 import time
+from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -20,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Worker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import InvalidJobOperation, NoSuchJobError, StopRequested
+from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
@@ -28,10 +33,10 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus
 from rq.worker_pool import WorkerPool
 
-from . import defaults
+from . import defaults, metrics, worker_rq
 from .connection import redis_connection
 from .job import prepare_job_context
-from .process_control import die_with_parent, install_hand_back_handler, pid_alive
+from .process_control import HAND_BACK, die_with_parent, install_hand_back_handler, pid_alive
 from .queues import DownloadQueues, priority_of, worker_queues
 from .reconciler import run_reconciler
 from .scheduler import ResilientScheduler
@@ -42,6 +47,13 @@ log = logging.getLogger(__name__)
 
 HAND_BACK_SIGNAL = getattr(signal, defaults.HAND_BACK_SIGNAL_NAME)
 
+JOB_FUNCTIONS = {
+    defaults.DOWNLOAD_JOB_FUNCTION: worker_rq.process_download,
+    defaults.DELIVER_JOB_FUNCTION: worker_rq.deliver_webhook,
+}
+"""The jobs' stored paths and their functions, loaded in the worker: each horse finds them imported
+instead of importing worker_rq again for every job."""
+
 WAKE_KEY = "udemy_dl:worker:{name}:wake"
 """A list each DownloadWorker's dequeue waits on besides its queues (and before them): a stop pushes
 WAKE_VALUE there, which ends a blocked dequeue at once with a proper answer (see
@@ -49,6 +61,25 @@ DownloadWorker.dequeue_job_and_maintain_ttl)."""
 WAKE_VALUE = "stop"
 WAKE_TTL = 300
 """Seconds a wake token outlives a worker that could not delete it (killed while stopping)."""
+
+HEARTBEAT_FRESH = 1.0
+"""Seconds within which a worker's dequeue loop does not beat again (its registration lives WORKER_TTL
++ 60 s from each beat)."""
+
+HORSE_READY = b"r"
+"""What a kept work horse writes to its worker when its job has ended and it can take the next."""
+
+
+@dataclass
+class _KeptHorse:
+    """A work horse its worker keeps for the next download, and the two pipes between them."""
+
+    pid: int
+    orders: int
+    """The worker's end of the pipe that hands the horse its next job (one JSON line each)."""
+    ready: int
+    """The worker's end of the pipe on which the horse reports HORSE_READY after each job; end of
+    file once the horse is gone."""
 
 
 class DownloadWorker(Worker):
@@ -61,7 +92,12 @@ class DownloadWorker(Worker):
     - a stop never loses a job it is being handed: a job that a stopping worker dequeues (a task a
       stopping peer has just handed back, say) goes back to the front of its queue, and a stop
       that comes between the dequeue and the horse's start hands the task back like any other;
-    - after Redis has lost its data, its next heartbeat registers it again (rq info shows it).
+    - after Redis has lost its data, its next heartbeat registers it again (rq info shows it);
+    - a webhook delivery (a short POST, bounded by its own timeout) runs in the worker process
+      itself, as RQ's SimpleWorker runs jobs: no horse is forked for it;
+    - the metrics a job records reach Redis in one round trip as it ends (see metrics.deferred);
+    - its work horse is kept for the next download, up to HORSE_MAX_JOBS of them, rather than
+      forked anew for each (see main_work_horse): a fresh fork costs more than a small download.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -73,6 +109,12 @@ class DownloadWorker(Worker):
         """True from the moment a dequeue may hand this worker a job until that job's horse has
         forked: a stop then only records itself (raising, as RQ's handler does for an idle worker,
         would drop a job already popped from its queue)."""
+        self._kept: _KeptHorse | None = None
+        """In the worker: the horse waiting for its next job, or running it (then also horse_pid)."""
+        self._pipes: tuple[int, int] | None = None
+        """In a kept horse: its ends of the pipes (orders in, ready out)."""
+        self._next_scheduler_try = 0.0
+        """Monotonic time before which _keep_scheduler_alive does not try the scheduler locks again."""
 
     @property
     def wake_key(self) -> str:
@@ -99,24 +141,145 @@ class DownloadWorker(Worker):
         else:
             self._ordered_queues = list(self._preferred_order)
 
+    # -- the work horse, kept from one download to the next ----------------------------------------
+
     def main_work_horse(self, job: Job, queue: Queue) -> None:
+        """The horse: RQ's (perform the job, then exit) for as many jobs as its worker hands it.
+
+        Between jobs it waits for the next on its pipe, and keeps what a fresh fork would have to
+        build again: its Redis and HTTP connections, and the pages and code it has touched. It
+        runs each job exactly as a fresh horse would (RQ's perform_job: registries, result,
+        retries, the job's timeout), and exits instead of waiting for another once it has run
+        HORSE_MAX_JOBS, after a job that failed or left a thread running, after a hand-back, or
+        when its worker lets it go (end of file on the pipe). It never outlives its worker.
+        """
         install_hand_back_handler(HAND_BACK_SIGNAL)
         # Born with the signal blocked (fork_work_horse): a hand-back asked for before the handler
         # was in place is delivered now, to the handler, instead of killing the horse.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {HAND_BACK_SIGNAL})
         die_with_parent()
-        super().main_work_horse(job, queue)
+        if self._pipes is None:
+            super().main_work_horse(job, queue)  # forked by RQ's own code: one job, then exit
+            return
+        orders, ready = self._pipes
+        # What RQ's main_work_horse does once, before its job.
+        random.seed()
+        self.setup_work_horse_signals()  # type: ignore[no-untyped-call]
+        self._is_horse = True
+        self.log = logging.getLogger("rq.worker")
+        incoming = os.fdopen(orders, "rb")
+        served = 0
+        while True:
+            try:
+                succeeded = self.perform_job(job, queue)
+            except BaseException:  # as RQ's horse: the worker reports the job's failure
+                os._exit(1)
+            served += 1
+            if not succeeded or not self._horse_may_go_on(served):
+                os._exit(0)
+            try:
+                os.write(ready, HORSE_READY)
+                order = incoming.readline()
+                if not order:
+                    os._exit(0)  # its worker let it go
+                job, queue = self._job_handed_over(order)
+            except BaseException:
+                self.log.exception("Work horse %s: could not take the next job", os.getpid())
+                os._exit(1)
+
+    @staticmethod
+    def _horse_may_go_on(served: int) -> bool:
+        """May a horse that has run *served* jobs take another? Not once it has run its share, not
+        when its worker is stopping (a hand-back), and not with a thread of a finished job still
+        running (a lease renewal or a fetch that did not stop in time)."""
+        return served < defaults.HORSE_MAX_JOBS and not HAND_BACK.is_set() and threading.active_count() == 1
+
+    def _job_handed_over(self, order: bytes) -> tuple[Job, Queue]:
+        """In a kept horse: the job its worker has prepared (as RQ's SpawnWorker's horse reads it)."""
+        handed = json.loads(order)
+        os.environ["RQ_JOB_ID"] = handed["job"]
+        job = self.job_class.fetch(handed["job"], connection=self.connection, serializer=self.serializer)
+        job.redis_server_version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
+        self.execution = Execution.fetch(handed["execution"], job.id, self.connection)
+        queue = next((q for q in self.queues if q.name == handed["queue"]), None)
+        if queue is None:
+            queue = self.queue_class(handed["queue"], connection=self.connection, serializer=self.serializer)
+        return job, queue
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {HAND_BACK_SIGNAL})
         try:
-            super().fork_work_horse(job, queue)  # the horse itself never returns from this call
+            if not self._hand_to_kept_horse(job, queue):
+                self._fork_kept_horse(job, queue)  # the horse itself never returns from this call
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._holding_job = False
         if self._stop_requested:
             # The stop came after the dequeue, before there was a horse to ask: ask it now.
             self._ask_horse_to_hand_back()
+
+    def _fork_kept_horse(self, job: Job, queue: Queue) -> None:
+        """RQ's fork_work_horse, with the pipes that let the horse stay for the next job."""
+        orders_in, orders_out = os.pipe()
+        ready_in, ready_out = os.pipe()
+        child_pid = os.fork()
+        os.environ["RQ_WORKER_ID"] = self.name
+        os.environ["RQ_JOB_ID"] = job.id
+        if child_pid == 0:
+            os.close(orders_out)
+            os.close(ready_in)
+            self._pipes = (orders_in, ready_out)
+            os.setpgrp()
+            self.main_work_horse(job, queue)
+            os._exit(0)  # just in case
+        os.close(orders_in)
+        os.close(ready_out)
+        self._kept = _KeptHorse(child_pid, orders=orders_out, ready=ready_in)
+        self._horse_pid = child_pid
+        self.procline(f"Forked {child_pid} at {time.time()}")  # type: ignore[no-untyped-call]
+
+    def _hand_to_kept_horse(self, job: Job, queue: Queue) -> bool:
+        """Give *job* to the horse waiting for it; False if there is none (or it has died)."""
+        kept = self._kept
+        if kept is None or self.execution is None:
+            return False
+        order = json.dumps({"job": job.id, "queue": queue.name, "execution": self.execution.id}) + "\n"
+        try:
+            os.write(kept.orders, order.encode())  # far below PIPE_BUF: written whole or not at all
+        except OSError:  # it died while waiting (killed, out of memory): fork another
+            self._let_horse_go()
+            return False
+        os.environ["RQ_JOB_ID"] = job.id
+        self._horse_pid = kept.pid
+        self.procline(f"Handed {job.id} to {kept.pid} at {time.time()}")  # type: ignore[no-untyped-call]
+        return True
+
+    def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
+        """Until the horse has ended its job: it reports ready (and stays), or it is gone (reaped
+        here, its exit status returned as RQ's wait for a horse returns it). RQ's monitoring
+        interrupts the wait (SIGALRM) to heartbeat, as it interrupts its own."""
+        kept = self._kept
+        if kept is None or kept.pid != self.horse_pid:
+            return super().wait_for_horse()
+        if os.read(kept.ready, 1) == HORSE_READY:
+            return kept.pid, os.EX_OK, None
+        self._kept = None
+        os.close(kept.orders)
+        os.close(kept.ready)
+        return super().wait_for_horse()
+
+    def _let_horse_go(self) -> None:
+        """End the kept horse, which has no job (it holds no task, no lease, no staging folder)."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return
+        os.close(kept.orders)
+        os.close(kept.ready)
+        try:
+            os.kill(kept.pid, signal.SIGKILL)
+            os.waitpid(kept.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
     def _ask_horse_to_hand_back(self) -> None:
         self.log.info("Worker %s: asking horse %s to hand its task back", self.name, self.horse_pid)
@@ -176,6 +339,7 @@ class DownloadWorker(Worker):
     def teardown(self) -> None:
         super().teardown()  # type: ignore[no-untyped-call]
         if not self.is_horse:
+            self._let_horse_go()
             self._clear_wake()
 
     def _put_back(self, job_id: str, queue: Queue) -> None:
@@ -224,7 +388,8 @@ class DownloadWorker(Worker):
         loop does on a timeout or in burst mode when the queues are empty.
         """
         qnames = ",".join(self.queue_names())
-        self.set_state(WorkerStatus.IDLE)
+        if self.get_state() != WorkerStatus.IDLE:  # the job before has just set it
+            self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + qnames)  # type: ignore[no-untyped-call]
         self.log.debug("Worker %s: *** Listening on %s...", self.name, qnames)
         connection_wait_time = 1.0
@@ -233,7 +398,7 @@ class DownloadWorker(Worker):
         result: tuple[Job, Queue] | None = None
         while not self._stop_requested:
             try:
-                self.heartbeat()
+                self._heartbeat_unless_fresh()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
                 if timeout is not None and idle_time_left is not None:
@@ -262,8 +427,15 @@ class DownloadWorker(Worker):
                     break
         if result is None and self._stop_requested:
             self.log.info("Worker %s: stopping on request", self.name)
-        self.heartbeat()
+        self._heartbeat_unless_fresh()
         return result
+
+    def _heartbeat_unless_fresh(self) -> None:
+        """Beat, unless the last beat is under HEARTBEAT_FRESH seconds old (a busy worker's loop
+        beats after each job, and again before and after each dequeue)."""
+        last = self.last_heartbeat
+        if last is None or (now() - last).total_seconds() >= HEARTBEAT_FRESH:
+            self.heartbeat()
 
     def _dequeue_once(self, timeout: int | None) -> tuple[Job, Queue] | None:
         """One pop (skipping a stale wake token or a job that no longer exists): the job and its
@@ -317,9 +489,12 @@ class DownloadWorker(Worker):
         if renamed is not None:
             job.func_name = renamed  # queued before an upgrade: run under the function's current name
         if job.func_name in (defaults.DOWNLOAD_JOB_FUNCTION, defaults.DELIVER_JOB_FUNCTION):
-            prepare_job_context()
+            prepare_job_context(self.connection)
         try:
-            super().execute_job(job, queue)
+            if job.func_name == defaults.DELIVER_JOB_FUNCTION:
+                self._execute_in_process(job, queue)
+            else:
+                super().execute_job(job, queue)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # RQ would let this end the worker. The job's outcome is in the database (or the
             # reconciler will see it is missing); wait for Redis and go on working.
@@ -328,6 +503,26 @@ class DownloadWorker(Worker):
             self._settle_after_outage(job, queue)
         finally:
             self._holding_job = False
+
+    def _execute_in_process(self, job: Job, queue: Queue) -> None:
+        """Run *job* in this process, as RQ's SimpleWorker does: a webhook delivery is one short POST,
+        and forking a horse for it would cost more than the POST itself. RQ's perform_job keeps the
+        registries, the result, the retries and `rq info` exactly as for a forked job, and runs the
+        job under its death penalty (the job's timeout, WEBHOOK_JOB_TIMEOUT): a receiver that hangs
+        past it fails the attempt, which RQ retries, and this worker goes on. A stop meanwhile waits
+        for the delivery to end, as it would wait for a horse."""
+        self.prepare_execution(job)
+        self.perform_job(job, queue)
+        self.set_state(WorkerStatus.IDLE)
+
+    def perform_job(self, job: Job, queue: Queue) -> bool:
+        with metrics.deferred():
+            return super().perform_job(job, queue)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
+        # Before RQ records the job finished or failed, so a finished job's events are counted.
+        metrics.flush()
 
     def _settle_after_outage(self, job: Job, queue: Queue) -> None:
         """The job's end could not be recorded in Redis: unless it was, hand it to RQ's failure
@@ -371,12 +566,16 @@ class DownloadWorker(Worker):
             super().heartbeat(timeout, pipeline)
             return
         try:
-            if self.birth_date is not None and not self.connection.hexists(self.key, "birth"):
-                # Redis restarted without our registration: announce ourselves again.
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.hexists(self.key, "birth")
+                super().heartbeat(timeout, pipe)
+                registered = pipe.execute()[0]
+            if self.birth_date is not None and not registered:
+                # Redis restarted without our registration (the beat just now wrote a bare key):
+                # announce ourselves again.
                 self.log.warning("Worker %s: registration lost (Redis restarted?); registering again", self.name)
                 self.connection.delete(self.key)
                 self.register_birth()  # type: ignore[no-untyped-call]
-            super().heartbeat(timeout, pipeline)
             self._keep_scheduler_alive()
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # RQ would let this end the worker (and its horse, mid-download); Redis coming back is
@@ -413,15 +612,22 @@ class DownloadWorker(Worker):
             self.scheduler.start()  # type: ignore[no-untyped-call]
 
     def _keep_scheduler_alive(self) -> None:
-        """Restart a scheduler that died anyway (ours waits out Redis outages) at the next heartbeat,
-        not at RQ's next maintenance pass ten minutes on: scheduled retries depend on it."""
+        """Restart a scheduler that died anyway (ours waits out Redis outages) at a heartbeat, not
+        at RQ's next maintenance pass ten minutes on: scheduled retries depend on it. A worker whose
+        peer's scheduler holds the locks tries to take them over at most every
+        SCHEDULER_TAKEOVER_INTERVAL seconds (each try asks Redis once per queue, and a busy worker
+        beats several times per job)."""
         scheduler = self.scheduler
         if scheduler is None or self._stop_requested:
             return
         process = scheduler._process
-        if process is None or not process.is_alive():
-            if scheduler.acquire_locks(auto_start=True):
-                self.log.info("Worker %s: scheduler (re)started", self.name)
+        if process is not None and process.is_alive():
+            return
+        if time.monotonic() < self._next_scheduler_try:
+            return
+        self._next_scheduler_try = time.monotonic() + defaults.SCHEDULER_TAKEOVER_INTERVAL
+        if scheduler.acquire_locks(auto_start=True):
+            self.log.info("Worker %s: scheduler (re)started", self.name)
 
     def maintain_heartbeats(self, job: Job) -> None:
         try:

@@ -3,7 +3,9 @@
 Workers are forked processes on several hosts, so event counters and histograms live in Redis
 (one hash each, updated with HINCRBY) rather than in process memory; any process can serve
 them (`udemy-dl serve` at /metrics, or `udemy-dl metrics`). Recording never fails a task: a
-Redis error there is logged and the event is dropped.
+Redis error there is logged and the event is dropped. While a worker runs a job, what the job
+records is held back and written in one round trip when the job ends (deferred, flush): a job
+whose process is killed records nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -55,16 +59,52 @@ COUNTERS = {
 # -- recording (workers) ----------------------------------------------------------------------------
 
 
+class _Add(NamedTuple):
+    """One increment of one field of one hash."""
+
+    connection: Redis
+    key: str
+    field: str
+    amount: float
+    whole: bool
+    """HINCRBY (a count) rather than HINCRBYFLOAT."""
+
+
+_held: list[_Add] | None = None
+"""While a job runs under deferred(): what it has recorded and not yet written."""
+
+
 def _field(name: str, labels: dict[str, str]) -> str:
     return name + "".join(f"|{key}={value}" for key, value in sorted(labels.items()))
 
 
+def _record(name: str, adds: list[_Add]) -> None:
+    if _held is not None:
+        _held.extend(adds)
+        return
+    _write(adds, name)
+
+
+def _write(adds: Sequence[_Add], what: str) -> None:
+    """Write *adds* in one round trip per Redis client (there is one in practice)."""
+    for connection in {id(add.connection): add.connection for add in adds}.values():
+        try:
+            with connection.pipeline(transaction=False) as pipe:
+                for add in adds:
+                    if add.connection is not connection:
+                        continue
+                    if add.whole:
+                        pipe.hincrby(add.key, add.field, int(add.amount))
+                    else:
+                        pipe.hincrbyfloat(add.key, add.field, add.amount)
+                pipe.execute()
+        except RedisError as exc:
+            log.warning("metric %s not recorded: %s", what, exc)
+
+
 def inc(connection: Redis, name: str, amount: float = 1, **labels: str) -> None:
     """Add *amount* to counter *name* (one of COUNTERS) with *labels*."""
-    try:
-        connection.hincrbyfloat(COUNTERS_KEY, _field(name, labels), amount)
-    except RedisError as exc:
-        log.warning("metric %s not recorded: %s", name, exc)
+    _record(name, [_Add(connection, COUNTERS_KEY, _field(name, labels), amount, whole=False)])
 
 
 def observe(connection: Redis, name: str, value: float, **labels: str) -> None:
@@ -72,15 +112,37 @@ def observe(connection: Redis, name: str, value: float, **labels: str) -> None:
     _, buckets = HISTOGRAMS[name]
     bucket = next((str(bound) for bound in buckets if value <= bound), "+Inf")
     base = _field("", labels)
+    key = HISTOGRAM_KEY.format(name=name)
+    _record(
+        name,
+        [
+            _Add(connection, key, f"bucket{base}|le={bucket}", 1, whole=True),
+            _Add(connection, key, f"count{base}", 1, whole=True),
+            _Add(connection, key, f"sum{base}", value, whole=False),
+        ],
+    )
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold back what inc() and observe() record in this process, and write it in one round trip
+    at flush() or, at the latest, at the end of the block. The worker runs each job in one: a job
+    records about ten events, and a round trip for each would cost more than the job's own work."""
+    global _held
+    _held = []
     try:
-        with connection.pipeline(transaction=False) as pipe:
-            key = HISTOGRAM_KEY.format(name=name)
-            pipe.hincrby(key, f"bucket{base}|le={bucket}", 1)
-            pipe.hincrby(key, f"count{base}", 1)
-            pipe.hincrbyfloat(key, f"sum{base}", value)
-            pipe.execute()
-    except RedisError as exc:
-        log.warning("metric %s not recorded: %s", name, exc)
+        yield
+    finally:
+        flush()
+        _held = None
+
+
+def flush() -> None:
+    """Write what deferred() has held back so far."""
+    if _held:
+        adds = list(_held)
+        _held.clear()
+        _write(adds, "events of a job")
 
 
 def observe_pickup(connection: Redis, job: Job | None) -> None:
