@@ -35,6 +35,7 @@ class Profile:
     resume_rounds: int
     queue_jobs: int
     idle_seconds: float
+    flash_orders: int
 
 
 FULL = Profile(
@@ -46,6 +47,7 @@ FULL = Profile(
     resume_rounds=3,
     queue_jobs=200,
     idle_seconds=60,
+    flash_orders=1000,
 )
 QUICK = Profile(
     "quick",
@@ -55,7 +57,8 @@ QUICK = Profile(
     resume_bytes=20 * 10**6,
     resume_rounds=1,
     queue_jobs=30,
-    idle_seconds=8,
+    idle_seconds=12,
+    flash_orders=100,
 )
 
 
@@ -154,6 +157,17 @@ class Bench:
         return self.children.start(
             name,
             [str(BIN / "udemy-dl"), "worker", "--name", name],
+            self.workdir / "logs" / f"{name}.log",
+            env=clean_env(**self.service_env(**settings)),
+            cwd=self.service_dir,
+        )
+
+    def start_reconciler(self, name: str, **settings: str) -> Child:
+        """The reconciler beside the workers, as start_workers.sh runs it (`udemy-dl reconciler`)."""
+        self.service_dir.mkdir(parents=True, exist_ok=True)
+        return self.children.start(
+            name,
+            [str(BIN / "udemy-dl"), "reconciler"],
             self.workdir / "logs" / f"{name}.log",
             env=clean_env(**self.service_env(**settings)),
             cwd=self.service_dir,

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .flash_sale import run_flash_sale
 from .harness import FULL, QUICK, Bench, make_origin
 from .origins import NginxOrigin, PythonOrigin, find_nginx
 from .queue_path import run_queue_path
@@ -27,16 +28,22 @@ from .support import REPO, BenchError, Children, machine_info, say
 from .throughput import run_throughput
 
 RESULTS = REPO / "bench" / "results"
-PARTS: dict[str, Callable[[Bench], Part]] = {"a": run_throughput, "b": run_resume, "c": run_queue_path}
+PARTS: dict[str, Callable[[Bench], Part]] = {
+    "a": run_throughput,
+    "b": run_resume,
+    "c": run_queue_path,
+    "d": run_flash_sale,
+}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Measure the fetch step and the queue path against curl and plain rq worker, in one run.",
+        description="Measure the fetch step, the queue path and a flash sale against curl and plain rq worker, "
+        "in one run.",
     )
     parser.add_argument("--quick", action="store_true", help="a reduced run for smoke tests (under a minute)")
-    parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ac' (default: abc)")
+    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'cd' (default: abcd)")
     parser.add_argument(
         "--redis",
         default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),

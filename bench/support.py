@@ -299,7 +299,11 @@ def _kill_seen(child: Child) -> None:
 
 
 class RssMonitor:
-    """Samples VmHWM of a process and its descendants while it runs (a forked work horse included)."""
+    """Samples VmHWM of a process and its descendants while it runs (a forked work horse included).
+
+    A worker keeps its horse from one download to the next: a horse already running when the
+    monitor starts counts only the CPU time it uses from then on (its VmHWM is its peak so far).
+    """
 
     def __init__(self, children: Children, child: Child, interval: float = 0.02) -> None:
         self.children = children
@@ -307,11 +311,15 @@ class RssMonitor:
         self.interval = interval
         self.peaks: dict[int, int] = {}
         self.cpu: dict[int, float] = {}
+        self.cpu_before: dict[int, float] = {}
+        """CPU seconds of the processes already there at the first sample, then."""
         self.horses: set[int] = set()
+        self._first = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-monitor", daemon=True)
 
     def __enter__(self) -> RssMonitor:
+        self.sample()  # the first sample before the work starts: what was there already
         self._thread.start()
         return self
 
@@ -329,8 +337,11 @@ class RssMonitor:
             used = cpu_seconds(pid)
             if used is not None:
                 self.cpu[pid] = used
+                if self._first:
+                    self.cpu_before[pid] = used
             if pid != self.child.pid and process_group(pid) == pid:
                 self.horses.add(pid)  # RQ's work horse calls setpgrp(); its scheduler does not
+        self._first = False
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -347,8 +358,8 @@ class RssMonitor:
 
     @property
     def horse_cpu(self) -> float:
-        """CPU seconds of the horses, as last sampled (a horse's last ~50 ms may be missing)."""
-        return sum(self.cpu.get(pid, 0.0) for pid in self.horses)
+        """CPU seconds of the horses while monitored, as last sampled (a horse's last ~50 ms may be missing)."""
+        return sum(self.cpu.get(pid, 0.0) - self.cpu_before.get(pid, 0.0) for pid in self.horses)
 
     @property
     def others_mb(self) -> float:
