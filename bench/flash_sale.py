@@ -20,6 +20,7 @@ from rq import Queue
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from dev.devservers import write_sample_file
+from udemy_dl.producer import Producer
 from udemy_dl.store import COMPLETED, PENDING
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
@@ -213,9 +214,11 @@ def _ours(bench: Bench, orders: int, receiver: Receiver) -> tuple[float, float, 
     processes = [*workers, reconciler]
     say(f"(d) ours x{WORKERS} and the reconciler: {orders} one-file orders confirmed at once, webhooks on")
     task_ids = [bench.store.insert_task(EMAIL, course_url, status=PENDING) for _ in range(orders)]  # the shop's
+    # The payment service's side, on the bench's own database connection (not the workers' user).
+    shop = Producer(bench.settings(), connection=bench.connection, store=bench.store)
     before = bench.db.settled_count()
     started = time.time()
-    confirmed = bench.producer.confirm_payment(task_ids)
+    confirmed = shop.confirm_payment(task_ids)
     if len(confirmed.enqueued) != orders:
         raise BenchError(f"confirm_payment enqueued {len(confirmed.enqueued)} of {orders}: {confirmed.as_dict()}")
 

@@ -8,6 +8,7 @@ the bench's own queries go through root and are never mixed in.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ from redis import Redis
 
 from .support import BIN, BenchError, clean_env, run, say
 
-BENCH_DB = "udemy_dl_bench"
-BENCH_USER = "udemy_dl_bench"
+BENCH_PREFIX = "udemy_dl_bench_"
+"""The run's database and user are this prefix and the bench's PID: two runs at once (other
+checkouts on the same MariaDB) keep apart, and each counts its own workers' statements."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class BenchMariaDB:
         self.admin_user = parts.username or "root"
         self.admin_password = parts.password or ""
         self.password = secrets.token_hex(16)
+        self.name = f"{BENCH_PREFIX}{os.getpid()}"
+        """The run's database, and the user its workers connect as."""
         self.conn: Any = None
         self.userstat_was: str | None = None
         self.version = "?"
@@ -88,7 +92,7 @@ class BenchMariaDB:
     @property
     def worker_url(self) -> str:
         """DATABASE_URL for the workers: the bench user, whose statements are counted."""
-        return f"mysql://{BENCH_USER}:{self.password}@{self.host}:{self.port}/{BENCH_DB}"
+        return f"mysql://{self.name}:{self.password}@{self.host}:{self.port}/{self.name}"
 
     @property
     def admin_db_url(self) -> str:
@@ -96,7 +100,7 @@ class BenchMariaDB:
         auth = quote(self.admin_user, safe="") + (
             f":{quote(self.admin_password, safe='')}" if self.admin_password else ""
         )
-        return f"mysql://{auth}@{self.host}:{self.port}/{BENCH_DB}"
+        return f"mysql://{auth}@{self.host}:{self.port}/{self.name}"
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -123,11 +127,12 @@ class BenchMariaDB:
         except Exception as exc:
             raise BenchError(f"MariaDB at {self.host}:{self.port} does not answer: {exc}") from exc
         self.version = str(self._query("SELECT VERSION()")[0][0])
-        self._drop()
-        self._query(f"CREATE DATABASE {BENCH_DB}")
+        for name in self._left_behind():
+            self._drop(name)
+        self._query(f"CREATE DATABASE {self.name}")
         for host in ("127.0.0.1", "localhost", "::1"):
-            self._query(f"CREATE USER '{BENCH_USER}'@'{host}' IDENTIFIED BY %s", (self.password,))
-            self._query(f"GRANT ALL PRIVILEGES ON {BENCH_DB}.* TO '{BENCH_USER}'@'{host}'")
+            self._query(f"CREATE USER '{self.name}'@'{host}' IDENTIFIED BY %s", (self.password,))
+            self._query(f"GRANT ALL PRIVILEGES ON {self.name}.* TO '{self.name}'@'{host}'")
         self._enable_userstat()
         run(
             [str(BIN / "udemy-dl"), "db", "init"],
@@ -147,18 +152,33 @@ class BenchMariaDB:
                     f"cannot switch on MariaDB's userstat (needed to count the workers' statements): {exc}"
                 ) from exc
 
-    def _drop(self) -> None:
-        self._query(f"DROP DATABASE IF EXISTS {BENCH_DB}")
+    def _drop(self, name: str) -> None:
+        self._query(f"DROP DATABASE IF EXISTS {name}")
         for host in ("127.0.0.1", "localhost", "::1"):
-            self._query(f"DROP USER IF EXISTS '{BENCH_USER}'@'{host}'")
+            self._query(f"DROP USER IF EXISTS '{name}'@'{host}'")
+
+    def _runs(self) -> dict[str, bool]:
+        """The bench databases on the server, each with whether the run that made it still runs
+        (on this host: the name carries its PID)."""
+        rows = self._query("SHOW DATABASES LIKE %s", (BENCH_PREFIX.replace("_", "\\_") + "%",))
+        runs = {}
+        for (name,) in rows:
+            pid = str(name).removeprefix(BENCH_PREFIX)
+            runs[str(name)] = pid.isdigit() and _pid_runs(int(pid))
+        return runs
+
+    def _left_behind(self) -> list[str]:
+        """Databases of runs that ended without cleaning up (killed), and this run's own name."""
+        return [name for name, running in self._runs().items() if not running or name == self.name] + [self.name]
 
     def teardown(self) -> None:
         if self.conn is None:
             return
         try:
-            if self.userstat_was is not None and self.userstat_was not in ("1", "ON"):
-                self._query("SET GLOBAL userstat = OFF")
-            self._drop()
+            self._drop(self.name)
+            others = [name for name, running in self._runs().items() if running]
+            if self.userstat_was is not None and self.userstat_was not in ("1", "ON") and not others:
+                self._query("SET GLOBAL userstat = OFF")  # unless another run still counts with it
         except Exception as exc:
             say(f"cleanup: MariaDB: {exc}")
         finally:
@@ -172,7 +192,7 @@ class BenchMariaDB:
         rows = self._query(
             "SELECT SELECT_COMMANDS, UPDATE_COMMANDS, OTHER_COMMANDS, TOTAL_CONNECTIONS "
             "FROM information_schema.USER_STATISTICS WHERE USER = %s",
-            (BENCH_USER,),
+            (self.name,),
         )
         if not rows:
             return SqlCount(0, 0, 0, 0)
@@ -202,3 +222,13 @@ class BenchMariaDB:
         if delta.connections != connections:
             raise BenchError(f"calibration opened {connections} connections, the server counted {delta.connections}")
         return round((delta.statements - connections) / connections)
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
