@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-faults lint bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-dashboard.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# The optional dashboard (`udemy-dl dashboard`), so its tests and type checks run too.
+	$(BIN)/python -m pip install -q -r requirements-dashboard.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -237,6 +237,12 @@ TYPED: dict[str, Callable[[], st.SearchStrategy[Bad]]] = {
     "CONTENT_TOKEN": lambda: st.tuples(marker, control.filter(lambda c: c != " "), marker).map(
         lambda t: Bad(f"{t[0]}{t[1]}{t[2]}", t[0])
     ),
+    "DASHBOARD_USERNAME": lambda: st.tuples(marker, st.sampled_from([":", "\n", "\x1b"]), marker).map(
+        lambda t: Bad(f"{t[0]}{t[1]}{t[2]}", None, (("DASHBOARD_PASSWORD", "pw"),))
+    ),
+    "DASHBOARD_PASSWORD": lambda: st.tuples(marker, control.filter(lambda c: c != " "), marker).map(
+        lambda t: Bad(f"{t[0]}{t[1]}{t[2]}", t[0], (("DASHBOARD_USERNAME", "ops"),))
+    ),
 }
 """Variable -> strategy of values wrong for it."""
 

@@ -297,6 +297,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return RET_OK
 
 
+def cmd_dashboard(settings: Settings, args: argparse.Namespace) -> int:
+    from .dashboard import run_dashboard  # an optional extra: imported only here
+
+    try:
+        run_dashboard(settings, args.bind, args.port)
+    except OSError as exc:  # the address is taken or not ours to bind
+        print(f"udemy-dl dashboard: cannot listen on {args.bind}:{args.port}: {exc}", file=sys.stderr)
+        return RET_CONNECT
+    return RET_OK
+
+
 def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
     settings.require_database()  # without it every round would fail the same way: stop with exit 3 instead
     run_reconciler(settings)
@@ -375,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "dashboard", help="rq-dashboard on our Redis (optional extra: pip install -r requirements-dashboard.txt)"
+    )
+    p.add_argument("--bind", default="127.0.0.1", help="address (default 127.0.0.1; others need DASHBOARD_USERNAME)")
+    p.add_argument("--port", type=int, default=9181, help="port (default 9181)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("reconciler", help="run the reconciler loop (start_workers.sh and the pool run it)")
     p.set_defaults(func=cmd_reconciler)

@@ -59,6 +59,8 @@ VARIABLES = (
     "MAX_TASK_BYTES",
     "FETCH_COMMAND",
     "RECONCILE_INTERVAL",
+    "DASHBOARD_USERNAME",
+    "DASHBOARD_PASSWORD",
 )
 """Every environment variable the settings read (tests and tools clear or pass exactly these)."""
 
@@ -164,6 +166,8 @@ class Settings:
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = defaults.REDIS_SENTINEL_MASTER
     redis_sentinel_password: str | None = field(default=None, repr=False)
+    dashboard_username: str | None = None
+    dashboard_password: str | None = field(default=None, repr=False)
 
     @property
     def redis_url_redacted(self) -> str:
@@ -601,6 +605,25 @@ def _command(env: Mapping[str, str | None], variable: str) -> tuple[str, ...] | 
     return argv
 
 
+def _dashboard_login(env: Mapping[str, str | None]) -> tuple[str | None, str | None]:
+    """DASHBOARD_USERNAME and DASHBOARD_PASSWORD: both or neither (HTTP basic auth of `udemy-dl dashboard`).
+
+    The name holds no ':' (basic auth splits on the first one); neither holds a control character, which
+    no browser's login box can type. The password is never echoed.
+    """
+    username = _get(env, "DASHBOARD_USERNAME")
+    password = _get(env, "DASHBOARD_PASSWORD")
+    if username is not None and (":" in username or not username.isprintable()):
+        raise ConfigError("DASHBOARD_USERNAME", f"no ':' and no control character, got {_shown(username)}")
+    if password is not None and not password.isprintable():
+        raise ConfigError("DASHBOARD_PASSWORD", "holds a control character")
+    if username is not None and password is None:
+        raise ConfigError("DASHBOARD_PASSWORD", "required when DASHBOARD_USERNAME is set")
+    if password is not None and username is None:
+        raise ConfigError("DASHBOARD_USERNAME", "required when DASHBOARD_PASSWORD is set")
+    return username, password
+
+
 def _name(env: Mapping[str, str | None], variable: str, default: str) -> str:
     value = _get(env, variable) or default
     if not (value.isascii() and len(value) <= 200 and value.replace("-", "").replace("_", "").isalnum()):
@@ -614,6 +637,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
     if env_file is not None and env_file.is_file():
         env.update(dotenv_values(env_file))
     env.update(os.environ if environ is None else environ)
+    dashboard_username, dashboard_password = _dashboard_login(env)
     return Settings(
         redis_url=_redis_url(env, sentinels=_get(env, "REDIS_SENTINELS") is not None),
         database_url=_database_url(env),
@@ -641,6 +665,8 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         redis_sentinels=_sentinels(env, "REDIS_SENTINELS"),
         redis_sentinel_master=_name(env, "REDIS_SENTINEL_MASTER", defaults.REDIS_SENTINEL_MASTER),
         redis_sentinel_password=_get(env, "REDIS_SENTINEL_PASSWORD"),
+        dashboard_username=dashboard_username,
+        dashboard_password=dashboard_password,
     )
 
 
