@@ -180,11 +180,12 @@ def run_throughput(bench: Bench) -> Part:
         "before: on a VM whose host takes freed guest memory back after a few seconds, the first write to such a "
         "page costs about 4 s/GiB (measured here), and a side writing into pages freed long before would pay it",
         "ours = enqueue (Producer.add_download_job) until download_tasks.finished_at of the `completed` row; "
-        "a long-running `udemy-dl worker` (registered before the clock starts) forks a horse that fetches, "
+        "a long-running `udemy-dl worker` (registered before the clock starts) hands it to its work horse (forked "
+        "for the first run, then kept), which fetches, "
         "hashes (sha256 while streaming), verifies size and sha256 against the manifest, moves the folder into "
         "place and records it",
-        "peak RSS = VmHWM sampled every 50 ms from /proc for the worker and each forked horse; CPU time of ours = "
-        "the horse's user+system time (last sample), of curl = all curl processes",
+        "peak RSS = VmHWM sampled every 50 ms from /proc for the worker and its horse; CPU time of ours = the "
+        "horse's user+system time during the run (sampled), of curl = all curl processes",
     ]
     if bench.origin.kind != "nginx":
         part.notes.append(
