@@ -99,10 +99,16 @@ RECONCILE_INTERVAL = 300
 RECOVERY_INTERVAL = 10
 """Seconds between the reconciler's Redis-only checks for jobs whose worker died."""
 
-WORKER_TTL = 60
-"""Seconds a worker's registration lives without a heartbeat (RQ's worker_ttl; its default is 420).
-Idle workers heartbeat every WORKER_TTL - 15 s, busy ones every 30 s, so a dead worker on another
-host is noticed within about 90 s."""
+WORKER_TTL = 25
+"""Seconds a worker's registration (its `rq:worker:<name>` key) lives after its last heartbeat (RQ
+keeps it worker_ttl + 60 s, 420 + 60 by default). A worker killed with SIGKILL never unregisters:
+its key expires within this time, and from then on `health`, `stats`, /metrics, `rq info` and the
+reconciler on every host stop counting it."""
+
+WORKER_HEARTBEAT = 5
+"""Seconds between a worker's heartbeats, idle (its blocking dequeue waits this long) or busy (RQ's
+job monitoring interval; a webhook delivery it runs itself beats from a thread): a worker may stall
+WORKER_TTL - WORKER_HEARTBEAT seconds before it looks dead."""
 
 LEASE_TTL = 30
 """Seconds a task's lease lives unless its run renews it (every LEASE_TTL / 3 seconds)."""

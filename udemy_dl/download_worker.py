@@ -36,11 +36,13 @@ from rq.worker_pool import WorkerPool
 from . import defaults, metrics, worker_rq
 from .connection import redis_connection
 from .job import prepare_job_context
-from .process_control import HAND_BACK, die_with_parent, install_hand_back_handler, pid_alive
-from .queues import DownloadQueues, priority_of, worker_queues
+from .logs import set_task
+from .process_control import HAND_BACK, die_with_parent, install_hand_back_handler, pid_alive, set_process_title
+from .queues import DownloadQueues, priority_of, task_of_job, worker_queues
 from .reconciler import run_reconciler
 from .scheduler import ResilientScheduler
 from .settings import Settings, get_settings
+from .webhooks import task_of_delivery
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,45 @@ WAKE_TTL = 300
 
 HEARTBEAT_FRESH = 1.0
 """Seconds within which a worker's dequeue loop does not beat again (its registration lives WORKER_TTL
-+ 60 s from each beat)."""
+seconds from each beat)."""
 
 HORSE_READY = b"r"
 """What a kept work horse writes to its worker when its job has ended and it can take the next."""
+
+TITLE = "rq worker udemy_dl {name}: {state}"
+"""The process title of a worker and of its work horse (what `ps aux | grep "rq worker"` and
+`pgrep -f "rq worker"` find); *state* is `idle`, `busy task 42 (downloads-high), horse 1234`,
+`horse task 42 (downloads-high)` or `horse idle`."""
+
+
+def task_of(job_id: str) -> int | None:
+    """The task a download or webhook delivery job is about, else None."""
+    return task_of_job(job_id) or task_of_delivery(job_id)
+
+
+def job_label(job: Job) -> str:
+    """`task 42 (downloads-high)`, `task 42 webhook (webhooks)`, or `job <id> (<queue>)`."""
+    task_id = task_of(job.id)
+    if task_id is None:
+        return f"job {job.id} ({job.origin})"
+    kind = " webhook" if task_of_job(job.id) is None else ""
+    return f"task {task_id}{kind} ({job.origin})"
+
+
+class _QuietAfterHandBack(logging.Filter):
+    """Drops RQ's success lines ("Successfully completed … job", "Job OK") while a job that handed
+    its task back is being recorded: RQ sees a job that returned, the task is not done."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.active:
+            return True
+        text = str(record.msg) + " ".join(str(arg) for arg in (record.args or ()) if isinstance(arg, str))
+        return "Successfully completed" not in text and "Job OK" not in text
+
+
+QUIET_AFTER_HAND_BACK = _QuietAfterHandBack()
 
 
 @dataclass
@@ -86,7 +123,9 @@ class DownloadWorker(Worker):
     """RQ's forking worker, with what a download service needs on top:
 
     - its work horse dies with it (no orphan keeps writing a staging folder);
-    - a short worker TTL, so a dead worker on another host is noticed within about 90 s;
+    - a short worker TTL and a heartbeat every WORKER_HEARTBEAT seconds, idle or busy, so the key
+      of a worker killed with SIGKILL expires within WORKER_TTL seconds and every host stops
+      counting it;
     - on a warm shutdown (SIGTERM/SIGINT) it asks the horse to hand its task back to the queue
       at once, instead of waiting for a download that may take an hour;
     - a stop never loses a job it is being handed: a job that a stopping worker dequeues (a task a
@@ -100,8 +139,12 @@ class DownloadWorker(Worker):
       forked anew for each (see main_work_horse): a fresh fork costs more than a small download.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, titles: bool = False, **kwargs: Any) -> None:
+        """*titles*: show the worker's state in its process title (and its horse's); the programs
+        that run a worker process set it, a worker run inside another program leaves its title alone."""
+        self._titles = titles
         kwargs.setdefault("worker_ttl", defaults.WORKER_TTL)
+        kwargs.setdefault("job_monitoring_interval", defaults.WORKER_HEARTBEAT)
         super().__init__(*args, **kwargs)
         self._high_in_a_row = 0
         self._preferred_order = list(self._ordered_queues)
@@ -115,6 +158,25 @@ class DownloadWorker(Worker):
         """In a kept horse: its ends of the pipes (orders in, ready out)."""
         self._next_scheduler_try = 0.0
         """Monotonic time before which _keep_scheduler_alive does not try the scheduler locks again."""
+        rq_log = logging.getLogger("rq.worker")
+        if QUIET_AFTER_HAND_BACK not in rq_log.filters:
+            rq_log.addFilter(QUIET_AFTER_HAND_BACK)
+        self.procline("starting")
+
+    def procline(self, message: str) -> None:
+        """The process title, as TITLE (RQ's would read `rq:worker:<name>: …`, which `pgrep -f "rq
+        worker"` does not find)."""
+        if self._titles:
+            set_process_title(TITLE.format(name=self.name, state=message))
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+        self.procline(f"{'horse' if self._is_horse else 'busy'} {job_label(job)}")
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """An idle worker's blocking dequeue, after which it beats again (RQ's: worker_ttl - 15)."""
+        return defaults.WORKER_HEARTBEAT
 
     @property
     def wake_key(self) -> str:
@@ -178,6 +240,7 @@ class DownloadWorker(Worker):
             if not succeeded or not self._horse_may_go_on(served):
                 os._exit(0)
             try:
+                self.procline("horse idle")
                 os.write(ready, HORSE_READY)
                 order = incoming.readline()
                 if not order:
@@ -236,7 +299,7 @@ class DownloadWorker(Worker):
         os.close(ready_out)
         self._kept = _KeptHorse(child_pid, orders=orders_out, ready=ready_in)
         self._horse_pid = child_pid
-        self.procline(f"Forked {child_pid} at {time.time()}")  # type: ignore[no-untyped-call]
+        self.procline(f"busy {job_label(job)}, horse {child_pid}")
 
     def _hand_to_kept_horse(self, job: Job, queue: Queue) -> bool:
         """Give *job* to the horse waiting for it; False if there is none (or it has died)."""
@@ -251,7 +314,7 @@ class DownloadWorker(Worker):
             return False
         os.environ["RQ_JOB_ID"] = job.id
         self._horse_pid = kept.pid
-        self.procline(f"Handed {job.id} to {kept.pid} at {time.time()}")  # type: ignore[no-untyped-call]
+        self.procline(f"busy {job_label(job)}, horse {kept.pid}")
         return True
 
     def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
@@ -334,6 +397,7 @@ class DownloadWorker(Worker):
         log_format: str = DEFAULT_LOGGING_FORMAT,
     ) -> None:
         super().bootstrap(logging_level, date_format, log_format)
+        self.heartbeat()  # RQ registers with worker_ttl + 60 s: from now on the key lives WORKER_TTL
         self._clear_wake()  # a token left by an earlier worker of this name must not stop this one
 
     def teardown(self) -> None:
@@ -388,9 +452,10 @@ class DownloadWorker(Worker):
         loop does on a timeout or in burst mode when the queues are empty.
         """
         qnames = ",".join(self.queue_names())
+        set_task(None)
         if self.get_state() != WorkerStatus.IDLE:  # the job before has just set it
             self.set_state(WorkerStatus.IDLE)
-        self.procline("Listening on " + qnames)  # type: ignore[no-untyped-call]
+        self.procline("idle")
         self.log.debug("Worker %s: *** Listening on %s...", self.name, qnames)
         connection_wait_time = 1.0
         idle_since = now()
@@ -468,6 +533,7 @@ class DownloadWorker(Worker):
             except BaseException:
                 self._holding_job = False
                 raise
+            set_task(task_of(job.id))  # until the job has ended (execute_job)
             if self._stop_requested:
                 self._put_back(job.id, queue)
                 return None
@@ -503,6 +569,7 @@ class DownloadWorker(Worker):
             self._settle_after_outage(job, queue)
         finally:
             self._holding_job = False
+            set_task(None)
 
     def _execute_in_process(self, job: Job, queue: Queue) -> None:
         """Run *job* in this process, as RQ's SimpleWorker does: a webhook delivery is one short POST,
@@ -512,12 +579,35 @@ class DownloadWorker(Worker):
         past it fails the attempt, which RQ retries, and this worker goes on. A stop meanwhile waits
         for the delivery to end, as it would wait for a horse."""
         self.prepare_execution(job)
-        self.perform_job(job, queue)
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat_until, args=(done,), name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue)
+        finally:
+            done.set()
+            beat.join()
         self.set_state(WorkerStatus.IDLE)
 
+    def _beat_until(self, done: threading.Event) -> None:
+        """Heartbeat every WORKER_HEARTBEAT seconds until *done*: while this process runs a job itself,
+        no monitoring loop beats for it, and a delivery may take up to its timeout (60 s)."""
+        while not done.wait(defaults.WORKER_HEARTBEAT):
+            try:
+                with self.connection.pipeline(transaction=False) as pipe:
+                    self.heartbeat(pipeline=pipe)
+                    pipe.execute()
+            except RedisError as exc:
+                self.log.warning("Worker %s: heartbeat failed, Redis unreachable: %s", self.name, exc)
+
     def perform_job(self, job: Job, queue: Queue) -> bool:
-        with metrics.deferred():
-            return super().perform_job(job, queue)
+        set_task(task_of(job.id))
+        try:
+            with metrics.deferred():
+                return super().perform_job(job, queue)
+        finally:
+            QUIET_AFTER_HAND_BACK.active = False
+            set_task(None)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         super().handle_execution_ended(job, queue, heartbeat_ttl)
@@ -552,16 +642,26 @@ class DownloadWorker(Worker):
             self.log.warning("Worker %s: could not record working time, Redis unreachable: %s", self.name, exc)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
+        handed_back = bool(job.meta.get("handed_back"))
+        QUIET_AFTER_HAND_BACK.active = handed_back  # until perform_job ends: RQ's "OK" lines would mislead
         super().handle_job_success(job, queue, started_job_registry)
-        if job.meta.get("handed_back") and job.args:
+        if handed_back and job.args:
             # Only now is the job finished, so the enqueue below makes a fresh job rather than
             # finding this one live. At the front: it was already running once.
             outcome = DownloadQueues(get_settings(), self.connection).enqueue(
                 job.args[0], priority=priority_of(job), at_front=True
             )
-            self.log.info("Worker %s: task handed back as job %s", self.name, outcome.job.id)
+            self.log.info(
+                "Worker %s: handed back to the front of %s as job %s, its attempt given back",
+                self.name,
+                outcome.job.origin,
+                outcome.job.id,
+            )
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's beat, always with WORKER_TTL: RQ asks for a minute or more beyond its monitoring
+        interval, which would keep a dead worker's key (and its count in `rq info`) that long."""
+        timeout = defaults.WORKER_TTL
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
             return
@@ -687,7 +787,7 @@ def run_worker(settings: Settings, name: str, burst: bool = False, logging_level
     clear_stale_registration(connection, name)
     queues = worker_queues(settings, connection)
     release_dead_scheduler_locks(connection, [queue.name for queue in queues])
-    worker = DownloadWorker(queues, connection=connection, name=name)
+    worker = DownloadWorker(queues, connection=connection, name=name, titles=True)
     return worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)
 
 
@@ -740,7 +840,7 @@ def _run_pool_worker(settings: Settings, name: str, burst: bool, logging_level: 
     queues = worker_queues(settings, connection)
     # Replacing a worker that died: its scheduler went with it, its lock need not wait a minute.
     release_dead_scheduler_locks(connection, [queue.name for queue in queues])
-    worker = DownloadWorker(queues, connection=connection, name=name)
+    worker = DownloadWorker(queues, connection=connection, name=name, titles=True)
     worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)
 
 

@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, Worker
+from rq import Queue
 from rq.job import Job
 from rq.registry import (
     DeferredJobRegistry,
@@ -32,7 +32,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
-from .queues import download_queues, webhook_queue
+from .queues import download_queues, live_workers, webhook_queue
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,11 @@ class ServiceCollector(Collector):
         return max(time.time() - enqueued.timestamp(), 0.0)
 
     def _workers(self) -> Iterable[Metric]:
-        alive = GaugeMetricFamily(f"{PREFIX}_workers", "Workers registered in Redis, by state.", labels=["state"])
+        alive = GaugeMetricFamily(
+            f"{PREFIX}_workers", "Live workers listening on the service's queues, by state.", labels=["state"]
+        )
         counts: dict[str, int] = {"idle": 0, "busy": 0, "other": 0}
-        for worker in Worker.all(connection=self.connection):
+        for worker in live_workers(self.connection, self.queues()):
             state = str(worker.get_state())
             counts[state if state in counts else "other"] += 1
         for state, count in counts.items():

@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from setproctitle import setproctitle
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,16 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True  # no /proc (not Linux): kill(0) is all we can know
     return state not in ("Z", "X")
+
+
+def set_process_title(title: str) -> None:
+    """Show *title* as this process's command line (/proc/<pid>/cmdline: `ps`, `pgrep -f`, `htop`).
+
+    Only the space of the original arguments is used (SPT_NOENV): the environment stays readable
+    in /proc/<pid>/environ, and a title longer than the original command line is cut short.
+    """
+    os.environ.setdefault("SPT_NOENV", "1")  # read by setproctitle at its first call
+    setproctitle(title)
 
 
 HAND_BACK = threading.Event()

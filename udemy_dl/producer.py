@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
-from rq import Worker
 from rq.job import Job
 from rq.registry import (
     BaseRegistry,
@@ -24,7 +23,15 @@ from .connection import redis_connection
 from .errors import InvalidTaskError
 from .outcome import fail_row
 from .payload import TaskPayload, parse_task_id
-from .queues import DownloadQueues, EnqueueResult, download_queue, download_queues, parse_priority, webhook_queue
+from .queues import (
+    DownloadQueues,
+    EnqueueResult,
+    download_queue,
+    download_queues,
+    live_workers,
+    parse_priority,
+    webhook_queue,
+)
 from .settings import Settings, get_settings
 from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store
 
@@ -145,7 +152,7 @@ class Producer:
             "deferred": total(DeferredJobRegistry),
             "completed": total(FinishedJobRegistry),
             "failed": total(FailedJobRegistry),
-            "workers": Worker.count(connection=conn, queue=self.queue),
+            "workers": len(live_workers(conn, [self.queue])),
             "webhooks_waiting": webhook_queue(self.settings, conn).count,
             "webhooks_failed": FailedJobRegistry(queue=webhook_queue(self.settings, conn)).get_job_count(cleanup=False),
         }

@@ -13,18 +13,19 @@ from __future__ import annotations
 import logging
 import random
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import LockError
-from rq import Queue, Retry, Worker
+from rq import Queue, Retry, Worker, worker_registration
 from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.worker import BaseWorker
+from rq.worker_registration import clean_worker_registry
 
 from . import defaults
 from .errors import InvalidTaskError, TransientError
@@ -74,6 +75,12 @@ def job_id_for(task_id: int) -> str:
     return f"download-{task_id}"
 
 
+def task_of_job(job_id: str) -> int | None:
+    """The task id of a download job's id (`download-<taskId>`), else None."""
+    prefix, _, number = job_id.partition("-")
+    return int(number) if prefix == "download" and number.isdigit() else None
+
+
 def retry_intervals(settings: Settings, rng: random.Random | None = None) -> list[int]:
     """Exponential backoff from RETRY_DELAY, doubling, each stretched by random jitter."""
     rng = rng or random.Random()
@@ -98,11 +105,31 @@ def live_worker(connection: Redis, name: str | None) -> BaseWorker | None:
     if not name:
         return None
     worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=connection)
-    if worker is None or worker.death_date is not None:
-        return None
-    if worker.hostname == socket.gethostname() and worker.pid and not pid_alive(worker.pid):
-        return None
-    return worker
+    return worker if worker is not None and _alive(worker) else None
+
+
+def _alive(worker: BaseWorker) -> bool:
+    """Not marked dead, and (on this host) its process runs. Its key exists: Redis expires it
+    WORKER_TTL seconds after the last heartbeat, by Redis's clock, not any server's."""
+    if worker.death_date is not None:
+        return False
+    return not (worker.hostname == socket.gethostname() and worker.pid and not pid_alive(worker.pid))
+
+
+def live_workers(connection: Redis, queues: Sequence[Queue]) -> list[BaseWorker]:
+    """The live workers (see live_worker) listening on any of *queues*, by name.
+
+    RQ's per-queue worker sets keep a worker killed with SIGKILL until some clean-up drops it
+    (`rq info` runs one; a worker's maintenance only every ten minutes), so RQ's Worker.count would
+    count it for ever. Each set is cleaned here as `rq info` cleans it (members whose key has
+    expired go), and each remaining worker is judged as the reconciler judges it.
+    """
+    keys: set[str] = set()
+    for queue in queues:
+        clean_worker_registry(queue)
+        keys |= worker_registration.get_keys(queue=queue)
+    found = (Worker.find_by_key(key, connection=connection) for key in sorted(keys))
+    return [worker for worker in found if worker is not None and _alive(worker)]
 
 
 def job_is_running(connection: Redis, job: Job) -> bool:

@@ -17,7 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.scheduler import RQScheduler
 
-from .process_control import die_with_parent
+from .logs import set_task
+from .process_control import die_with_parent, set_process_title
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class ResilientScheduler(RQScheduler):
 
     def work(self) -> None:
         die_with_parent()  # a worker killed with -9 must not leave a scheduler holding its lock
+        set_task(None)  # forked from a worker, maybe while it ran a job: its lines are about no task
+        set_process_title(f"rq scheduler udemy_dl {self.name}")  # not the worker's title: pgrep finds workers
         self._install_signal_handlers()  # type: ignore[no-untyped-call]
         self._until_redis_answers(self.register_birth)
         while not self._stop_requested:

@@ -49,6 +49,12 @@ def event_id(task_id: int, event_type: str, finished_at: datetime) -> str:
     return f"msg_{task_id}_{event_type.split('.')[-1]}_{stamp}"
 
 
+def task_of_delivery(job_id: str) -> int | None:
+    """The task id of a webhook delivery job's id (`webhook-msg_<taskId>_<kind>_<time>`), else None."""
+    parts = job_id.removeprefix("webhook-").split("_")
+    return int(parts[1]) if job_id.startswith("webhook-msg_") and len(parts) == 4 and parts[1].isdigit() else None
+
+
 def final_event_of(event_id_: str) -> int | None:
     """The task id of a final event's webhook-id (download.completed or download.failed), else None."""
     parts = event_id_.split("_")

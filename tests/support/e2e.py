@@ -17,6 +17,7 @@ from .processes import cmdline, marked_pids
 from .scripts import rq_info_workers
 
 MARKER = "E2E_RUN_ID"
+WORKER_TITLE = re.compile(r"rq worker udemy_dl (?P<name>\S+): (?P<state>.*)")
 HOSTNAME = socket.gethostname()
 
 
@@ -46,15 +47,25 @@ def host_workers(rq_info: str) -> dict[str, int]:
 
 
 def worker_pids_by_name(run_id: str) -> dict[str, list[int]]:
-    """`pgrep -f "udemy-dl worker"` restricted to this test's processes: worker name -> pids (horses included)."""
-    done = subprocess.run(["pgrep", "-f", "udemy-dl worker --name"], capture_output=True, text=True, timeout=10)
+    """`pgrep -f "rq worker"` restricted to this test's processes: worker name -> pids (work horses
+    included). A worker's title reads `rq worker udemy_dl <name>: <state>`, its horse's the same."""
+    return {name: [pid for pid, _ in found] for name, found in worker_titles(run_id).items()}
+
+
+def worker_titles(run_id: str) -> dict[str, list[tuple[int, str]]]:
+    """What `pgrep -f "rq worker"` finds of this test's processes: worker name -> (pid, state) of
+    the worker and of its work horse."""
+    done = subprocess.run(["pgrep", "-f", "rq worker"], capture_output=True, text=True, timeout=10)
     mine = set(marked_pids(MARKER, run_id))
-    found: dict[str, list[int]] = {}
+    found: dict[str, list[tuple[int, str]]] = {}
     for raw in done.stdout.split():
         pid = int(raw)
-        if pid not in mine:
-            continue
-        parts = cmdline(pid).split()
-        if "--name" in parts:
-            found.setdefault(parts[parts.index("--name") + 1], []).append(pid)
+        title = WORKER_TITLE.match(cmdline(pid))
+        if pid in mine and title is not None:
+            found.setdefault(title["name"], []).append((pid, title["state"]))
     return found
+
+
+def worker_gauge(metrics_text: str) -> int:
+    """The live workers the metrics page counts: the sum of `udemy_dl_workers{state=...}`."""
+    return sum(int(float(value)) for value in re.findall(r"^udemy_dl_workers\{[^}]*\} (\S+)$", metrics_text, re.M))
