@@ -6,22 +6,26 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from redis import Redis
 from rq import Queue, Worker
 
+from tests.support.disks import Usage, report_far_host
 from tests.support.mariadb import TEST_URL, drop_tasks_table
 from tests.support.processes import LoggedProcess
 from tests.support.scripts import cli_command, run_command
 from tests.support.service import Backend
 from tests.support.waiting import wait_for
 from udemy_dl import __version__
-from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser
+from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser, main
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, open_store, utcnow
@@ -485,3 +489,59 @@ def test_health_without_the_worker_check_is_what_a_start_needs(healthy_env: Sett
     down = cli("health", "--no-workers", DATABASE_URL="mysql://root@127.0.0.1:1/udemy_dl_test")
     assert down.returncode == RET_UNHEALTHY, explain(down)
     assert unhealthy_checks(down) == ["database"]
+
+
+# -- the download disk ----------------------------------------------------------------------------
+
+
+def test_health_warns_of_a_low_download_disk_and_stays_healthy(
+    healthy_env: Settings,
+    configure: Callable[..., Settings],
+    redis_conn: Redis,
+    tmp_path: Path,
+    start_worker: Callable[..., LoggedProcess],
+) -> None:
+    """Free space below DISK_WARN_BYTES (but above the floor): a `WARNING disk:` line naming the host,
+    the folder and the level, and `health` still exits 0; `--no-workers` (before a start) leaves it out."""
+    configure(DOWNLOAD_DIR=str(tmp_path), DISK_WARN_BYTES=str(2**62))
+    worker = start_worker()
+    wait_for(lambda: json.loads(cli("stats", "--json").stdout)["queue"]["workers"] == 1, timeout=20, what=worker.log)
+    result = cli("health")
+    assert result.returncode == RET_OK, explain(result)
+    warning, healthy = result.stdout.splitlines()
+    assert warning.startswith(f"WARNING disk: {socket.gethostname()}: ") and str(tmp_path) in warning, warning
+    assert "(DISK_WARN_BYTES)" in warning and healthy.startswith("healthy:"), result.stdout
+    assert cli("health", "--no-workers").stdout.strip() == "healthy: redis ok, database ok"
+
+
+def test_health_fails_below_the_disk_floor(
+    healthy_env: Settings,
+    configure: Callable[..., Settings],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Less free than DISK_HEADROOM (no download can go on): `UNHEALTHY disk:`, saying downloads fail. The
+    disk's answer is faked at shutil.disk_usage."""
+    configure(DOWNLOAD_DIR=str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**10, 10**10 - 10**8, 10**8))
+    assert main(["health"]) == RET_UNHEALTHY
+    out = capsys.readouterr().out
+    assert {"disk", "workers"} == {line.split()[1].rstrip(":") for line in out.splitlines() if "UNHEALTHY" in line}
+    assert "100.0 MB free of 10.0 GB (1%)" in out and "downloads fail" in out, out
+
+
+def test_stats_show_each_hosts_download_disk(
+    cli_backend: Backend, configure: Callable[..., Settings], redis_conn: Redis, tmp_path: Path
+) -> None:
+    """`stats --json` lists the download disk of every host that reported one, and this host's measured
+    now; the table marks a low one."""
+    configure(DOWNLOAD_DIR=str(tmp_path))
+    far = report_far_host(redis_conn)
+    stats = json.loads(cli("stats", "--json").stdout)
+    disks = {item["host"]: item for item in stats["disks"]}
+    assert disks["far-host"] == {**asdict(far), "level": "low"}
+    here = disks[socket.gethostname()]
+    assert here["path"] == str(tmp_path) and here["total"] == shutil.disk_usage(tmp_path).total
+    table = cli("stats").stdout
+    assert "far-host: 3.0 GB free of 100.0 GB (3%) on /srv/courses  LOW: below 10.0 GB" in table, table

@@ -7,25 +7,18 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 import pytest
 
 from dev.devservers import ContentOrigin, write_sample_file
+from tests.support.disks import Usage
 from tests.support.fetching import cut_transfer, fetcher_for
 from tests.support.files import files_under
 from udemy_dl import defaults, fetch
 from udemy_dl.errors import NoSpaceError, PermanentError, TooLargeError, TransientError
 
 TiB = 1 << 40
-
-
-class Usage(NamedTuple):
-    """What shutil.disk_usage answers."""
-
-    total: int
-    used: int
-    free: int
 
 
 def disk(monkeypatch: pytest.MonkeyPatch, total: int, free: int) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from dev.devservers import ContentOrigin, WebhookReceiver
+from tests.support.disks import report_far_host
 from tests.support.processes import LoggedProcess
 from tests.support.service import Backend, Service, run_burst_worker
 from tests.support.waiting import wait_for
-from udemy_dl import metrics
+from udemy_dl import defaults, disk, metrics
 from udemy_dl.producer import Producer
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, SQLiteStore
@@ -143,3 +147,43 @@ def test_workers_gauge_follows_live_workers(
     first.stop()
     assert first.process.returncode == 0, first.log()
     wait_for(lambda: gauge_is({"idle": 1, "busy": 0, "other": 0}), timeout=30, what=logs)
+
+
+def disk_gauges(settings: Settings, connection: Redis) -> dict[str, dict[str, float]]:
+    """The `udemy_dl_download_disk_*_bytes` samples of one scrape: host -> {free, total, warn, floor}."""
+    found: dict[str, dict[str, float]] = {}
+    for (name, labels), value in scrape(settings, connection).items():
+        if name.startswith("udemy_dl_download_disk_"):
+            part = name.removeprefix("udemy_dl_download_disk_").removesuffix("_bytes")
+            found.setdefault(dict(labels)["host"], {})[part] = value
+    return found
+
+
+def test_each_host_reports_its_download_disk(
+    wired: tuple[Settings, Producer],
+    configure: Callable[..., Settings],
+    redis_conn: Redis,
+    tmp_path: Path,
+    start_worker: Callable[..., LoggedProcess],
+) -> None:
+    """A real worker reports its host's download disk to Redis; the page shows every host's (this one's
+    measured as it is scraped), the levels an alert compares with, and forgets a host whose report expired."""
+    settings = configure(DOWNLOAD_DIR=str(tmp_path), DISK_WARN_BYTES=str(5 * 1024**3))
+    host = socket.gethostname()
+    worker = start_worker()
+    wait_for(lambda: redis_conn.exists(disk.REPORT_KEY.format(host=host)), timeout=30, what=worker.log)
+    reported = {found.host: found for found in disk.reported(redis_conn)}
+    usage = shutil.disk_usage(tmp_path)
+    assert reported[host].path == str(tmp_path) and reported[host].total == usage.total
+    assert abs(reported[host].free - usage.free) < 1024**3, (reported[host], usage)
+    ttl: int = redis_conn.ttl(disk.REPORT_KEY.format(host=host))  # type: ignore[assignment]
+    assert 0 < ttl <= defaults.DISK_REPORT_TTL
+
+    report_far_host(redis_conn)
+    gauges = disk_gauges(settings, redis_conn)
+    assert gauges["far-host"] == {"free": 3e9, "total": 1e11, "warn": 1e10, "floor": 1.0}
+    assert gauges[host]["warn"] == 5 * 1024**3 and gauges[host]["floor"] == defaults.DISK_HEADROOM
+    assert gauges[host]["total"] == usage.total
+
+    redis_conn.delete(disk.REPORT_KEY.format(host="far-host"))  # as its expiry would
+    assert set(disk_gauges(settings, redis_conn)) == {host}

@@ -8,9 +8,10 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
-from . import __version__, defaults
+from . import __version__, defaults, disk
 from .connection import redis_connection
 from .download_worker import default_worker_name, run_pool, run_worker
 from .errors import ConfigError, InvalidTaskError, StoreError, UdemyDlError
@@ -127,17 +128,13 @@ def _bar(percent: int, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {percent:3d}%"
 
 
-def _human(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(count) < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
+_human = disk.human
 
 
 def _collect_stats(settings: Settings) -> dict[str, Any]:
     producer = _producer(settings)
     stats: dict[str, Any] = {"queue": producer.get_queue_stats()}
+    stats["disks"] = [{**asdict(found), "level": found.level} for found in disk.known(settings, producer.connection)]
     try:
         counts = producer.store.count_by_status()
         stats["tasks"] = {**dict.fromkeys(STATUS_ORDER, 0), **counts}  # every status, as the table shows them
@@ -159,6 +156,7 @@ def _collect_stats(settings: Settings) -> dict[str, Any]:
 def _render_stats(settings: Settings, stats: dict[str, Any]) -> str:
     lines = [f"queue {settings.queue_name!r} on {settings.redis_url_redacted}"]
     lines += [f"  {key:<17} {value}" for key, value in stats["queue"].items()]
+    lines += _disk_lines(stats["disks"])
     if "tasks" not in stats:
         lines.append(f"tasks: unavailable ({stats['tasks_error']})")
         return "\n".join(lines)
@@ -176,6 +174,16 @@ def _render_stats(settings: Settings, stats: dict[str, Any]) -> str:
             detail += f", {_human(item.get('rate', 0))}/s"
         lines.append(f"  task {item['taskId']:<8} {_bar(percent)}  {detail}")
     return "\n".join(lines)
+
+
+def _disk_lines(disks: list[dict[str, Any]]) -> list[str]:
+    """The download disk of each host: free space, and LOW or FULL next to one that is."""
+    lines = ["download disk"] if disks else []
+    for item in disks:
+        found = disk.DiskReport(**{key: value for key, value in item.items() if key != "level"})
+        mark = {"ok": "", "low": f"  LOW: below {_human(found.warn)}", "full": "  FULL: downloads fail"}
+        lines.append(f"  {disk.describe(found)}{mark[found.level]}")
+    return lines
 
 
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
@@ -220,12 +228,17 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
             open_store(settings.database_url).ping()
         except StoreError as exc:
             failures.append(f"database: {settings.database_url_redacted}: {exc}")
+    warnings: list[str] = []
+    if not args.no_workers:
+        _check_disk(settings, failures, warnings)
     config_error = False
     try:
         settings.require_worker_ready()
     except ConfigError as exc:
         failures.append(f"config: {exc}")
         config_error = True
+    for warning in warnings:
+        print(f"WARNING {warning}")
     if failures:
         for failure in failures:
             print(f"UNHEALTHY {failure}")
@@ -233,6 +246,18 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         return RET_CONFIG if config_error else RET_UNHEALTHY
     print("healthy: redis ok, database ok" + ("" if args.no_workers else f", {workers} worker(s)"))
     return RET_OK
+
+
+def _check_disk(settings: Settings, failures: list[str], warnings: list[str]) -> None:
+    """This host's download disk: a warning below its warning level, a failure below the floor."""
+    found = disk.measure(settings)
+    if found is None or found.level == "ok":
+        return
+    if found.level == "full":
+        failures.append(f"disk: {disk.describe(found)}, below {_human(found.floor)}: downloads fail")
+    else:
+        limit = "DISK_WARN_BYTES" if settings.disk_warn_bytes else f"{defaults.DISK_WARN_SHARE:.0%} of the disk"
+        warnings.append(f"disk: {disk.describe(found)}, below {_human(found.warn)} ({limit})")
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:

@@ -91,7 +91,18 @@ MAX_TASK_BYTES = 50 * 1024**3
 """Largest course one task may fetch (bytes, 50 GiB); 0 means no limit."""
 
 DISK_HEADROOM = 256 * 1024 * 1024
-"""Bytes kept free on the download disk beyond what a task needs."""
+"""Bytes kept free on the download disk beyond what a task needs. Below it no download can go on:
+`health` reports the disk unhealthy."""
+
+DISK_WARN_SHARE = 0.10
+"""Without DISK_WARN_BYTES, health, stats and the alert warn when less than this share of the
+download disk is free."""
+
+DISK_REPORT_INTERVAL = 30
+"""Seconds between a worker's reports of its host's free download disk space to Redis (metrics, stats)."""
+
+DISK_REPORT_TTL = 90
+"""Seconds a host's disk report outlives its last refresh: a host whose workers are gone drops out."""
 
 RECONCILE_INTERVAL = 300
 """Seconds between reconciler sweeps while workers run."""

@@ -33,8 +33,9 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus
 from rq.worker_pool import WorkerPool
 
-from . import defaults, metrics, worker_rq
+from . import defaults, disk, metrics, worker_rq
 from .connection import redis_connection
+from .errors import ConfigError
 from .job import prepare_job_context
 from .logs import set_task
 from .process_control import HAND_BACK, die_with_parent, install_hand_back_handler, pid_alive, set_process_title
@@ -158,6 +159,8 @@ class DownloadWorker(Worker):
         """In a kept horse: its ends of the pipes (orders in, ready out)."""
         self._next_scheduler_try = 0.0
         """Monotonic time before which _keep_scheduler_alive does not try the scheduler locks again."""
+        self._next_disk_report = 0.0
+        """Monotonic time before which a heartbeat does not report the download disk again."""
         rq_log = logging.getLogger("rq.worker")
         if QUIET_AFTER_HAND_BACK not in rq_log.filters:
             rq_log.addFilter(QUIET_AFTER_HAND_BACK)
@@ -662,13 +665,18 @@ class DownloadWorker(Worker):
         """RQ's beat, always with WORKER_TTL: RQ asks for a minute or more beyond its monitoring
         interval, which would keep a dead worker's key (and its count in `rq info`) that long."""
         timeout = defaults.WORKER_TTL
+        found = self._disk_due()
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
+            if found is not None:
+                disk.report(pipeline, found)
             return
         try:
             with self.connection.pipeline(transaction=False) as pipe:
                 pipe.hexists(self.key, "birth")
                 super().heartbeat(timeout, pipe)
+                if found is not None:
+                    disk.report(pipe, found)
                 registered = pipe.execute()[0]
             if self.birth_date is not None and not registered:
                 # Redis restarted without our registration (the beat just now wrote a bare key):
@@ -681,6 +689,17 @@ class DownloadWorker(Worker):
             # RQ would let this end the worker (and its horse, mid-download); Redis coming back is
             # the usual outcome, so keep working and beat again next time.
             self.log.warning("Worker %s: heartbeat failed, Redis unreachable: %s", self.name, exc)
+
+    def _disk_due(self) -> disk.DiskReport | None:
+        """This host's download disk, measured for a report every DISK_REPORT_INTERVAL seconds (by
+        the worker, not its horse); None between reports."""
+        if self._is_horse or time.monotonic() < self._next_disk_report:
+            return None
+        self._next_disk_report = time.monotonic() + defaults.DISK_REPORT_INTERVAL
+        try:
+            return disk.measure(get_settings())
+        except ConfigError:  # a worker checks its settings at start; one run without them reports nothing
+            return None
 
     def _start_scheduler(
         self,

@@ -32,6 +32,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
+from . import disk
 from .queues import download_queues, live_workers, webhook_queue
 from .settings import Settings
 
@@ -174,6 +175,7 @@ class ServiceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._queue_state()
         yield from self._workers()
+        yield from self._disks()
         yield from self._counters()
         yield from self._histograms()
 
@@ -225,6 +227,23 @@ class ServiceCollector(Collector):
         for state, count in counts.items():
             alive.add_metric([state], count)
         return [alive]
+
+    def _disks(self) -> Iterable[Metric]:
+        """Each host's download disk, as its workers last reported it (this host's measured now)."""
+        helps = {
+            "free": "Free bytes on the download disk (DOWNLOAD_DIR), per host.",
+            "total": "Size of the download disk in bytes, per host.",
+            "warn": "Free bytes below which the disk counts as low (DISK_WARN_BYTES, else 10 % of it).",
+            "floor": "Free bytes below which no download can go on (health fails).",
+        }
+        families = {
+            name: GaugeMetricFamily(f"{PREFIX}_download_disk_{name}_bytes", text, labels=["host"])
+            for name, text in helps.items()
+        }
+        for found in disk.known(self.settings, self.connection):
+            for name, family in families.items():
+                family.add_metric([found.host], getattr(found, name))
+        return list(families.values())
 
     def _counters(self) -> Iterable[Metric]:
         raw: dict[bytes, bytes] = self.connection.hgetall(COUNTERS_KEY)  # type: ignore[assignment]

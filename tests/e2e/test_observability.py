@@ -39,7 +39,7 @@ def _counts(env: E2EEnv) -> dict[str, object]:
     metrics = env.cli("metrics")
     assert stats.returncode == 0 and metrics.returncode == 0, stats.stderr + metrics.stderr
     return {
-        "health": health.stdout.strip(),
+        "health": health.stdout.strip().splitlines()[-1],  # after any WARNING line (a low disk)
         "stats": json.loads(stats.stdout)["queue"]["workers"],
         "metrics": worker_gauge(metrics.stdout),
         "rq info": host_workers(env.rq_info()),
