@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from redis import Redis
 from dev.devservers import ContentOrigin, WebhookReceiver
 from tests.support.disks import report_far_host
 from tests.support.processes import LoggedProcess
+from tests.support.scripts import REPO_ROOT
 from tests.support.service import Backend, Service, run_burst_worker
 from tests.support.waiting import wait_for
 from udemy_dl import defaults, disk, metrics
@@ -187,3 +189,22 @@ def test_each_host_reports_its_download_disk(
 
     redis_conn.delete(disk.REPORT_KEY.format(host="far-host"))  # as its expiry would
     assert set(disk_gauges(settings, redis_conn)) == {host}
+
+
+def test_every_metric_the_example_alerts_use_is_on_the_page(
+    wired: tuple[Settings, Producer], redis_conn: Redis
+) -> None:
+    """docs/monitoring/alerts.yml names only series the page has (a renamed metric would silence an alert)."""
+    settings, _ = wired
+    rules = (REPO_ROOT / "docs" / "monitoring" / "alerts.yml").read_text()
+    used = set(re.findall(r"\budemy_dl_\w+", rules))
+    assert {"udemy_dl_download_disk_free_bytes", "udemy_dl_download_disk_warn_bytes"} <= used
+    report_far_host(redis_conn)  # so that every per-host series has a sample
+    body, _ = metrics.render_latest(settings, redis_conn)
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    on_page = {
+        family.name + suffix
+        for family in text_string_to_metric_families(body.decode())
+        for suffix in suffixes[family.type]
+    }
+    assert used - on_page == set()
