@@ -21,7 +21,7 @@ from rq import Queue, Worker
 from tests.support.disks import Usage, report_far_host
 from tests.support.mariadb import TEST_URL, drop_tasks_table
 from tests.support.processes import LoggedProcess
-from tests.support.scripts import cli_command, run_command
+from tests.support.scripts import clean_environ, cli_command, rq_info, run_command
 from tests.support.service import Backend
 from tests.support.waiting import wait_for
 from udemy_dl import __version__
@@ -545,3 +545,15 @@ def test_stats_show_each_hosts_download_disk(
     assert here["path"] == str(tmp_path) and here["total"] == shutil.disk_usage(tmp_path).total
     table = cli("stats").stdout
     assert "far-host: 3.0 GB free of 100.0 GB (3%) on /srv/courses  LOW: below 10.0 GB" in table, table
+
+
+def test_rq_info_lists_every_queue_a_worker_listens_on_from_its_start(
+    healthy_env: Settings, redis_conn: Redis, start_worker: Callable[..., LoggedProcess]
+) -> None:
+    """Before any order: once a worker has started, `rq info` lists `downloads-high`, `downloads` and
+    `webhooks` (RQ lists a queue only from its first enqueue otherwise)."""
+    worker = start_worker()
+    wait_for(lambda: json.loads(cli("stats", "--json").stdout)["queue"]["workers"] == 1, timeout=20, what=worker.log)
+    info = rq_info("--url", healthy_env.redis_url, "-Q", env=clean_environ())
+    listed = sorted(line.split()[0] for line in info.splitlines() if "|" in line)
+    assert listed == ["downloads", "downloads-high", "webhooks"], info

@@ -15,7 +15,7 @@ from redis import Redis
 from dev.devservers import ContentOrigin, WebhookReceiver
 from tests.support.disks import report_far_host
 from tests.support.processes import LoggedProcess
-from tests.support.scripts import REPO_ROOT
+from tests.support.scripts import REPO_ROOT, clean_environ, run_command, venv_bin
 from tests.support.service import Backend, Service, run_burst_worker
 from tests.support.waiting import wait_for
 from udemy_dl import defaults, disk, metrics
@@ -208,3 +208,40 @@ def test_every_metric_the_example_alerts_use_is_on_the_page(
         for suffix in suffixes[family.type]
     }
     assert used - on_page == set()
+
+
+def test_the_quick_references_redis_cli_lines_count_what_stats_count(
+    wire_service: Callable[..., Service], sqlite_backend: Backend, redis_conn: Redis, origin: ContentOrigin
+) -> None:
+    """The `redis-cli` lines of docs/QUICK_REFERENCE.md (the first design's `LLEN bull:downloads:wait`,
+    …), run as written with the test's Redis URL, give the figures `stats` gives: 2 completed, then
+    2 waiting of which 1 VIP, none running or failed."""
+    service = wire_service(sqlite_backend)
+    url = origin.add_course("counted", {"a.bin": 10})
+    for _ in range(2):
+        service.confirm(url)
+    service.run_jobs()
+    producer = service.producer()
+    producer.confirm_payment([service.store.insert_task(EMAIL, url, PENDING)])
+    producer.confirm_payment([service.store.insert_task(EMAIL, url, PENDING)], priority="high")
+
+    doc = (REPO_ROOT / "docs" / "QUICK_REFERENCE.md").read_text()
+    lines = re.findall(r'^(redis-cli -u "\$RQ_REDIS_URL" \w+ (\S+))\s+#', doc, re.MULTILINE)
+    answers = {}
+    for command, key in lines:
+        done = run_command(
+            ["bash", "-c", command.replace("redis-cli", str(venv_bin("redis-cli")), 1)],
+            env={**clean_environ(), "RQ_REDIS_URL": service.settings.redis_url},
+        )
+        assert done.returncode == 0, done.stderr
+        answers[key] = int(done.stdout)
+    stats = producer.get_queue_stats()
+    assert answers == {
+        "rq:queue:downloads": stats["waiting"] - stats["waiting_high"],
+        "rq:queue:downloads-high": stats["waiting_high"],
+        "rq:wip:downloads": stats["active"],
+        "rq:finished:downloads": stats["completed"],
+        "rq:failed:downloads": stats["failed"],
+        "rq:scheduled:downloads": stats["scheduled"],
+    }
+    assert (stats["waiting"], stats["waiting_high"], stats["completed"], stats["active"]) == (2, 1, 2, 0)

@@ -401,6 +401,9 @@ class DownloadWorker(Worker):
     ) -> None:
         super().bootstrap(logging_level, date_format, log_format)
         self.heartbeat()  # RQ registers with worker_ttl + 60 s: from now on the key lives WORKER_TTL
+        # List every queue it listens on in RQ's set of queues, as a first enqueue would: `rq info`
+        # then shows `downloads-high` (and `webhooks`) before the first VIP order (or event).
+        self.connection.sadd(self.queue_class.redis_queues_keys, *(queue.key for queue in self.queues))
         self._clear_wake()  # a token left by an earlier worker of this name must not stop this one
 
     def teardown(self) -> None:
