@@ -4,7 +4,7 @@ Hosts A and B are network namespaces with their own hostname, reaching Redis, Ma
 origin and the webhook receiver over their own veth link; each runs the real start_workers.sh (two
 workers and a reconciler). Twenty paid tasks are downloaded slowly, so both hosts have work in
 flight when every process of host A gets SIGKILL. A's worker registrations then expire (WORKER_TTL,
-about 90 s for a busy worker), and A's orphaned jobs run again on B.
+within 25 s of their last heartbeat), and A's orphaned jobs run again on B.
 
 Host A starts first, so its worker holds RQ's scheduler locks when it dies: the worst case, as
 retries (RQ's own retry of an abandoned job among them) need a scheduler. One scenario (module
@@ -36,7 +36,7 @@ THROTTLE = 384 * 1024
 
 WORKERS_PER_HOST = 2
 SETTLE_DEADLINE = 240.0
-"""Seconds after the kill by which every task must have settled (A's keys expire in up to ~90 s)."""
+"""Seconds after the kill by which every task must have settled (A's keys expire within 25 s)."""
 
 PROBE_WINDOW = 60.0
 """A retry scheduled once A's scheduler locks have expired must fire within this many seconds."""
