@@ -1,0 +1,75 @@
+"""Which workers count as alive, on real Redis: a worker's key lives WORKER_TTL seconds from its last
+heartbeat whatever RQ asks for, and a worker whose key expired (another host's, killed) or whose
+process is gone (this host's) is counted by no one, its entry in RQ's worker sets cleaned away."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Callable
+
+from redis import Redis
+from rq import Worker
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+from udemy_dl import defaults
+from udemy_dl.download_worker import DownloadWorker
+from udemy_dl.producer import Producer
+from udemy_dl.queues import live_workers, worker_queues
+from udemy_dl.settings import Settings
+
+
+def registered(settings: Settings, connection: Redis, hostname: str | None = None, pid: int | None = None) -> Worker:
+    """A worker registered in Redis as `udemy-dl worker` registers (it never runs)."""
+    worker = DownloadWorker(
+        worker_queues(settings, connection), connection=connection, name=f"t-{uuid.uuid4().hex[:8]}"
+    )
+    worker.hostname = hostname or worker.hostname
+    worker.pid = pid or worker.pid
+    worker.register_birth()  # type: ignore[no-untyped-call]
+    return worker
+
+
+def key_ttl(connection: Redis, worker: Worker) -> int:
+    ttl: int = connection.ttl(worker.key)  # type: ignore[assignment]
+    return ttl
+
+
+def test_a_workers_key_lives_worker_ttl_from_each_heartbeat(
+    configure: Callable[..., Settings], redis_conn: Redis
+) -> None:
+    """RQ would keep the key worker_ttl + 60 s, and a busy worker's 90 s: here every beat, plain or in
+    RQ's job pipelines, gives it WORKER_TTL, so a killed worker's key is gone within that."""
+    worker = registered(configure(), redis_conn)
+    worker.heartbeat()
+    assert 0 < key_ttl(redis_conn, worker) <= defaults.WORKER_TTL
+    with redis_conn.pipeline() as pipe:
+        worker.heartbeat(worker.job_monitoring_interval + 60, pipeline=pipe)  # as RQ's maintain_heartbeats asks
+        pipe.execute()
+    assert 0 < key_ttl(redis_conn, worker) <= defaults.WORKER_TTL
+    assert worker.dequeue_timeout == worker.job_monitoring_interval == defaults.WORKER_HEARTBEAT < defaults.WORKER_TTL
+
+
+def test_a_worker_whose_key_expired_is_counted_by_no_one(configure: Callable[..., Settings], redis_conn: Redis) -> None:
+    """Two workers of another host; one's key expires (it was killed there): stats, health's count and the
+    metrics' set of live workers drop it, and RQ's per-queue worker set no longer lists it."""
+    settings = configure()
+    queues = worker_queues(settings, redis_conn)
+    gone, alive = registered(settings, redis_conn, "far-host"), registered(settings, redis_conn, "far-host")
+    assert Producer(settings, connection=redis_conn).get_queue_stats()["workers"] == 2
+    redis_conn.delete(gone.key)  # as its expiry would
+    assert [worker.name for worker in live_workers(redis_conn, queues)] == [alive.name]
+    assert Producer(settings, connection=redis_conn).get_queue_stats()["workers"] == 1
+    assert redis_conn.smembers(WORKERS_BY_QUEUE_KEY % settings.queue_name) == {alive.key.encode()}
+    assert Worker.count(connection=redis_conn, queue=queues[-1]) == 1, "rq's own count agrees once cleaned"
+
+
+def test_a_worker_of_this_host_whose_process_is_gone_is_not_counted(
+    configure: Callable[..., Settings], redis_conn: Redis
+) -> None:
+    """On its own host a killed worker drops out at once, while its key still lives."""
+    settings = configure()
+    dead_pid = int(subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True).stdout)
+    dead = registered(settings, redis_conn, pid=dead_pid)
+    assert redis_conn.exists(dead.key)
+    assert live_workers(redis_conn, worker_queues(settings, redis_conn)) == []
