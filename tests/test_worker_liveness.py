@@ -7,9 +7,12 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from redis import Redis
 from rq import Worker
+from rq.job import JobStatus
+from rq.utils import utcparse
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from udemy_dl import defaults
@@ -19,7 +22,9 @@ from udemy_dl.queues import live_workers, worker_queues
 from udemy_dl.settings import Settings
 
 
-def registered(settings: Settings, connection: Redis, hostname: str | None = None, pid: int | None = None) -> Worker:
+def registered(
+    settings: Settings, connection: Redis, hostname: str | None = None, pid: int | None = None
+) -> DownloadWorker:
     """A worker registered in Redis as `udemy-dl worker` registers (it never runs)."""
     worker = DownloadWorker(
         worker_queues(settings, connection), connection=connection, name=f"t-{uuid.uuid4().hex[:8]}"
@@ -73,3 +78,18 @@ def test_a_worker_of_this_host_whose_process_is_gone_is_not_counted(
     dead = registered(settings, redis_conn, pid=dead_pid)
     assert redis_conn.exists(dead.key)
     assert live_workers(redis_conn, worker_queues(settings, redis_conn)) == []
+
+
+def test_a_job_the_worker_runs_itself_does_not_let_its_key_expire(
+    configure: Callable[..., Settings], redis_conn: Redis
+) -> None:
+    """A webhook delivery runs in the worker process, where no monitoring loop beats: a thread beats every
+    WORKER_HEARTBEAT seconds while it runs, so a slow receiver never makes a live worker look dead."""
+    worker = registered(configure(), redis_conn)
+    queue = worker.queues[0]
+    job = queue.enqueue("time.sleep", defaults.WORKER_HEARTBEAT * 2 + 1)
+    began = datetime.now(UTC)
+    worker._execute_in_process(job, queue)
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    beat = utcparse(redis_conn.hget(worker.key, "last_heartbeat").decode())  # type: ignore[union-attr]
+    assert (beat.replace(tzinfo=UTC) - began).total_seconds() >= defaults.WORKER_HEARTBEAT * 2
