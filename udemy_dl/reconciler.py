@@ -39,7 +39,7 @@ from .producer import Producer
 from .queues import download_queues, job_is_running, priority_of, webhook_queue
 from .settings import Settings
 from .store import PROCESSING, TaskRow
-from .webhooks import enqueue_webhook, final_event
+from .webhooks import enqueue_webhook, final_event, task_of_delivery
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ class Reconciler:
             task_data = job.args[0]
             outcome = self.producer.add_download_job(task_data, priority=priority_of(job), at_front=True)
             if outcome.created:
-                log.warning("job %s: its worker %s is gone; enqueued again", job_id, job.worker_name)
-                recovered.append(int(task_data.get("taskId", 0)) if isinstance(task_data, dict) else 0)
+                task_id = int(task_data.get("taskId", 0)) if isinstance(task_data, dict) else 0
+                log.warning("task %s: job %s: its worker %s is gone; enqueued again", task_id, job_id, job.worker_name)
+                recovered.append(task_id)
         return recovered
 
     def recover_deliveries(self) -> list[str]:
@@ -101,7 +102,12 @@ class Reconciler:
                 continue
             registry.remove_executions(job)
             queue.enqueue_job(job, at_front=True)
-            log.warning("delivery %s: its worker %s is gone; enqueued again", job_id, job.worker_name)
+            log.warning(
+                "task %s: delivery %s: its worker %s is gone; enqueued again",
+                task_of_delivery(job_id),
+                job_id,
+                job.worker_name,
+            )
             recovered.append(job_id)
         return recovered
 
