@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from tests.support.deployment import Scripts
 from tests.support.e2e import HOSTNAME, E2EEnv, host_workers, worker_gauge, worker_titles
 from tests.support.http_servers import Origin
 from tests.support.processes import descendants, pid_running, work_horses
+from tests.support.scripts import rq_info_workers
 from tests.support.waiting import wait_for
 from udemy_dl.store import COMPLETED, MySQLStore
 
@@ -138,3 +140,25 @@ def test_titles_follow_the_task_and_every_line_about_it_names_it(
     assert lines and not unlabelled, "\n".join(unlabelled)
     assert sum("handed back to the front of downloads" in line for line in lines) == 1, logs
     assert sum("Successfully completed" in line and "download task" in line for line in lines) == 1, logs
+
+
+def test_pgrep_finds_the_pools_workers_by_name(e2e_env: E2EEnv, tmp_path: Path) -> None:
+    """Under the systemd unit's `udemy-dl pool`, too, `pgrep -f "rq worker"` lists every worker, by the
+    name `rq info` shows, idle: the pool's own processes and nothing else."""
+    pool = e2e_env.launch_pool(2, tmp_path / "pool.log")
+    try:
+
+        def titled() -> dict[str, list[tuple[int, str]]]:
+            assert pool.process.poll() is None, pool.log()
+            found = worker_titles(e2e_env.run_id)
+            return found if len(found) == 2 and all(state == "idle" for f in found.values() for _, state in f) else {}
+
+        found = wait_for(titled, timeout=30, interval=0.3, what=lambda: f"{worker_titles(e2e_env.run_id)}")
+        pids = {pid for listed in found.values() for pid, _ in listed}
+        assert len(pids) == 2 and pids <= set(descendants(pool.pid)), (found, descendants(pool.pid))
+        listed = {name: pid for name, host, pid in rq_info_workers(e2e_env.rq_info()) if host == HOSTNAME}
+        assert {name: pid for name, [(pid, _)] in found.items()} == listed
+    finally:
+        pool.stop()
+    assert pool.process.returncode == 0, pool.log()
+    assert worker_titles(e2e_env.run_id) == {}
