@@ -180,6 +180,8 @@ class Producer:
             return CancelResult(task_id, NOT_FOUND, f"task {task_id}: no such task")
         final = _already_final(row)
         if final is not None:
+            if final.outcome == REFUSED:
+                clear_cancel(self.connection, task_id)  # an earlier request that came too late
             return final
         # The request first: a run starting or running anywhere sees it from now on.
         text = cancel_text(reason)
