@@ -5,16 +5,14 @@ becomes `failed` with `cancelled…` and the payment service gets download.cance
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 from rq.job import JobStatus
 from rq.registry import CanceledJobRegistry, ScheduledJobRegistry
 
 from tests.support.intake import Intake
 from tests.support.processes import LoggedProcess
-from tests.support.scripts import cli_command, run_command
+from tests.support.scripts import run_cli
 from tests.support.service import Service
 from tests.support.waiting import wait_for
 from udemy_dl.cancellation import cancel_key
@@ -42,8 +40,8 @@ def cancelled_events(svc: Service, task_id: int) -> list[str]:
 
 
 def cli(*args: str) -> tuple[int, str]:
-    """`udemy-dl ARGS` with this test's environment: (exit code, stdout and stderr)."""
-    result = run_command([*cli_command(), *args], env=dict(os.environ), cwd=Path.cwd())
+    """`udemy-dl ARGS`: (exit code, stdout and stderr)."""
+    result = run_cli(*args)
     return result.returncode, result.stdout + result.stderr
 
 
