@@ -260,7 +260,7 @@ def test_the_intake_cancels_a_task(intake: Intake, mysql_store: TaskStore) -> No
     """Signed like /orders/confirm: 200 cancelled, 200 already cancelled, 409 completed, 404 unknown."""
     task_id = mysql_store.insert_task("buyer@shop.example", "https://cdn.example/c", PROCESSING)
     reply = intake.cancel({"taskId": task_id, "reason": "refund"})
-    assert reply.status == 200, reply.body
+    assert reply.status == 200, reply.raw
     assert reply.json() | {"message": ""} == {
         "taskId": task_id,
         "result": CANCELLED,
@@ -289,7 +289,7 @@ def test_the_intake_names_the_bad_field_and_changes_nothing(intake: Intake, mysq
         ({"taskId": task_id, "why": "x"}, "why"),
     ):
         reply = intake.cancel(body)
-        assert (reply.status, reply.json().get("field")) == (400, field), (body, reply.body)
+        assert (reply.status, reply.json().get("field")) == (400, field), (body, reply.raw)
     unsigned = intake.request("POST", "/orders/cancel", json.dumps({"taskId": task_id}).encode())
     assert unsigned.status == 401
     assert mysql_store.get(task_id).status == PROCESSING  # type: ignore[union-attr]
