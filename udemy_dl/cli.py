@@ -294,6 +294,8 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     if failures:
         for failure in failures:
             print(f"UNHEALTHY {failure}")
+        if paused:
+            print(paused.removeprefix("; "))
         # A configuration error is exit 3 whatever else failed: fixing it comes first.
         return RET_CONFIG if config_error else RET_UNHEALTHY
     # Paused is the operator's choice, not a fault: exit 0, but say so (and what is held).

@@ -206,13 +206,8 @@ def _attempt(ctx: Context, task: TaskPayload, attempt: int, job: Job | None, lea
         return result
     except Interrupted:
         if lease.cancelled is not None and not lease.lost.is_set():
-            # Cancelled mid-run: the attempt is not given back and nothing is retried.
             outcome = "cancelled"
-            return _settle_cancel(ctx, task, lease.cancelled, lease, attempt) or {
-                "success": False,
-                "taskId": task.task_id,
-                "error": "cancel came after the task was settled",
-            }
+            return _cancelled_mid_run(ctx, task, attempt, lease)
         outcome = "handed_back"
         # Not this attempt's fault: give the attempt back. The bytes so far stay in staging. A run
         # whose lease another run took leaves the count to that run (or to the reopened task); one
@@ -237,6 +232,11 @@ def _attempt(ctx: Context, task: TaskPayload, attempt: int, job: Job | None, lea
             return {"success": False, "taskId": task.task_id, "leaseLost": True}
         return {"success": False, "taskId": task.task_id, "error": str(exc)}
     except Exception as exc:
+        if lease.cancelled is not None and not lease.lost.is_set():
+            # The fetch broke as the cancel stopped it: the cancel, not a retry, is the outcome.
+            log.info("task %s: %s while being cancelled", task.task_id, type(exc).__name__)
+            outcome = "cancelled"
+            return _cancelled_mid_run(ctx, task, attempt, lease)
         metrics.inc(ctx.redis, "failures", reason=type(exc).__name__)
         if _is_last_attempt(job, attempt, ctx.settings):
             outcome = "failed"
@@ -313,6 +313,14 @@ def _settle_cancel(
     if not record_cancelled(ctx.settings, ctx.store, ctx.redis, task, reason, attempt=attempt):
         return None
     return {"success": False, "taskId": task.task_id, "cancelled": True, "error": reason}
+
+
+def _cancelled_mid_run(ctx: Context, task: TaskPayload, attempt: int, lease: TaskLease) -> dict[str, Any]:
+    """A run stopped by its task's cancel: settle it. The attempt is not given back, and the job
+    ends normally, so RQ retries nothing."""
+    assert lease.cancelled is not None
+    settled = _settle_cancel(ctx, task, lease.cancelled, lease, attempt)
+    return settled or {"success": False, "taskId": task.task_id, "error": "cancel came after the task was settled"}
 
 
 def _progress_notifier(ctx: Context, task: TaskPayload) -> Callable[[dict[str, Any]], None]:
