@@ -25,12 +25,13 @@ import re
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from http.client import HTTPException, IncompleteRead
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
@@ -57,12 +58,25 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 PARTS_DIRNAME = ".parts"
+PACE_STOP_CHECK = 0.25
+"""Seconds between looks at the stop event while a read waits for its turn under FETCH_RATE_LIMIT."""
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 """Standard variables naming a CA bundle to verify HTTPS origins with (a private CA), read by
 new_session although the session otherwise ignores the environment."""
 _UNWRITABLE_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
 ProgressCallback = Callable[[int, "int | None", int, int], None]
 """on_progress(bytes_done, bytes_total or None, files_done, files_total)."""
+
+
+class Pacer(Protocol):
+    """FETCH_RATE_LIMIT, as the fetcher sees it (limits.ByteRate): bytes are booked before they are read."""
+
+    chunk: int
+    """Bytes one booking covers, and the most one read takes."""
+
+    def reserve(self, count: int) -> float:
+        """Book *count* bytes; return the seconds to wait before reading them."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -221,8 +235,11 @@ class Fetcher:
         timeout: tuple[float, float] = (defaults.CONNECT_TIMEOUT, defaults.READ_TIMEOUT),
         concurrency: int = defaults.FETCH_CONCURRENCY,
         max_task_bytes: int = defaults.MAX_TASK_BYTES,
+        pacer: Pacer | None = None,
     ) -> None:
         self.allowed_hosts = allowed_hosts
+        self.pacer = pacer
+        """FETCH_RATE_LIMIT: shared by every download of this machine (None: no limit)."""
         self.token = token
         self.concurrency = max(1, concurrency)
         self.session = session or new_session(allowed_hosts, self.concurrency)
@@ -268,6 +285,17 @@ class Fetcher:
                 self._check_status(url, response)
             return response
         raise FetchError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
+
+    def _pace(self) -> int:
+        """Book the next chunk of FETCH_RATE_LIMIT and wait for its turn; return the bytes booked.
+        A stop ends the wait (Interrupted), as it ends a read."""
+        assert self.pacer is not None
+        due = time.monotonic() + self.pacer.reserve(self.pacer.chunk)
+        while (left := due - time.monotonic()) > 0:
+            _check_stop(self._stop)
+            time.sleep(min(left, PACE_STOP_CHECK))
+        _check_stop(self._stop)
+        return self.pacer.chunk
 
     @staticmethod
     def _check_status(url: str, response: requests.Response) -> None:
@@ -600,7 +628,7 @@ class Fetcher:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with _open_file(part, "ab" if resumed else "wb") as out:
-                for chunk in _body_chunks(response) if response is not None else ():
+                for chunk in _body_chunks(response, self._pace if self.pacer else None) if response is not None else ():
                     if cancel.is_set():
                         raise _Cancelled()
                     _check_stop(self._stop)
@@ -643,23 +671,37 @@ class Fetcher:
         return FetchedFile(path=str(spec.path), size=size, sha256=actual_sha)
 
 
-def _body_chunks(response: requests.Response) -> Iterator[bytes | memoryview]:
+def _body_chunks(response: requests.Response, pace: Callable[[], int] | None = None) -> Iterator[bytes | memoryview]:
     """The body, chunk by chunk, as it arrives.
 
     An uncompressed body is read straight into one reusable buffer (no allocation per chunk, and
     every byte received is handed on at once, so an interruption loses at most one buffer); the
     connection then goes back to the pool for the next file. Anything else goes through requests.
+
+    With *pace* (FETCH_RATE_LIMIT), no byte is read before it is booked: pace() waits for its turn
+    and returns how many bytes it booked, and reads take no more than what is booked and unread.
+    The origin is thus slowed by TCP itself, not by a burst followed by a pause.
     """
     fp = getattr(response.raw, "_fp", None)
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity") or not hasattr(fp, "readinto"):
-        yield from response.iter_content(chunk_size=defaults.CHUNK_SIZE)
+        for chunk in response.iter_content(chunk_size=defaults.CHUNK_SIZE):
+            booked = 0
+            while pace is not None and booked < len(chunk):  # decoded bytes: the limit is near enough
+                booked += pace()
+            yield chunk
         return
     buffer = bytearray(defaults.READ_BUFFER_SIZE)
     view = memoryview(buffer)
+    booked = 0
     while True:
+        size = len(buffer)
+        if pace is not None:
+            if booked <= 0:
+                booked += pace()
+            size = min(size, booked)
         try:
-            count = fp.readinto(buffer)  # type: ignore[union-attr]
+            count = fp.readinto(view[:size])  # type: ignore[union-attr]
         except IncompleteRead as exc:
             # A chunked body cut short: what this read did receive is still body, hand it on first.
             if exc.partial:
@@ -667,6 +709,7 @@ def _body_chunks(response: requests.Response) -> Iterator[bytes | memoryview]:
             raise
         if not count:
             break
+        booked -= count
         yield view[:count]
     if fp.isclosed():  # type: ignore[union-attr]
         # http.client read the whole body (it closes its side at Content-Length or the last chunk).
