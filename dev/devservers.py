@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -174,6 +175,9 @@ class ContentOrigin(_Background):
         self.filenames: dict[str, str] = {}
         """path -> file name sent as `Content-Disposition: attachment; filename*=UTF-8''<name>`."""
         self.bytes_sent: dict[str, int] = {}
+        self.send_buffer: int | None = None
+        """SO_SNDBUF of each new connection, in bytes: small, what the origin has sent is close to what the
+        client has read (the kernel otherwise grows the buffer to megabytes)."""
         self.sends: list[tuple[float, int]] = []
         """(monotonic time, bytes) of each block of a file written to a client, in order."""
         self.transfers: list[tuple[float, str, int]] = []
@@ -254,6 +258,11 @@ class _OriginHandler(BaseHTTPRequestHandler):
     @property
     def origin(self) -> ContentOrigin:
         return self.server.owner  # type: ignore[attr-defined,no-any-return]
+
+    def setup(self) -> None:
+        if self.origin.send_buffer:
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.origin.send_buffer)
+        super().setup()
 
     def do_GET(self) -> None:
         origin = self.origin
@@ -364,7 +373,7 @@ class _OriginHandler(BaseHTTPRequestHandler):
                     origin.count_sent(path, len(chunk))
                 position += len(chunk)
                 sent += len(chunk)
-                if origin.throttle:
+                if origin.throttle and position < size:  # after the last block, the transfer is over
                     ahead = sent / origin.throttle - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)  # pacing the transfer rate, not synchronisation

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -73,6 +74,8 @@ class Pacer(Protocol):
 
     chunk: int
     """Bytes one booking covers, and the most one read takes."""
+    receive_buffer: int
+    """SO_RCVBUF of each connection, in bytes."""
 
     def reserve(self, count: int) -> float:
         """Book *count* bytes; return the seconds to wait before reading them."""
@@ -166,8 +169,15 @@ class _Progress:
             self.on_progress(self.done, self.total, self.files_done, self.files_total)
 
 
-def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int) -> HTTPAdapter:
-    """An HTTPAdapter whose connections refuse internal peer addresses a listed host did not name."""
+def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int, receive_buffer: int | None = None) -> HTTPAdapter:
+    """An HTTPAdapter whose connections refuse internal peer addresses a listed host did not name.
+
+    *receive_buffer* sets each connection's SO_RCVBUF (FETCH_RATE_LIMIT): a reader that reads slowly
+    then slows the origin within moments, where the kernel's own buffer would grow to megabytes and
+    let the origin burst at full speed first."""
+    socket_options = list(HTTPConnection.default_socket_options)
+    if receive_buffer:
+        socket_options.append((socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer))
 
     def check(conn: HTTPConnection, sock: Any) -> None:
         peer = sock.getpeername()[0]
@@ -197,7 +207,7 @@ def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int) -> HTTPAdap
 
     class GuardedAdapter(HTTPAdapter):
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            super().init_poolmanager(*args, **kwargs)
+            super().init_poolmanager(*args, **kwargs, socket_options=socket_options)
             self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
 
     return GuardedAdapter(pool_connections=4, pool_maxsize=max(pool_size, 1), max_retries=0)
@@ -212,13 +222,13 @@ class ManualRedirectSession(requests.Session):
         return None
 
 
-def new_session(allowed_hosts: Collection[str], pool_size: int) -> requests.Session:
+def new_session(allowed_hosts: Collection[str], pool_size: int, receive_buffer: int | None = None) -> requests.Session:
     session = ManualRedirectSession()
     session.trust_env = False  # no proxies or .netrc from the environment: only the configured origin
     ca_bundle = next((os.environ[name] for name in CA_BUNDLE_VARIABLES if os.environ.get(name)), None)
     if ca_bundle:
         session.verify = ca_bundle  # an origin whose certificate comes from the operator's own CA
-    adapter = _guarded_adapter(allowed_hosts, pool_size)
+    adapter = _guarded_adapter(allowed_hosts, pool_size, receive_buffer)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -242,7 +252,9 @@ class Fetcher:
         """FETCH_RATE_LIMIT: shared by every download of this machine (None: no limit)."""
         self.token = token
         self.concurrency = max(1, concurrency)
-        self.session = session or new_session(allowed_hosts, self.concurrency)
+        self.session = session or new_session(
+            allowed_hosts, self.concurrency, receive_buffer=pacer.receive_buffer if pacer is not None else None
+        )
         self.timeout = timeout
         self.max_task_bytes = max_task_bytes
         self._stop: threading.Event | None = None

@@ -161,6 +161,10 @@ class ByteRate:
         self.key = rate_key(hostname or socket.gethostname())
         self.chunk = max(MIN_RESERVATION, min(defaults.READ_BUFFER_SIZE, bytes_per_second // RESERVATIONS_PER_SECOND))
         """Bytes one reservation books (and the most one read takes)."""
+        self.receive_buffer = max(4 * MIN_RESERVATION, bytes_per_second // RESERVATIONS_PER_SECOND)
+        """Each connection's SO_RCVBUF: a tenth of a second at the limit (the kernel caps it at
+        net.core.rmem_max), so the origin feels a slow reader at once, yet one connection with up
+        to 100 ms round trips can still reach the limit."""
         self._warned = 0.0
         self._script = connection.register_script(_RESERVE_BYTES)
 
