@@ -11,15 +11,18 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from dev.devservers import ContentOrigin
+from tests.support.fetching import fetcher_for
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for
-from udemy_dl.errors import HostNotAllowedError
+from udemy_dl.errors import HostNotAllowedError, Interrupted
 from udemy_dl.lease import TaskLease
 from udemy_dl.limits import ByteRate, OriginSlot, origin_host, rate_key, slots_key
 
@@ -208,3 +211,45 @@ def test_chunk_is_a_tenth_of_a_second_within_bounds(redis_conn: Redis) -> None:
 def test_redis_away_lifts_the_limit_rather_than_failing(redis_conn: Redis) -> None:
     away = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     assert ByteRate(away, 1000, hostname="box").reserve(10_000) == 0.0
+
+
+# -- the byte schedule in the fetcher -------------------------------------------------------------
+
+
+def test_the_fetcher_books_every_byte_it_reads(redis_conn: Redis, origin: ContentOrigin, staging: Path) -> None:
+    """A paced fetch of 3 MB books at least 3 MB from the schedule: the schedule runs at least 3 MB's
+    worth of time past the moment the fetch began."""
+    size = 3_000_000
+    url = origin.add_course("booked", {"a.bin": size, "b.bin": size // 2})
+    rate = ByteRate(redis_conn, 50_000_000, hostname="box")
+    seconds, micros = redis_conn.time()
+    began = seconds + micros / 1e6
+    result = fetcher_for(origin, pacer=rate).fetch(url, staging)
+    assert result.total_bytes == size + size // 2
+    booked = redis_conn.get(rate_key("box"))
+    assert isinstance(booked, bytes)
+    assert float(booked) - began >= (size + size // 2) / 50_000_000
+
+
+def test_a_stop_ends_a_fetch_waiting_for_its_turn(redis_conn: Redis, origin: ContentOrigin, staging: Path) -> None:
+    """At 2 kB/s each 16 KiB booking waits 8 s: a stop set during that wait ends the fetch within a
+    moment, with its bytes kept for the next attempt."""
+    url = origin.add_course("slow", {"a.bin": 1_000_000})
+    stop = threading.Event()
+    fetcher = fetcher_for(origin, pacer=ByteRate(redis_conn, 2_000, hostname="box"))
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fetcher.fetch(url, staging, stop=stop)
+        except BaseException as exc:  # the outcome is what the test looks at
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: fetcher.bytes_transferred > 0, timeout=10, what="the first paced read")
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "the fetch kept waiting for its turn after the stop"
+    assert len(outcome) == 1 and isinstance(outcome[0], Interrupted)
+    assert 0 < fetcher.bytes_transferred < 1_000_000
