@@ -32,6 +32,8 @@ from .safety import url_target
 log = logging.getLogger(__name__)
 
 # KEYS[1] the origin's slots; ARGV: holder, cap, lifetime (ms). 1: the holder has a slot now.
+# Renewing runs the same script: the holder's member gets a new expiry, or comes back if it expired
+# and a slot is free (after an outage); 0 when others filled the origin meanwhile.
 _TAKE_SLOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -43,9 +45,6 @@ if redis.call('zscore', KEYS[1], ARGV[1]) or redis.call('zcard', KEYS[1]) < tonu
 end
 return 0
 """
-# Renewing is taking again: the holder's member gets a new expiry, or comes back if it expired and
-# a slot is free (after an outage); 0 when others filled the origin meanwhile.
-
 # KEYS[1] the machine's schedule; ARGV: bytes, bytes per second. Returns the seconds to wait
 # before reading those bytes (as text: Redis would cut a Lua number to an integer).
 _RESERVE_BYTES = """
@@ -53,7 +52,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local booked = tonumber(redis.call('get', KEYS[1]) or '0')
 local start = math.max(booked, now)
-redis.call('set', KEYS[1], string.format('%.6f', start + tonumber(ARGV[1]) / tonumber(ARGV[2])), 'PX', 60000)
+local finish = start + tonumber(ARGV[1]) / tonumber(ARGV[2])
+redis.call('set', KEYS[1], string.format('%.6f', finish), 'PX', math.ceil((finish - now) * 1000) + 60000)
 return string.format('%.6f', start - now)
 """
 
