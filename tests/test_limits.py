@@ -222,8 +222,9 @@ def test_the_fetcher_books_every_byte_it_reads(redis_conn: Redis, origin: Conten
     size = 3_000_000
     url = origin.add_course("booked", {"a.bin": size, "b.bin": size // 2})
     rate = ByteRate(redis_conn, 50_000_000, hostname="box")
-    seconds, micros = redis_conn.time()
-    began = seconds + micros / 1e6
+    now = redis_conn.time()
+    assert isinstance(now, tuple)
+    began = now[0] + now[1] / 1e6
     result = fetcher_for(origin, pacer=rate).fetch(url, staging)
     assert result.total_bytes == size + size // 2
     booked = redis_conn.get(rate_key("box"))
