@@ -217,8 +217,8 @@ def test_redis_away_lifts_the_limit_rather_than_failing(redis_conn: Redis) -> No
 
 
 def test_the_fetcher_books_every_byte_it_reads(redis_conn: Redis, origin: ContentOrigin, staging: Path) -> None:
-    """A paced fetch of 3 MB books at least 3 MB from the schedule: the schedule runs at least 3 MB's
-    worth of time past the moment the fetch began."""
+    """A paced fetch of two files, 4.5 MB in all, books at least that much: the schedule runs at least
+    4.5 MB's worth of time (at the limit) past the moment the fetch began."""
     size = 3_000_000
     url = origin.add_course("booked", {"a.bin": size, "b.bin": size // 2})
     rate = ByteRate(redis_conn, 50_000_000, hostname="box")
