@@ -11,11 +11,12 @@ from redis import Redis
 from tests.support.http_servers import make_tasks
 from tests.support.origin_load import most_courses_at_once, steady_rate
 from tests.support.processes import LoggedProcess
-from tests.support.rq_state import download_job, live_workers
+from tests.support.rq_state import download_job, live_workers, queued_job_ids
 from tests.support.service import Service
 from tests.support.waiting import wait_for
 from udemy_dl.limits import slots_key
 from udemy_dl.metrics import COUNTERS_KEY
+from udemy_dl.queues import job_id_for
 from udemy_dl.store import COMPLETED, PROCESSING
 
 StartWorker = Callable[..., LoggedProcess]
@@ -95,3 +96,21 @@ def test_the_downloads_of_one_machine_together_keep_to_the_rate_limit(svc: Servi
     rate, seconds = steady_rate(svc.origin, skip=1.0)
     print(f"FETCH_RATE_LIMIT=2M: the origin sent {rate / 1e6:.3f} MB/s over {seconds:.2f} s")
     assert 1_800_000 <= rate <= 2_200_000, f"{rate / 1e6:.3f} MB/s over {seconds:.2f} s"
+
+
+def test_a_worker_stopping_while_its_run_waits_for_a_slot_hands_the_task_back_at_once(
+    svc: Service, start_worker: StartWorker
+) -> None:
+    """SIGTERM while the run waits for a slot: the task goes back to the front of its queue, not
+    scheduled for later, and no attempt is used."""
+    svc.reconfigure(ORIGIN_CONCURRENCY="1")
+    svc.redis.zadd(slots_key("127.0.0.1"), {"another-server|1|download-x|0123456789abcdef": (time.time() + 600) * 1000})
+    task_id = svc.confirm(svc.origin.add_course("stopped", {"a.bin": 100_000}))
+    worker = start_workers(svc, start_worker, 1)[0]
+    wait_for(lambda: "the most allowed; waiting" in worker.log(), timeout=30, what=worker.log)
+    worker.stop()
+    assert worker.process.returncode is not None
+    assert queued_job_ids(svc.redis) == [job_id_for(task_id)], worker.log()
+    row = svc.row(task_id)
+    assert (row.status, row.attempts) == (PROCESSING, 0)
+    assert "no attempt counted" in worker.log()
