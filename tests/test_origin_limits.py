@@ -37,6 +37,11 @@ def all_completed(svc: Service, task_ids: list[int]) -> bool:
     return all(svc.row(task_id).status == COMPLETED for task_id in task_ids)
 
 
+def job_status(connection: Redis, task_id: int) -> str | None:
+    job = download_job(connection, task_id)
+    return None if job is None else job.get_status(refresh=True)
+
+
 def handed_back_for_origin(connection: Redis) -> int:
     raw = connection.hget(COUNTERS_KEY, "origin_busy")
     return int(raw) if isinstance(raw, bytes) else 0
@@ -71,8 +76,7 @@ def test_a_task_whose_origin_is_full_goes_back_to_the_queue_without_an_attempt(
     task_id = svc.confirm(svc.origin.add_course("patient", {"a.bin": 100_000}))
     workers = start_workers(svc, start_worker, 1)
     wait_for(lambda: handed_back_for_origin(svc.redis) >= 1, timeout=60, interval=0.1, what=lambda: logs(workers))
-    job = download_job(svc.redis, task_id)
-    assert job is not None and job.get_status(refresh=True) in ("scheduled", "queued", "started")
+    wait_for(lambda: job_status(svc.redis, task_id) == "scheduled", timeout=10, what="the task's job to be scheduled")
     row = svc.row(task_id)
     assert (row.status, row.attempts) == (PROCESSING, 0)
     assert svc.origin.requests.paths() == []
