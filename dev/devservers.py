@@ -175,6 +175,8 @@ class ContentOrigin(_Background):
         self.filenames: dict[str, str] = {}
         """path -> file name sent as `Content-Disposition: attachment; filename*=UTF-8''<name>`."""
         self.bytes_sent: dict[str, int] = {}
+        self.block_size = 256 * 1024
+        """Bytes of a file written to the client at a time (and noted in `sends`)."""
         self.send_buffer: int | None = None
         """SO_SNDBUF of each new connection, in bytes: small, what the origin has sent is close to what the
         client has read (the kernel otherwise grows the buffer to megabytes)."""
@@ -352,7 +354,7 @@ class _OriginHandler(BaseHTTPRequestHandler):
         self.end_headers()
         cut = origin.truncate.get(path)
         position = start
-        chunk_size = 256 * 1024
+        chunk_size = origin.block_size
         started = time.monotonic()
         sent = 0
         with open(target, "rb") as handle:

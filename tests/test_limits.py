@@ -24,7 +24,7 @@ from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 from udemy_dl.errors import HostNotAllowedError, Interrupted
 from udemy_dl.lease import TaskLease
-from udemy_dl.limits import ByteRate, OriginSlot, origin_host, rate_key, slots_key
+from udemy_dl.limits import SLACK_SECONDS, ByteRate, OriginSlot, origin_host, rate_key, slots_key
 
 HOST = "cdn.example"
 ELSEWHERE = "another-server"
@@ -178,6 +178,7 @@ def test_a_killed_run_leaks_its_slot_no_longer_than_its_lease(
 
 
 def test_reservations_queue_up_at_the_rate(redis_conn: Redis) -> None:
+    """Each booking waits for the ones before it: 500 bytes at 1000 B/s take half a second of the link."""
     rate = ByteRate(redis_conn, 1000, hostname="box")
     assert rate.reserve(500) == pytest.approx(0, abs=0.05)
     assert rate.reserve(500) == pytest.approx(0.5, abs=0.05)
@@ -193,13 +194,17 @@ def test_every_process_of_one_machine_shares_the_schedule(redis_conn: Redis) -> 
     assert isinstance(left, int) and left > 0, "the schedule expires when unused"
 
 
-def test_an_idle_schedule_banks_no_burst(redis_conn: Redis) -> None:
-    """Time nobody used is not saved up: after a pause the next reader waits as if it were the first."""
+def test_an_idle_schedule_saves_up_half_a_second_at_most(redis_conn: Redis) -> None:
+    """Link time nobody used is saved up for half a second at most: after a 1.5 s pause at 10 kB/s,
+    5000 bytes (0.5 s) and then 2000 go at once, and the next 2000 wait 0.2 s. A schedule that saved
+    nothing would make them wait 0, 0.5 and 0.7 s; one that saved the whole pause, 0, 0 and 0."""
     rate = ByteRate(redis_conn, 10_000, hostname="box")
+    assert rate.slack == SLACK_SECONDS == 0.5
     rate.reserve(1000)
-    time.sleep(0.3)  # three times what the booking needed: idle link time
-    assert rate.reserve(1000) == pytest.approx(0, abs=0.05)
-    assert rate.reserve(1000) == pytest.approx(0.1, abs=0.05)
+    time.sleep(1.5)  # idle link time, three times the slack
+    assert rate.reserve(5000) == pytest.approx(0, abs=0.05)
+    assert rate.reserve(2000) == pytest.approx(0, abs=0.05)
+    assert rate.reserve(2000) == pytest.approx(0.2, abs=0.05)
 
 
 def test_chunk_is_a_tenth_of_a_second_within_bounds(redis_conn: Redis) -> None:

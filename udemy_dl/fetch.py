@@ -298,16 +298,17 @@ class Fetcher:
             return response
         raise FetchError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
 
-    def _pace(self) -> int:
-        """Book the next chunk of FETCH_RATE_LIMIT and wait for its turn; return the bytes booked.
-        A stop ends the wait (Interrupted), as it ends a read."""
+    def _pace(self, most: int) -> int:
+        """Book the next chunk of FETCH_RATE_LIMIT, *most* bytes at most, and wait for its turn; return
+        the bytes booked. A stop ends the wait (Interrupted), as it ends a read."""
         assert self.pacer is not None
-        due = time.monotonic() + self.pacer.reserve(self.pacer.chunk)
+        count = max(1, min(self.pacer.chunk, most))
+        due = time.monotonic() + self.pacer.reserve(count)
         while (left := due - time.monotonic()) > 0:
             _check_stop(self._stop)
             time.sleep(min(left, PACE_STOP_CHECK))
         _check_stop(self._stop)
-        return self.pacer.chunk
+        return count
 
     @staticmethod
     def _check_status(url: str, response: requests.Response) -> None:
@@ -683,24 +684,27 @@ class Fetcher:
         return FetchedFile(path=str(spec.path), size=size, sha256=actual_sha)
 
 
-def _body_chunks(response: requests.Response, pace: Callable[[], int] | None = None) -> Iterator[bytes | memoryview]:
+def _body_chunks(response: requests.Response, pace: Callable[[int], int] | None = None) -> Iterator[bytes | memoryview]:
     """The body, chunk by chunk, as it arrives.
 
     An uncompressed body is read straight into one reusable buffer (no allocation per chunk, and
     every byte received is handed on at once, so an interruption loses at most one buffer); the
     connection then goes back to the pool for the next file. Anything else goes through requests.
 
-    With *pace* (FETCH_RATE_LIMIT), no byte is read before it is booked: pace() waits for its turn
-    and returns how many bytes it booked, and reads take no more than what is booked and unread.
-    The origin is thus slowed by TCP itself, not by a burst followed by a pause.
+    With *pace* (FETCH_RATE_LIMIT), no byte is read before it is booked: pace(n) books at most n
+    bytes, waits for their turn and returns how many it booked, and reads take no more than what is
+    booked and unread. The origin is thus slowed by TCP itself, not by a burst followed by a pause.
+    Near the end of a body of known length, only the bytes left are booked: a booking never read
+    would leave the link idle for its time.
     """
     fp = getattr(response.raw, "_fp", None)
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity") or not hasattr(fp, "readinto"):
+        credit = 0
         for chunk in response.iter_content(chunk_size=defaults.CHUNK_SIZE):
-            booked = 0
-            while pace is not None and booked < len(chunk):  # decoded bytes: the limit is near enough
-                booked += pace()
+            while pace is not None and credit < len(chunk):  # decoded bytes: the limit is near enough
+                credit += pace(len(chunk) - credit)
+            credit -= len(chunk)
             yield chunk
         return
     buffer = bytearray(defaults.READ_BUFFER_SIZE)
@@ -710,7 +714,8 @@ def _body_chunks(response: requests.Response, pace: Callable[[], int] | None = N
         size = len(buffer)
         if pace is not None:
             if booked <= 0:
-                booked += pace()
+                left = getattr(fp, "length", None)  # http.client's count of the body's bytes still to come
+                booked += pace(left if isinstance(left, int) and left > 0 else size)
             size = min(size, booked)
         try:
             count = fp.readinto(view[:size])  # type: ignore[union-attr]

@@ -9,7 +9,8 @@ within one lease lifetime, and at once on its own host, where a dead holder's PI
 
 **Byte rate.** One schedule per machine (`udemy_dl:fetch-rate:<hostname>`) shared by every worker
 process on it: each reservation of n bytes books n / rate seconds of the link after whatever was
-booked before, and says how long to wait before reading them (a virtual-time token bucket, GCRA).
+booked before, and says how long to wait before reading them (a virtual-time token bucket, GCRA,
+whose bucket holds half a second: time unused for longer is lost).
 The fetcher reserves before it reads, so the origin is slowed by TCP's own backpressure.
 
 Both scripts read the time from Redis (`TIME`), so no server's clock decides.
@@ -45,17 +46,23 @@ if redis.call('zscore', KEYS[1], ARGV[1]) or redis.call('zcard', KEYS[1]) < tonu
 end
 return 0
 """
-# KEYS[1] the machine's schedule; ARGV: bytes, bytes per second. Returns the seconds to wait
-# before reading those bytes (as text: Redis would cut a Lua number to an integer).
+# KEYS[1] the machine's schedule; ARGV: bytes, bytes per second, slack (seconds). Returns the
+# seconds to wait before reading those bytes (as text: Redis would cut a Lua number to an integer).
+# A schedule that fell behind the clock (readers late for their turn) restarts at most *slack*
+# seconds back, so late readers catch up that much and no more; a new one starts now.
 _RESERVE_BYTES = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local booked = tonumber(redis.call('get', KEYS[1]) or '0')
-local start = math.max(booked, now)
+local booked = tonumber(redis.call('get', KEYS[1]) or now)
+local start = math.max(booked, now - tonumber(ARGV[3]))
 local finish = start + tonumber(ARGV[1]) / tonumber(ARGV[2])
 redis.call('set', KEYS[1], string.format('%.6f', finish), 'PX', math.ceil((finish - now) * 1000) + 60000)
-return string.format('%.6f', start - now)
+return string.format('%.6f', math.max(start - now, 0))
 """
+
+SLACK_SECONDS = 0.5
+"""Unused link time the byte schedule keeps: after a pause, half a second's worth of bytes may come
+at once (no more: the rest of the pause is lost), and a reader up to that late catches up."""
 
 SLOT_POLL_SECONDS = 0.2
 """How often a run waiting for an origin slot asks again."""
@@ -161,17 +168,20 @@ class ByteRate:
         self.key = rate_key(hostname or socket.gethostname())
         self.chunk = max(MIN_RESERVATION, min(defaults.READ_BUFFER_SIZE, bytes_per_second // RESERVATIONS_PER_SECOND))
         """Bytes one reservation books (and the most one read takes)."""
-        self.receive_buffer = max(4 * MIN_RESERVATION, bytes_per_second // RESERVATIONS_PER_SECOND)
-        """Each connection's SO_RCVBUF: a tenth of a second at the limit (the kernel caps it at
-        net.core.rmem_max), so the origin feels a slow reader at once, yet one connection with up
-        to 100 ms round trips can still reach the limit."""
+        self.receive_buffer = max(4 * MIN_RESERVATION, bytes_per_second // 4)
+        """Each connection's SO_RCVBUF: a quarter of a second at the limit (the kernel caps it at
+        net.core.rmem_max), so the origin feels a slow reader within moments, yet one connection
+        with round trips up to 250 ms can still reach the limit."""
+        self.slack = SLACK_SECONDS
+        """Seconds of unused link time the schedule keeps, so readers a moment late for their turn
+        (a busy machine) catch up rather than lose it."""
         self._warned = 0.0
         self._script = connection.register_script(_RESERVE_BYTES)
 
     def reserve(self, count: int) -> float:
         """Book *count* bytes; return the seconds to wait before reading them."""
         try:
-            wait = self._script(keys=[self.key], args=[count, self.rate])
+            wait = self._script(keys=[self.key], args=[count, self.rate, self.slack])
         except RedisError as exc:
             if time.monotonic() - self._warned >= 60:
                 self._warned = time.monotonic()

@@ -24,13 +24,16 @@ def most_courses_at_once(origin: ContentOrigin) -> int:
 
 
 def steady_rate(origin: ContentOrigin, skip: float) -> tuple[float, float]:
-    """(bytes per second the origin sent, seconds measured) from *skip* seconds after its first block to
-    its last: the first moments go to filling socket buffers, faster than anyone reads."""
+    """(bytes per second the origin sent, seconds measured) while every transfer ran: from *skip*
+    seconds after the last one started (its first moments fill socket buffers faster than anyone
+    reads) to the moment the first one ended (from then on, its client reads what its buffers hold
+    while the origin sends it nothing more)."""
     with origin.lock:
         sends = list(origin.sends)
-    assert sends, "the origin sent nothing"
-    start = sends[0][0] + skip
-    end = sends[-1][0]
-    assert end > start, f"the transfer lasted {end - sends[0][0]:.2f} s, not more than {skip} s"
+        transfers = list(origin.transfers)
+    assert sends and transfers, "the origin sent nothing"
+    start = max(at for at, _, step in transfers if step > 0) + skip
+    end = min(at for at, _, step in transfers if step < 0)
+    assert end > start + 1, f"the transfers ran together for {end - start + skip:.2f} s only"
     sent = sum(count for at, count in sends if start < at <= end)
     return sent / (end - start), end - start
