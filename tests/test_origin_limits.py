@@ -3,6 +3,8 @@ MariaDB, against the dev origin slowed down: what the origin sees is the proof."
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from collections.abc import Callable
 
@@ -14,6 +16,7 @@ from tests.support.processes import LoggedProcess
 from tests.support.rq_state import download_job, live_workers, queued_job_ids
 from tests.support.service import Service
 from tests.support.waiting import wait_for
+from udemy_dl.job import process_download
 from udemy_dl.limits import slots_key
 from udemy_dl.metrics import COUNTERS_KEY
 from udemy_dl.queues import job_id_for
@@ -120,3 +123,26 @@ def test_a_worker_stopping_while_its_run_waits_for_a_slot_hands_the_task_back_at
     row = svc.row(task_id)
     assert (row.status, row.attempts) == (PROCESSING, 0)
     assert "no attempt counted" in worker.log()
+
+
+def test_a_fetch_command_task_waits_for_a_slot_at_its_url_s_host(svc: Service) -> None:
+    """FETCH_COMMAND tasks count under the host of their course URL: with that host's only slot held
+    elsewhere, the command starts only once the slot has expired, and the slot is given back after."""
+    script = (
+        "import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
+        "(d / 'started.txt').write_text(repr(time.time()))"
+    )
+    svc.reconfigure(
+        FETCH_COMMAND=shlex.join([sys.executable, "-c", script, "{dest}", "{url}"]),
+        ALLOWED_HOSTS="cdn.example",
+        ORIGIN_CONCURRENCY="1",
+    )
+    held_until = (time.time() + 1.5) * 1000
+    svc.redis.zadd(slots_key("cdn.example"), {"another-server|1|download-x|0123456789abcdef": held_until})
+    task_id = svc.paid_task("https://cdn.example:8443/courses/operator")
+    result = process_download(svc.payload(task_id))  # called directly: it waits as long as it takes
+    assert result["success"] is True, result
+    started = float((svc.settings.download_dir / str(task_id) / "started.txt").read_text())
+    assert started * 1000 >= held_until
+    assert svc.redis.zcard(slots_key("cdn.example")) == 0
+    assert svc.row(task_id).attempts == 1
