@@ -19,8 +19,9 @@ from tests.support.waiting import wait_for
 from udemy_dl.job import process_download
 from udemy_dl.limits import slots_key
 from udemy_dl.metrics import COUNTERS_KEY
+from udemy_dl.producer import CANCELLED
 from udemy_dl.queues import job_id_for
-from udemy_dl.store import COMPLETED, PROCESSING
+from udemy_dl.store import COMPLETED, FAILED, PROCESSING
 
 StartWorker = Callable[..., LoggedProcess]
 
@@ -146,3 +147,20 @@ def test_a_fetch_command_task_waits_for_a_slot_at_its_url_s_host(svc: Service) -
     assert started * 1000 >= held_until
     assert svc.redis.zcard(slots_key("cdn.example")) == 0
     assert svc.row(task_id).attempts == 1
+
+
+def test_a_task_cancelled_while_its_run_waits_for_a_slot_is_settled_without_a_fetch(
+    svc: Service, start_worker: StartWorker
+) -> None:
+    """A cancel reaches a run waiting for an origin slot: the wait ends, the task is `failed` as
+    cancelled on no attempt, and nothing is asked of the origin."""
+    svc.reconfigure(ORIGIN_CONCURRENCY="1")
+    svc.redis.zadd(slots_key("127.0.0.1"), {"another-server|1|download-x|0123456789abcdef": (time.time() + 600) * 1000})
+    task_id = svc.confirm(svc.origin.add_course("refunded", {"a.bin": 100_000}))
+    worker = start_workers(svc, start_worker, 1)[0]
+    wait_for(lambda: "the most allowed; waiting" in worker.log(), timeout=30, what=worker.log)
+    result = svc.producer().cancel(task_id, "refund")
+    assert result.outcome == CANCELLED, (result, worker.log())
+    row = svc.row(task_id)
+    assert (row.status, row.cancelled, row.attempts) == (FAILED, True, 0)
+    assert svc.origin.requests.paths() == []
