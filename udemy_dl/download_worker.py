@@ -705,7 +705,7 @@ class DownloadWorker(Worker):
             # Only now is the job finished, so the enqueue below makes a fresh job rather than
             # finding this one live. At the front: it was already running once.
             outcome = DownloadQueues(get_settings(), self.connection).enqueue(
-                job.args[0], priority=priority_of(job), at_front=True
+                job.args[0], priority=priority_of(job), at_front=True, delay=float(job.meta.get("hand_back_in") or 0)
             )
             self.log.info(
                 "Worker %s: handed back to the front of %s as job %s, its attempt given back",
