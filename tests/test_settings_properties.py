@@ -181,6 +181,7 @@ TYPED: dict[str, Callable[[], st.SearchStrategy[Bad]]] = {
     "FAILURE_TTL": lambda: ints(0, MAX_INT),
     "RECONCILE_INTERVAL": lambda: ints(0, MAX_INT),
     "MAX_TASK_BYTES": lambda: ints(0, 2**63 - 1),
+    "DISK_WARN_BYTES": lambda: ints(0, 2**63 - 1),
     "ORIGIN_CONCURRENCY": lambda: ints(0, MAX_INT),
     "FETCH_RATE_LIMIT": lambda: st.one_of(
         st.text(min_size=1, max_size=12).filter(
