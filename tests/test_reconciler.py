@@ -19,11 +19,12 @@ from rq.job import Job, JobStatus
 from dev.devservers import WebhookReceiver
 from tests.support.mariadb import TEST_URL
 from tests.support.redis_servers import RedisServer
+from tests.support.rq_state import finish_after_registry_read
 from tests.support.service import Backend, BusyWorker, Rig, run_burst_worker
 from tests.support.waiting import wait_for
 from udemy_dl import defaults
 from udemy_dl.producer import Producer
-from udemy_dl.queues import job_id_for
+from udemy_dl.queues import job_id_for, webhook_queue
 from udemy_dl.reconciler import SWEEP_LOCK, Reconciler, SweepResult
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore
@@ -359,3 +360,59 @@ def test_run_once_recovers_started_jobs_once_per_recovery_interval(redis_rig: Ri
     assert first.run_once()["recovered"] == [orphaned]
     assert "recovered" not in second.run_once()
     assert redis_rig.queue.job_ids == [job_id_for(orphaned)]
+
+
+# -- a job that ends while the recovery pass looks at it ------------------------------------------
+
+
+def test_recover_started_leaves_a_download_that_finished_after_the_registry_was_read(
+    redis_rig: Rig, live_workers: list[Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery pass reads the started registry, then asks whether each job is in a live worker's
+    hands. A download its worker finishes in between is in no one's hands by then: it must not be
+    enqueued again (a second run of a finished task)."""
+    task_id = redis_rig.task()
+    job = redis_rig.enqueue(task_id)
+    worker = live_worker(redis_rig.redis, redis_rig.queue, live_workers, job)
+    finished = finish_after_registry_read(monkeypatch, worker, job, redis_rig.queue)
+
+    assert redis_rig.reconciler().recover_started() == []
+    assert finished == [job.id], "the job did not finish in the window"
+    assert redis_rig.queue.job_ids == []
+    assert status_of(redis_rig.redis, task_id) == JobStatus.FINISHED
+
+
+def test_recover_deliveries_leaves_a_delivery_that_finished_after_the_registry_was_read(
+    redis_rig: Rig, live_workers: list[Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above for a webhook delivery: one its worker finishes between the two reads must not be put
+    back on its queue (a second POST of a delivered event)."""
+    queue = webhook_queue(redis_rig.settings, redis_rig.redis)
+    job = queue.enqueue(defaults.DELIVER_JOB_FUNCTION, "msg_finished", "{}", job_id="webhook-msg_finished")
+    worker = live_worker(redis_rig.redis, queue, live_workers, job)
+    finished = finish_after_registry_read(monkeypatch, worker, job, queue)
+
+    assert redis_rig.reconciler().recover_deliveries() == []
+    assert finished == [job.id], "the delivery did not finish in the window"
+    assert queue.job_ids == []
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+
+
+def test_recover_started_still_requeues_a_job_popped_by_a_worker_that_died_before_its_horse_started(
+    redis_rig: Rig, redis_url: str
+) -> None:
+    """The re-check before enqueuing again keeps the case where the job's status still says queued: its
+    dead worker had popped it and recorded the execution, but no horse marked it started."""
+    task_id = redis_rig.task()
+    job = redis_rig.enqueue(task_id)
+    name = f"test-gone-{uuid.uuid4().hex[:8]}"
+    dying = Worker([redis_rig.queue], connection=redis_rig.redis, name=name)
+    dying.register_birth()
+    redis_rig.queue.remove(job)
+    dying.prepare_execution(job)
+    dying.pid = 2**22 + 1  # beyond pid_max: no such process on this host
+    dying.connection.hset(dying.key, "pid", dying.pid)
+
+    assert job.get_status(refresh=True) == JobStatus.QUEUED
+    assert redis_rig.reconciler().recover_started() == [task_id]
+    assert redis_rig.queue.job_ids == [job_id_for(task_id)]

@@ -25,7 +25,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
@@ -47,6 +47,8 @@ SWEEP_LOCK = "udemy_dl:reconciler:sweep"
 RECOVER_LOCK = "udemy_dl:reconciler:recover"
 REDIS_MARKER = "udemy_dl:reconciler:redis-seen"
 """Set by the first reconciler to look at a Redis; its absence means Redis lost its data."""
+
+ENDED_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
 
 
 @dataclass
@@ -80,7 +82,7 @@ class Reconciler:
         recovered = []
         for job_id in job_ids:
             job = self.producer.queues.fetch_job(job_id)
-            if job is None or not job.args or job_is_running(self.connection, job):
+            if job is None or not job.args or job_is_running(self.connection, job) or self._moved_on(job):
                 continue
             task_data = job.args[0]
             outcome = self.producer.add_download_job(task_data, priority=priority_of(job), at_front=True)
@@ -97,13 +99,27 @@ class Reconciler:
         recovered = []
         for job_id in registry.get_job_ids(cleanup=False):
             job = self.producer.queues.fetch_job(job_id)
-            if job is None or job_is_running(self.connection, job):
+            if job is None or job_is_running(self.connection, job) or self._moved_on(job):
                 continue
             registry.remove_executions(job)
             queue.enqueue_job(job, at_front=True)
             log.warning("delivery %s: its worker %s is gone; enqueued again", job_id, job.worker_name)
             recovered.append(job_id)
         return recovered
+
+    def _moved_on(self, job: Job) -> bool:
+        """Asked again just before *job* is enqueued again: has it ended, or is it live after all?
+
+        The started registry was read first; a job that ended in between (its worker recorded the
+        end, which takes it out of the registry in the same transaction) is then in no live
+        worker's hands, and enqueuing it again would run a finished download twice or POST a
+        delivered event again. Its status, read now, tells. So does a job retried or picked up
+        again meanwhile: queued, scheduled, or running on a live worker."""
+        try:
+            status = job.get_status(refresh=True)
+        except InvalidJobOperation:  # gone from Redis: ended, its result not kept
+            return True
+        return status in ENDED_STATUSES or self.producer.queues.job_is_live(job)
 
     def retire_dead_local_workers(self) -> list[str]:
         """Remove registrations of this host's workers whose process is dead, so rq info lists the live ones."""
