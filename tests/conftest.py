@@ -19,6 +19,7 @@ from redis import Redis
 
 from dev.devservers import ContentOrigin, WebhookReceiver
 from tests.support.deployment import folder_settings
+from tests.support.horses import HorseWorld, TricklingReceiver
 from tests.support.http_servers import Origin, serving
 from tests.support.intake import Intake, LogRecords, capture_intake_log, start_intake
 from tests.support.mariadb import TEST_DB, TEST_URL, drop_tasks_table, require_database
@@ -238,6 +239,20 @@ def start_worker(tmp_path: Path, redis_conn: Redis) -> Iterator[Callable[..., Lo
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def horses(svc: Service, start_worker: Callable[..., LoggedProcess]) -> HorseWorld:
+    """Real workers (`udemy-dl worker`) on the service (MariaDB, webhooks on), and paid one-file courses."""
+    return HorseWorld(svc, start_worker)
+
+
+@pytest.fixture
+def trickling_receiver() -> Iterator[TricklingReceiver]:
+    """A webhook receiver whose answer to the first delivery of `msg_hung` trickles forever; others get a 204."""
+    receiver = TricklingReceiver(hang={"msg_hung"}).start()
+    yield receiver
+    receiver.stop()
 
 
 # -- the intake ---------------------------------------------------------------------------------

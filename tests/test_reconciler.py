@@ -407,11 +407,10 @@ def test_recover_started_still_requeues_a_job_popped_by_a_worker_that_died_befor
     job = redis_rig.enqueue(task_id)
     name = f"test-gone-{uuid.uuid4().hex[:8]}"
     dying = Worker([redis_rig.queue], connection=redis_rig.redis, name=name)
+    dying.pid = 2**22 + 1  # beyond any pid_max: no such process on this host
     dying.register_birth()
     redis_rig.queue.remove(job)
     dying.prepare_execution(job)
-    dying.pid = 2**22 + 1  # beyond pid_max: no such process on this host
-    dying.connection.hset(dying.key, "pid", dying.pid)
 
     assert job.get_status(refresh=True) == JobStatus.QUEUED
     assert redis_rig.reconciler().recover_started() == [task_id]

@@ -191,8 +191,8 @@ class DownloadWorker(Worker):
     def _horse_may_go_on(served: int) -> bool:
         """May a horse that has run *served* jobs take another? Not once it has run its share, not
         when its worker is stopping (a hand-back), and not with a thread of a finished job still
-        running (a lease renewal or a fetch that did not stop in time)."""
-        return served < defaults.HORSE_MAX_JOBS and not HAND_BACK.is_set() and threading.active_count() == 1
+        running (a lease renewal or a fetch that did not stop in time). The share is HORSE_MAX_JOBS."""
+        return served < get_settings().horse_max_jobs and not HAND_BACK.is_set() and threading.active_count() == 1
 
     def _job_handed_over(self, order: bytes) -> tuple[Job, Queue]:
         """In a kept horse: the job its worker has prepared (as RQ's SpawnWorker's horse reads it)."""

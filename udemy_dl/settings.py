@@ -59,6 +59,7 @@ VARIABLES = (
     "MAX_TASK_BYTES",
     "FETCH_COMMAND",
     "RECONCILE_INTERVAL",
+    "HORSE_MAX_JOBS",
     "DASHBOARD_USERNAME",
     "DASHBOARD_PASSWORD",
 )
@@ -162,6 +163,7 @@ class Settings:
     max_task_bytes: int = defaults.MAX_TASK_BYTES
     fetch_command: tuple[str, ...] | None = None
     reconcile_interval: int = defaults.RECONCILE_INTERVAL
+    horse_max_jobs: int = defaults.HORSE_MAX_JOBS
     webhook_retry_intervals: tuple[int, ...] = defaults.WEBHOOK_RETRY_INTERVALS
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = defaults.REDIS_SENTINEL_MASTER
@@ -661,6 +663,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         max_task_bytes=_int(env, "MAX_TASK_BYTES", defaults.MAX_TASK_BYTES, maximum=2**63 - 1),
         fetch_command=_command(env, "FETCH_COMMAND"),
         reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.RECONCILE_INTERVAL, minimum=0),
+        horse_max_jobs=_int(env, "HORSE_MAX_JOBS", defaults.HORSE_MAX_JOBS, minimum=1),
         webhook_retry_intervals=_intervals(env, "WEBHOOK_RETRY_INTERVALS", defaults.WEBHOOK_RETRY_INTERVALS),
         redis_sentinels=_sentinels(env, "REDIS_SENTINELS"),
         redis_sentinel_master=_name(env, "REDIS_SENTINEL_MASTER", defaults.REDIS_SENTINEL_MASTER),

@@ -1,0 +1,203 @@
+"""Work horses seen from outside: which process ran each attempt at a task (the job's log lines name
+their process), the horse a worker keeps between downloads, a worker with its paid one-file courses,
+and a webhook receiver that never finishes its answer."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from rq import Queue, Retry
+from rq.job import Job
+
+from udemy_dl import defaults
+from udemy_dl.queues import webhook_queue
+from udemy_dl.store import COMPLETED
+from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
+
+from .http_servers import completed_ids
+from .processes import LoggedProcess, work_horses
+from .rq_state import live_workers
+from .service import Service
+from .waiting import wait_for
+
+TASK_LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+ \[(\d+)\]: task (\d+): (.*)$", re.MULTILINE
+)
+"""A job-side log line about a task: time, process id, task id, message."""
+
+ATTEMPT_BEGUN = re.compile(r"attempt \d+ of \d+: ")
+"""The message with which a run begins an attempt."""
+
+DELIVERED_LINE = re.compile(r"\[(\d+)\]: webhook (\S+) delivered \(HTTP", re.MULTILINE)
+"""The log line of a webhook delivery that reached its receiver: process id, webhook id."""
+
+WEBHOOK_ID_HEADER = re.compile(rb"^webhook-id: *(\S+)\r$", re.MULTILINE | re.IGNORECASE)
+
+
+def attempt_pids(log_text: str, task_id: int) -> list[int]:
+    """The process that ran each attempt at *task_id* (`task N: attempt A of M: <url>`), in order."""
+    return [
+        int(pid)
+        for _, pid, task, message in TASK_LOG_LINE.findall(log_text)
+        if int(task) == task_id and ATTEMPT_BEGUN.match(message)
+    ]
+
+
+def delivery_pids(log_text: str) -> dict[str, int]:
+    """webhook id -> the process that delivered it."""
+    return {webhook_id: int(pid) for pid, webhook_id in DELIVERED_LINE.findall(log_text)}
+
+
+@dataclass
+class HorseWorld:
+    """A real `udemy-dl worker` (one at a time) on this test's service, and paid one-file courses for it."""
+
+    svc: Service
+    start_worker: Callable[[], LoggedProcess]
+    workers: list[LoggedProcess] = field(default_factory=list)
+
+    def start(self) -> LoggedProcess:
+        """Start a worker and wait until it has registered."""
+        worker = self.start_worker()
+        self.workers.append(worker)
+        wait_for(
+            lambda: worker.name in live_workers(self.svc.redis), timeout=30, interval=0.05, what=lambda: worker.log()
+        )
+        return worker
+
+    def log(self) -> str:
+        """Every worker's log so far (horses write to their worker's)."""
+        return "\n".join(worker.log() for worker in self.workers)
+
+    def courses(self, count: int, size: int = 1024, prefix: str = "course") -> list[int]:
+        """*count* paid tasks (rows `processing`), each a course of one file of *size* bytes; not enqueued."""
+        return [
+            self.svc.paid_task(self.svc.origin.add_course(f"{prefix}-{n}", {"lecture.mp4": size}))
+            for n in range(1, count + 1)
+        ]
+
+    def run(self, task_ids: Sequence[int], timeout: float = 60) -> None:
+        """Enqueue *task_ids* and wait until each is completed."""
+        for task_id in task_ids:
+            self.svc.enqueue(task_id)
+        self.wait_completed(task_ids, timeout)
+
+    def wait_completed(self, task_ids: Sequence[int], timeout: float = 60) -> None:
+        wait_for(
+            lambda: all(self.svc.row(task_id).status == COMPLETED for task_id in task_ids),
+            timeout=timeout,
+            interval=0.05,
+            what=lambda: f"tasks {list(task_ids)} completed: {[self.svc.row(t) for t in task_ids]}\n{self.log()}",
+        )
+
+    def file_requests(self, task_id: int) -> list[dict[str, str]]:
+        """Headers of each GET of the task's one file."""
+        row = self.svc.row(task_id)
+        slug = row.course_url.rsplit("/", 1)[1]
+        return self.svc.file_requests(f"/files/{slug}/lecture.mp4")
+
+    def assert_completed_once(self, task_ids: Sequence[int], attempts: int = 1, refused: int = 0) -> None:
+        """Each task `completed` after *attempts* attempts, its file fetched in full once (any request
+        after the first that the origin answered resumes with a Range; the first *refused* it failed),
+        and one download.completed webhook id each."""
+        for task_id in task_ids:
+            row = self.svc.row(task_id)
+            assert row.status == COMPLETED and row.attempts == attempts, row
+            requests = self.file_requests(task_id)[refused:]
+            assert requests and all("range" in headers for headers in requests[1:]), (task_id, requests)
+        wait_for(
+            lambda: all(task_id in completed_ids(self.svc.receiver) for task_id in task_ids),
+            timeout=30,
+            interval=0.05,
+            what=lambda: f"a {EVENT_COMPLETED} event for each of {list(task_ids)}\n{self.log()}",
+        )
+        ids = completed_ids(self.svc.receiver)
+        assert all(len(ids[task_id]) == 1 for task_id in task_ids), ids
+
+    def horse(self, worker: LoggedProcess) -> int:
+        """The one work horse *worker* has now (kept between downloads)."""
+        found = wait_for(
+            lambda: work_horses(worker.pid), timeout=10, interval=0.05, what=lambda: f"a horse\n{worker.log()}"
+        )
+        assert len(found) == 1, found
+        return found[0]
+
+    def enqueue_delivery(self, msg_id: str, job_timeout: int, retry_after: int = 1) -> Job:
+        """A webhook delivery of an empty event, as webhooks.enqueue_webhook queues one, but with its own
+        (short) job timeout and one retry."""
+        queue: Queue = webhook_queue(self.svc.settings, self.svc.redis)
+        return queue.enqueue(
+            defaults.DELIVER_JOB_FUNCTION,
+            msg_id,
+            "{}",
+            job_id=f"webhook-{msg_id}",
+            retry=Retry(max=1, interval=[retry_after]),
+            job_timeout=job_timeout,
+        )
+
+
+class TricklingReceiver:
+    """A webhook receiver that answers the first delivery of each webhook id in *hang* one byte every
+    0.2 s, never finished (a receiver that hangs while keeping the connection busy, so no read timeout
+    of the client ends it); any other delivery gets a 204 at once. Records when each hung connection
+    was closed by its client."""
+
+    def __init__(self, hang: set[str]) -> None:
+        self.hang = set(hang)
+        self.closed_by_client: list[str] = []
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._listener.getsockname()[:2]
+        return f"http://{host}:{port}/webhooks/downloads"
+
+    def start(self) -> TricklingReceiver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+            found = WEBHOOK_ID_HEADER.search(request)
+            webhook_id = found.group(1).decode() if found else ""
+            with self.lock:
+                hung = webhook_id in self.hang
+                self.hang.discard(webhook_id)
+            if not hung:
+                connection.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            for byte in b"HTTP/1.1 200 OK\r\nX-Never-Ending: " + b"." * 100_000:
+                if self._stop.wait(0.2):  # the pace of the trickle
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    with self.lock:
+                        self.closed_by_client.append(webhook_id)
+                    return
