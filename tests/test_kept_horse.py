@@ -7,17 +7,29 @@ ran each attempt is read from the job's own log lines, which name their process.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 
 import pytest
+from redis import Redis
+from rq import Queue
 from rq.job import JobStatus
 
-from tests.support.horses import HorseWorld, TricklingReceiver, attempt_pids, delivery_pids
+from tests.support.horses import (
+    HorseWorld,
+    TricklingReceiver,
+    attempt_pids,
+    deadline,
+    delivery_pids,
+    interrupted_at_line,
+    standing_horse,
+)
 from tests.support.processes import children, pid_running
 from tests.support.rq_state import live_workers
 from tests.support.waiting import wait_for
 from udemy_dl import crashpoints
+from udemy_dl.download_worker import DownloadWorker, _KeptHorse
 from udemy_dl.queues import job_id_for
 from udemy_dl.store import PROCESSING
 
@@ -203,3 +215,27 @@ def test_hung_webhook_receiver_is_cut_off_by_the_delivery_timeout(
     assert worker.process.poll() is None, worker.log()
     assert attempt_pids(horses.log(), after) == [horse]
     assert delivery_pids(horses.log())["msg_hung"] == worker.pid
+
+
+# -- the worker's wait for its kept horse -----------------------------------------------------------
+
+
+def test_an_interruption_anywhere_in_the_wait_never_loses_the_horse_s_report(redis_conn: Redis) -> None:
+    """RQ's monitor interrupts wait_for_horse (SIGALRM, every job_monitoring_interval) to heartbeat, then
+    calls it again. Wherever in the wait the interruption lands, the next call must still see that the
+    horse has ended its job: a report taken off the pipe and then lost to the interruption would leave
+    the worker waiting for ever on a horse that waits for its next job."""
+    code = DownloadWorker.wait_for_horse.__code__
+    for position in itertools.count(1):
+        worker = DownloadWorker([Queue("downloads", connection=redis_conn)], connection=redis_conn)
+        pid, orders, ready = standing_horse()
+        worker._kept = _KeptHorse(pid, orders=orders, ready=ready)
+        worker._horse_pid = pid
+        try:
+            if not interrupted_at_line(code, position, worker.wait_for_horse):
+                break  # the wait ended before this line: every line has had its interruption
+            with deadline(5, f"the wait for a horse that has reported, interrupted at its line {position}"):
+                assert worker.wait_for_horse()[:2] == (pid, os.EX_OK)
+        finally:
+            worker._let_horse_go()
+    assert position > 2, "the wait was never interrupted"

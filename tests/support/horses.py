@@ -4,16 +4,24 @@ and a webhook receiver that never finishes its answer."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import socket
+import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
 
 from rq import Queue, Retry
 from rq.job import Job
+from rq.timeouts import HorseMonitorTimeoutException
 
 from udemy_dl import defaults
+from udemy_dl.download_worker import HORSE_READY
 from udemy_dl.queues import webhook_queue
 from udemy_dl.store import COMPLETED
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
@@ -23,6 +31,9 @@ from .processes import LoggedProcess, work_horses
 from .rq_state import live_workers
 from .service import Service
 from .waiting import wait_for
+
+if TYPE_CHECKING:
+    from _typeshed import TraceFunction
 
 TASK_LOG_LINE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+ \[(\d+)\]: task (\d+): (.*)$", re.MULTILINE
@@ -201,3 +212,70 @@ class TricklingReceiver:
                     with self.lock:
                         self.closed_by_client.append(webhook_id)
                     return
+
+
+# -- a kept horse's report, and the worker's wait for it interrupted ----------------------------------
+
+
+def standing_horse() -> tuple[int, int, int]:
+    """Fork a stand-in for a kept horse that has ended its job: it reports HORSE_READY on its pipe, then
+    waits for its next order until its worker lets it go (end of file). Returns (pid, the worker's end
+    of the orders pipe, the worker's end of the ready pipe), as DownloadWorker keeps them."""
+    orders_in, orders_out = os.pipe()
+    ready_in, ready_out = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the stand-in: nothing of the test runs here
+        try:
+            os.close(orders_out)
+            os.close(ready_in)
+            os.write(ready_out, HORSE_READY)
+            while os.read(orders_in, 64):
+                pass
+        finally:
+            os._exit(0)
+    os.close(orders_in)
+    os.close(ready_out)
+    return pid, orders_out, ready_in
+
+
+def interrupted_at_line(code: CodeType, position: int, call: Callable[[], object]) -> bool:
+    """Run *call*, raising HorseMonitorTimeoutException (what RQ's monitor raises from its SIGALRM handler
+    to heartbeat) in the frame of *code* as it reaches its *position*-th line. True if it did; False
+    if *call* returned before reaching it."""
+    seen = 0
+
+    def in_frame(frame: FrameType, event: str, arg: Any) -> TraceFunction:
+        nonlocal seen
+        if event == "line":
+            seen += 1
+            if seen == position:
+                raise HorseMonitorTimeoutException(f"interrupted at line {frame.f_lineno} of the frame")
+        return in_frame
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> TraceFunction | None:
+        return in_frame if frame.f_code is code else None
+
+    sys.settrace(tracer)
+    try:
+        call()
+    except HorseMonitorTimeoutException:
+        return True
+    finally:
+        sys.settrace(None)
+    return False
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Fail with *what* if the block blocks for longer than *seconds* (SIGALRM; main thread only)."""
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise AssertionError(f"still blocked after {seconds:g}s: {what}")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
