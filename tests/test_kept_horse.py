@@ -52,8 +52,12 @@ def test_one_horse_runs_task_after_task_and_the_worker_delivers_their_webhooks(h
     assert [attempt_pids(log, task_id) for task_id in tasks] == [[horse]] * len(tasks), log
     assert horse != worker.pid
     assert horses.horse(worker) == horse
-    delivered = delivery_pids(log)
-    assert len(delivered) >= 2 * len(tasks), delivered  # started and completed of each
+    wait_for(  # started and completed of each, logged once the receiver has answered
+        lambda: len(delivery_pids(horses.log())) >= 2 * len(tasks),
+        timeout=10,
+        what=lambda: f"two deliveries per task in the log\n{horses.log()}",
+    )
+    delivered = delivery_pids(horses.log())
     assert set(delivered.values()) == {worker.pid}, delivered
     assert set(children(worker.pid, zombies=False)) == family, "a process was forked or lost meanwhile"
 
