@@ -103,16 +103,9 @@ def test_horse_killed_mid_download_is_retried_in_a_fresh_horse_resuming_its_byte
     horses.svc.enqueue(slow)
     wait_for(marker.exists, timeout=30, interval=0.05, what=lambda: f"the crash point\n{horses.log()}")
     horses.wait_completed([slow])
-    horses.run([after])
-    horses.assert_completed_once([first, after])
-    horses.assert_completed_once([slow], attempts=2)
-
-    log = horses.log()
-    killed, fresh = attempt_pids(log, slow)
-    assert killed == kept and fresh not in (kept, worker.pid), log
-    assert attempt_pids(log, after) == [fresh], log
-    assert "Work-horse terminated unexpectedly" in log
-    assert worker.process.poll() is None, log
+    horses.assert_retried_in_a_fresh_horse(worker, kept, slow, after)
+    horses.assert_completed_once([first])
+    assert "Work-horse terminated unexpectedly" in horses.log()
 
 
 def test_warm_stop_of_a_worker_whose_horse_is_idle_leaves_no_process(horses: HorseWorld) -> None:
@@ -182,15 +175,9 @@ def test_a_download_that_failed_gets_a_fresh_horse(horses: HorseWorld) -> None:
     kept = horses.horse(worker)
     horses.svc.origin.fail_next(f"/files/course-{2}/lecture.mp4", 1)
     horses.run([failing])
-    horses.run([after])
-    horses.assert_completed_once([first, after])
-    horses.assert_completed_once([failing], attempts=2, refused=1)
-
-    log = horses.log()
-    broken, retried = attempt_pids(log, failing)
-    assert broken == kept and retried not in (kept, worker.pid), log
-    assert attempt_pids(log, after) == [retried], log
-    assert "terminated unexpectedly" not in log
+    horses.assert_retried_in_a_fresh_horse(worker, kept, failing, after, refused=1)
+    horses.assert_completed_once([first])
+    assert "terminated unexpectedly" not in horses.log()
 
 
 def test_hung_webhook_receiver_is_cut_off_by_the_delivery_timeout(

@@ -22,7 +22,7 @@ from rq.timeouts import HorseMonitorTimeoutException
 
 from udemy_dl import defaults
 from udemy_dl.download_worker import HORSE_READY
-from udemy_dl.queues import webhook_queue
+from udemy_dl.queues import job_id_for, webhook_queue
 from udemy_dl.store import COMPLETED
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 
@@ -45,6 +45,9 @@ ATTEMPT_BEGUN = re.compile(r"attempt \d+ of \d+: ")
 
 DELIVERED_LINE = re.compile(r"\[(\d+)\]: webhook (\S+) delivered \(HTTP", re.MULTILINE)
 """The log line of a webhook delivery that reached its receiver: process id, webhook id."""
+
+HORSE_ENDED = "work horse finished for job {job_id}:"
+"""What RQ's worker logs (at DEBUG) once the horse has ended a job: reported ready, or died."""
 
 WEBHOOK_ID_HEADER = re.compile(rb"^webhook-id: *(\S+)\r$", re.MULTILINE | re.IGNORECASE)
 
@@ -98,8 +101,19 @@ class HorseWorld:
         self.wait_completed(task_ids, timeout)
 
     def wait_completed(self, task_ids: Sequence[int], timeout: float = 60) -> None:
+        """Until each task is `completed` and its horse has ended each attempt's job (RQ's bookkeeping
+        runs on after the row is written; the worker logs the end of each)."""
+
+        def done() -> bool:
+            rows = [self.svc.row(task_id) for task_id in task_ids]
+            log = self.log()
+            return all(
+                row.status == COMPLETED and log.count(HORSE_ENDED.format(job_id=job_id_for(row.id))) >= row.attempts
+                for row in rows
+            )
+
         wait_for(
-            lambda: all(self.svc.row(task_id).status == COMPLETED for task_id in task_ids),
+            done,
             timeout=timeout,
             interval=0.05,
             what=lambda: f"tasks {list(task_ids)} completed: {[self.svc.row(t) for t in task_ids]}\n{self.log()}",
@@ -128,6 +142,21 @@ class HorseWorld:
         )
         ids = completed_ids(self.svc.receiver)
         assert all(len(ids[task_id]) == 1 for task_id in task_ids), ids
+
+    def assert_retried_in_a_fresh_horse(
+        self, worker: LoggedProcess, kept: int, retried: int, after: int, refused: int = 0
+    ) -> None:
+        """Task *retried*, whose first attempt ran in horse *kept* and failed (or died), completed at its
+        second attempt in a fresh horse (its file fetched in full once, after *refused* failed requests);
+        *after*, run now, completes in that fresh horse too, and *worker* lives on."""
+        self.run([after])
+        self.assert_completed_once([after])
+        self.assert_completed_once([retried], attempts=2, refused=refused)
+        log = self.log()
+        first, second = attempt_pids(log, retried)
+        assert first == kept and second not in (kept, worker.pid), log
+        assert attempt_pids(log, after) == [second], log
+        assert worker.process.poll() is None, log
 
     def horse(self, worker: LoggedProcess) -> int:
         """The one work horse *worker* has now (kept between downloads)."""
