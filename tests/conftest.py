@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from rq import Worker
 
 from dev.devservers import ContentOrigin, WebhookReceiver
 from tests.support.deployment import folder_settings
@@ -91,6 +92,15 @@ def redis_conn(redis_url: str) -> Iterator[Redis]:
     """A client on Redis DB 15, flushed before and after the test."""
     with flushed_client(redis_url) as connection:
         yield connection
+
+
+@pytest.fixture
+def workers_here(redis_conn: Redis) -> Iterator[list[Worker]]:
+    """RQ workers registered by this (live) test process; their deaths are registered at teardown."""
+    workers: list[Worker] = []
+    yield workers
+    for worker in workers:
+        worker.register_death()
 
 
 @pytest.fixture

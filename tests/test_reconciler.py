@@ -9,7 +9,7 @@ import shlex
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from redis import Redis
@@ -19,7 +19,7 @@ from rq.job import Job, JobStatus
 from dev.devservers import WebhookReceiver
 from tests.support.mariadb import TEST_URL
 from tests.support.redis_servers import RedisServer
-from tests.support.rq_state import finish_after_registry_read
+from tests.support.rq_state import finish_after_registry_read, live_worker
 from tests.support.service import Backend, BusyWorker, Rig, run_burst_worker
 from tests.support.waiting import wait_for
 from udemy_dl import defaults
@@ -67,31 +67,6 @@ def redis_rig(configure: Callable[..., Settings], redis_conn: Redis, sqlite_stor
     return Rig(configure(DATABASE_URL=f"sqlite:///{sqlite_store.path}"), sqlite_store, redis_conn)
 
 
-@pytest.fixture
-def live_workers(redis_conn: Redis) -> Iterator[list[Worker]]:
-    """Workers registered by this (live) test process; their deaths are registered at teardown."""
-    workers: list[Worker] = []
-    yield workers
-    for worker in workers:
-        worker.register_death()
-
-
-def live_worker(
-    redis_conn: Redis, queue: Queue, workers: list[Worker], job: Job | None = None, horse_started: bool = True
-) -> Worker:
-    """Register a worker in this process (so its PID is alive) and, if given, have it take *job*: RQ's worker pops it
-    and records the execution (started registry) before it forks; the horse then marks the job started."""
-    worker = Worker([queue], connection=redis_conn, name=f"test-live-{uuid.uuid4().hex[:8]}")
-    worker.register_birth()
-    workers.append(worker)
-    if job is not None:
-        queue.remove(job)
-        worker.prepare_execution(job)
-        if horse_started:
-            worker.prepare_job_execution(job)
-    return worker
-
-
 def vanished_worker(redis_url: str, queue: Queue, job: Job | None = None, hostname: str = "") -> str:
     """Run VANISHING_WORKER in a child process that exits at once; return the dead worker's name."""
     name = f"test-gone-{uuid.uuid4().hex[:8]}"
@@ -111,7 +86,7 @@ def status_of(redis_conn: Redis, task_id: int) -> JobStatus | None:
 
 
 def test_sweep_requeues_only_processing_rows_without_a_live_job(
-    rig: Rig, redis_url: str, live_workers: list[Worker]
+    rig: Rig, redis_url: str, workers_here: list[Worker]
 ) -> None:
     """Processing with no job, or with a job its dead worker left `started`: enqueued again. Queued, started by a
     live worker, settled or unpaid: left alone."""
@@ -119,7 +94,7 @@ def test_sweep_requeues_only_processing_rows_without_a_live_job(
     queued = rig.task()
     queued_job = rig.enqueue(queued)
     running = rig.task(attempts=1)
-    running_worker = live_worker(rig.redis, rig.queue, live_workers, rig.enqueue(running))
+    running_worker = live_worker(rig.redis, rig.queue, workers_here, rig.enqueue(running))
     orphaned = rig.task(attempts=1)
     vanished_worker(redis_url, rig.queue, rig.enqueue(orphaned))
     settled = [rig.task(COMPLETED, attempts=1), rig.task(FAILED, attempts=1), rig.task(PENDING)]
@@ -237,13 +212,13 @@ def test_recover_started_requeues_the_job_of_a_killed_worker_at_the_front(busy_w
 
 
 def test_recover_started_leaves_a_job_its_live_worker_is_just_starting(
-    redis_rig: Rig, live_workers: list[Worker]
+    redis_rig: Rig, workers_here: list[Worker]
 ) -> None:
     """A job a live worker has taken but whose horse has not yet marked it started is not orphaned: recover_started
     enqueues nothing."""
     task_id = redis_rig.task()
     job = redis_rig.enqueue(task_id)
-    live_worker(redis_rig.redis, redis_rig.queue, live_workers, job, horse_started=False)
+    live_worker(redis_rig.redis, redis_rig.queue, workers_here, job, horse_started=False)
 
     assert redis_rig.reconciler().recover_started() == []
     assert redis_rig.queue.job_ids == []
@@ -253,13 +228,13 @@ def test_recover_started_leaves_a_job_its_live_worker_is_just_starting(
 
 
 def test_retire_dead_local_workers_removes_only_dead_registrations_of_this_host(
-    redis_rig: Rig, redis_url: str, live_workers: list[Worker]
+    redis_rig: Rig, redis_url: str, workers_here: list[Worker]
 ) -> None:
     """A registration of this host whose PID is dead is retired (rq info stops listing it); a live worker of this
     host and a worker of another host (whose PID cannot be checked here) stay."""
     dead = vanished_worker(redis_url, redis_rig.queue)
     elsewhere = vanished_worker(redis_url, redis_rig.queue, hostname="another-host.example")
-    alive = live_worker(redis_rig.redis, redis_rig.queue, live_workers)
+    alive = live_worker(redis_rig.redis, redis_rig.queue, workers_here)
     assert {w.name for w in Worker.all(connection=redis_rig.redis)} == {dead, elsewhere, alive.name}
 
     assert redis_rig.reconciler().retire_dead_local_workers() == [dead]
@@ -366,14 +341,14 @@ def test_run_once_recovers_started_jobs_once_per_recovery_interval(redis_rig: Ri
 
 
 def test_recover_started_leaves_a_download_that_finished_after_the_registry_was_read(
-    redis_rig: Rig, live_workers: list[Worker], monkeypatch: pytest.MonkeyPatch
+    redis_rig: Rig, workers_here: list[Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The recovery pass reads the started registry, then asks whether each job is in a live worker's
     hands. A download its worker finishes in between is in no one's hands by then: it must not be
     enqueued again (a second run of a finished task)."""
     task_id = redis_rig.task()
     job = redis_rig.enqueue(task_id)
-    worker = live_worker(redis_rig.redis, redis_rig.queue, live_workers, job)
+    worker = live_worker(redis_rig.redis, redis_rig.queue, workers_here, job)
     finished = finish_after_registry_read(monkeypatch, worker, job, redis_rig.queue)
 
     assert redis_rig.reconciler().recover_started() == []
@@ -383,13 +358,13 @@ def test_recover_started_leaves_a_download_that_finished_after_the_registry_was_
 
 
 def test_recover_deliveries_leaves_a_delivery_that_finished_after_the_registry_was_read(
-    redis_rig: Rig, live_workers: list[Worker], monkeypatch: pytest.MonkeyPatch
+    redis_rig: Rig, workers_here: list[Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As above for a webhook delivery: one its worker finishes between the two reads must not be put
     back on its queue (a second POST of a delivered event)."""
     queue = webhook_queue(redis_rig.settings, redis_rig.redis)
     job = queue.enqueue(defaults.DELIVER_JOB_FUNCTION, "msg_finished", "{}", job_id="webhook-msg_finished")
-    worker = live_worker(redis_rig.redis, queue, live_workers, job)
+    worker = live_worker(redis_rig.redis, queue, workers_here, job)
     finished = finish_after_registry_read(monkeypatch, worker, job, queue)
 
     assert redis_rig.reconciler().recover_deliveries() == []

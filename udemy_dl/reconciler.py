@@ -110,11 +110,12 @@ class Reconciler:
     def _moved_on(self, job: Job) -> bool:
         """Asked again just before *job* is enqueued again: has it ended, or is it live after all?
 
-        The started registry was read first; a job that ended in between (its worker recorded the
-        end, which takes it out of the registry in the same transaction) is then in no live
-        worker's hands, and enqueuing it again would run a finished download twice or POST a
-        delivered event again. Its status, read now, tells. So does a job retried or picked up
-        again meanwhile: queued, scheduled, or running on a live worker."""
+        The job was read a moment before (from the started registry, or fetched by the sweep); one
+        that ended in between (its worker recorded the end, which takes it out of the started
+        registry in the same transaction) is then in no live worker's hands, and enqueuing it again
+        would run a finished download twice or POST a delivered event again. Its status, read now,
+        tells. So does a job retried or picked up again meanwhile: queued, scheduled, or running on
+        a live worker."""
         try:
             status = job.get_status(refresh=True)
         except InvalidJobOperation:  # gone from Redis: ended, its result not kept
@@ -188,8 +189,10 @@ class Reconciler:
             if status == JobStatus.FINISHED:
                 self.producer.store.event_delivered(row.id, pending)
                 return False
-            if status == JobStatus.FAILED or self.producer.queues.job_is_live(delivery):
-                return False  # retried for an hour and given up (requeue it with rq), or on its way
+            if status == JobStatus.FAILED or self._moved_on(delivery):
+                # Retried for an hour and given up (requeue it with rq), on its way, or ended since it
+                # was read (delivered just now: the next sweep finds it finished).
+                return False
             # In no queue and no live worker's hands (popped by a worker that stopped or died):
             # the same job goes back on its queue, so the webhook-id stays the same.
             StartedJobRegistry(queue=webhook_queue(self.settings, self.connection)).remove_executions(delivery)
