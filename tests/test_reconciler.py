@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -27,7 +28,7 @@ from udemy_dl.producer import Producer
 from udemy_dl.queues import job_id_for, webhook_queue
 from udemy_dl.reconciler import SWEEP_LOCK, Reconciler, SweepResult
 from udemy_dl.settings import Settings
-from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore
+from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore, TaskRow, TaskStore, utcnow
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
 
 EMAIL = "buyer@shop.example"
@@ -118,6 +119,26 @@ def test_second_sweep_finds_nothing_to_do(rig: Rig) -> None:
     again = rig.reconciler().sweep()
     assert (again.processing, again.requeued, again.failed) == (1, [], [])
     assert rig.queue.job_ids == [job_id_for(lost)]
+
+
+def test_sweep_leaves_a_row_settled_just_after_its_select(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's SELECT finds a task processing with no live job (its job had just ended), and its run
+    records it completed a moment later. Read again before the enqueue, the row says completed: no
+    second run of a finished download."""
+    task_id = rig.task(attempts=1)
+    select = type(rig.store).rows_to_reconcile
+
+    def then_settled(store: TaskStore, *args: Any, **kwargs: Any) -> list[TaskRow]:
+        rows = select(store, *args, **kwargs)
+        assert rig.store.mark_completed(task_id, "/done", 1, utcnow())
+        return rows
+
+    monkeypatch.setattr(type(rig.store), "rows_to_reconcile", then_settled)
+    result = rig.reconciler().sweep()
+
+    assert (result.processing, result.requeued) == (1, [])
+    assert rig.queue.job_ids == []
+    assert rig.row(task_id).status == COMPLETED
 
 
 @pytest.fixture

@@ -157,6 +157,9 @@ class Reconciler:
                 if self._settle_exhausted(row):
                     result.failed.append(row.id)
                 continue
+            current = self.producer.store.get(row.id)
+            if current is None or current.status != PROCESSING:
+                continue  # settled since the SELECT: its run ended just now (a rare second statement)
             outcome = self.producer.add_download_job(
                 {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
             )
