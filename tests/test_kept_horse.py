@@ -115,9 +115,7 @@ def test_warm_stop_of_a_worker_whose_horse_is_idle_leaves_no_process(horses: Hor
     horses.assert_completed_once([task])  # its webhooks delivered too: the worker waits for work
     horse = horses.horse(worker)
 
-    worker.process.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=30) == 0, worker.log()
-    assert not pid_running(horse), "the kept horse outlived its worker"
+    horses.stop_warmly(worker, horse)
     assert worker.name not in live_workers(horses.svc.redis)
 
 
@@ -135,9 +133,7 @@ def test_warm_stop_while_the_kept_horse_downloads_hands_the_task_back(horses: Ho
         lambda: horses.svc.partial_bytes(slow) > 0, timeout=30, interval=0.05, what=lambda: f"bytes\n{horses.log()}"
     )
 
-    worker.process.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=30) == 0, worker.log()
-    assert not pid_running(horse), "the kept horse outlived its worker"
+    horses.stop_warmly(worker, horse)
     assert attempt_pids(horses.log(), slow) == [horse]
     row = horses.svc.row(slow)
     assert row.status == PROCESSING and row.attempts == 0, row

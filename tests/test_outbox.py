@@ -14,7 +14,7 @@ import pytest
 from rq import Worker
 from rq.job import Job
 
-from tests.support.rq_state import finish_after_fetch, live_worker
+from tests.support.rq_state import ends_while_the_reconciler_looks
 from tests.support.service import Service
 from udemy_dl.errors import StoreError
 from udemy_dl.queues import webhook_queue
@@ -112,8 +112,7 @@ def test_the_sweep_leaves_a_delivery_that_ends_while_it_looks(
     pending = world.row(task_id).pending_event
     queue = webhook_queue(world.settings, world.redis)
     delivery = Job.fetch(f"webhook-{pending}", connection=world.redis)
-    worker = live_worker(world.redis, queue, workers_here, delivery)
-    finished = finish_after_fetch(monkeypatch, worker, delivery, queue)
+    finished = ends_while_the_reconciler_looks(monkeypatch, queue, workers_here, delivery, after="fetch")
 
     assert world.sweep() == []
     assert finished == [delivery.id], "the delivery did not end in the window"

@@ -20,7 +20,7 @@ from rq.job import Job, JobStatus
 from dev.devservers import WebhookReceiver
 from tests.support.mariadb import TEST_URL
 from tests.support.redis_servers import RedisServer
-from tests.support.rq_state import finish_after_registry_read, live_worker
+from tests.support.rq_state import ends_while_the_reconciler_looks, live_worker
 from tests.support.service import Backend, BusyWorker, Rig, run_burst_worker
 from tests.support.waiting import wait_for
 from udemy_dl import defaults
@@ -361,35 +361,25 @@ def test_run_once_recovers_started_jobs_once_per_recovery_interval(redis_rig: Ri
 # -- a job that ends while the recovery pass looks at it ------------------------------------------
 
 
-def test_recover_started_leaves_a_download_that_finished_after_the_registry_was_read(
-    redis_rig: Rig, workers_here: list[Worker], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kind", ["download", "delivery"])
+def test_recovery_leaves_a_job_that_finished_after_the_registry_was_read(
+    kind: str, redis_rig: Rig, workers_here: list[Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The recovery pass reads the started registry, then asks whether each job is in a live worker's
-    hands. A download its worker finishes in between is in no one's hands by then: it must not be
-    enqueued again (a second run of a finished task)."""
-    task_id = redis_rig.task()
-    job = redis_rig.enqueue(task_id)
-    worker = live_worker(redis_rig.redis, redis_rig.queue, workers_here, job)
-    finished = finish_after_registry_read(monkeypatch, worker, job, redis_rig.queue)
+    hands. A job its worker finishes in between is in no one's hands by then: it must not be enqueued
+    again (a second run of a finished download, a second POST of a delivered event)."""
+    reconciler = redis_rig.reconciler()
+    recover: Callable[[], list[int] | list[str]]
+    if kind == "download":
+        queue, recover = redis_rig.queue, reconciler.recover_started
+        job = redis_rig.enqueue(redis_rig.task())
+    else:
+        queue, recover = webhook_queue(redis_rig.settings, redis_rig.redis), reconciler.recover_deliveries
+        job = queue.enqueue(defaults.DELIVER_JOB_FUNCTION, "msg_finished", "{}", job_id="webhook-msg_finished")
+    finished = ends_while_the_reconciler_looks(monkeypatch, queue, workers_here, job, after="registry")
 
-    assert redis_rig.reconciler().recover_started() == []
+    assert recover() == []
     assert finished == [job.id], "the job did not finish in the window"
-    assert redis_rig.queue.job_ids == []
-    assert status_of(redis_rig.redis, task_id) == JobStatus.FINISHED
-
-
-def test_recover_deliveries_leaves_a_delivery_that_finished_after_the_registry_was_read(
-    redis_rig: Rig, workers_here: list[Worker], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As above for a webhook delivery: one its worker finishes between the two reads must not be put
-    back on its queue (a second POST of a delivered event)."""
-    queue = webhook_queue(redis_rig.settings, redis_rig.redis)
-    job = queue.enqueue(defaults.DELIVER_JOB_FUNCTION, "msg_finished", "{}", job_id="webhook-msg_finished")
-    worker = live_worker(redis_rig.redis, queue, workers_here, job)
-    finished = finish_after_registry_read(monkeypatch, worker, job, queue)
-
-    assert redis_rig.reconciler().recover_deliveries() == []
-    assert finished == [job.id], "the delivery did not finish in the window"
     assert queue.job_ids == []
     assert job.get_status(refresh=True) == JobStatus.FINISHED
 

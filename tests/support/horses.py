@@ -27,7 +27,7 @@ from udemy_dl.store import COMPLETED
 from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 
 from .http_servers import completed_ids
-from .processes import LoggedProcess, work_horses
+from .processes import LoggedProcess, pid_running, work_horses
 from .rq_state import live_workers
 from .service import Service
 from .waiting import wait_for
@@ -157,6 +157,12 @@ class HorseWorld:
         assert first == kept and second not in (kept, worker.pid), log
         assert attempt_pids(log, after) == [second], log
         assert worker.process.poll() is None, log
+
+    def stop_warmly(self, worker: LoggedProcess, horse: int) -> None:
+        """SIGTERM to *worker*: it exits cleanly (0) within a generous deadline, and its *horse* is gone too."""
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, worker.log()
+        assert not pid_running(horse), f"the kept horse {horse} outlived its worker\n{worker.log()}"
 
     def horse(self, worker: LoggedProcess) -> int:
         """The one work horse *worker* has now (kept between downloads)."""

@@ -57,7 +57,7 @@ def live_worker(
     return worker
 
 
-def finish_as_rq_does(worker: Worker, job: Job, queue: Queue) -> None:
+def _finish_as_rq_does(worker: Worker, job: Job, queue: Queue) -> None:
     """*worker* ends *job* successfully as RQ's does: status finished and the job out of the started
     registry, in one transaction."""
     job.ended_at = now()
@@ -65,7 +65,7 @@ def finish_as_rq_does(worker: Worker, job: Job, queue: Queue) -> None:
     worker.handle_job_success(job, queue, queue.started_job_registry)
 
 
-def finish_after_fetch(monkeypatch: pytest.MonkeyPatch, worker: Worker, job: Job, queue: Queue) -> list[str]:
+def _finish_after_fetch(monkeypatch: pytest.MonkeyPatch, worker: Worker, job: Job, queue: Queue) -> list[str]:
     """From now on, the first fetch of *job* from Redis is followed at once by *worker* finishing it:
     the caller holds the job as it was (started) while it has already ended. Returns the list that
     names the job once that has happened."""
@@ -75,7 +75,7 @@ def finish_after_fetch(monkeypatch: pytest.MonkeyPatch, worker: Worker, job: Job
     def fetch_then_finish(cls: type[Job], job_id: str, *args: Any, **kwargs: Any) -> Job:
         fetched = fetch(job_id, *args, **kwargs)
         if not finished and job_id == job.id:
-            finish_as_rq_does(worker, job, queue)
+            _finish_as_rq_does(worker, job, queue)
             finished.append(job.id)
         return fetched
 
@@ -83,7 +83,7 @@ def finish_after_fetch(monkeypatch: pytest.MonkeyPatch, worker: Worker, job: Job
     return finished
 
 
-def finish_after_registry_read(monkeypatch: pytest.MonkeyPatch, worker: Worker, job: Job, queue: Queue) -> list[str]:
+def _finish_after_registry_read(monkeypatch: pytest.MonkeyPatch, worker: Worker, job: Job, queue: Queue) -> list[str]:
     """From now on, the first read of a started registry that lists *job* is followed at once by
     *worker* finishing it as RQ's worker does (status finished and the job out of the registry, in one
     transaction): the moment between a reconciler's look at the registry and its liveness check.
@@ -94,9 +94,20 @@ def finish_after_registry_read(monkeypatch: pytest.MonkeyPatch, worker: Worker, 
     def get_job_ids(registry: StartedJobRegistry, *args: Any, **kwargs: Any) -> list[str]:
         ids = read(registry, *args, **kwargs)
         if not finished and job.id in ids:
-            finish_as_rq_does(worker, job, queue)
+            _finish_as_rq_does(worker, job, queue)
             finished.append(job.id)
         return ids
 
     monkeypatch.setattr(StartedJobRegistry, "get_job_ids", get_job_ids)
     return finished
+
+
+def ends_while_the_reconciler_looks(
+    monkeypatch: pytest.MonkeyPatch, queue: Queue, workers: list[Worker], job: Job, after: str
+) -> list[str]:
+    """A live worker of this process (noted in *workers*) takes *job* from *queue*, and ends it right
+    *after* the reconciler's first look at it: `registry` (its read of the started registry) or `fetch`
+    (its fetch of the job). Returns the list that names the job once it has ended there."""
+    worker = live_worker(queue.connection, queue, workers, job)
+    hook = {"registry": _finish_after_registry_read, "fetch": _finish_after_fetch}[after]
+    return hook(monkeypatch, worker, job, queue)
