@@ -28,6 +28,7 @@ from udemy_dl.webhooks import COMPLETED as EVENT_COMPLETED
 
 from .http_servers import completed_ids
 from .processes import LoggedProcess, pid_running, work_horses
+from .relay import accepted
 from .rq_state import live_workers
 from .service import Service
 from .waiting import wait_for
@@ -189,8 +190,8 @@ class HorseWorld:
 class TricklingReceiver:
     """A webhook receiver that answers the first delivery of each webhook id in *hang* one byte every
     0.2 s, never finished (a receiver that hangs while keeping the connection busy, so no read timeout
-    of the client ends it); any other delivery gets a 204 at once. Records when each hung connection
-    was closed by its client."""
+    of the client ends it); any other delivery gets a 204 at once. Notes the webhook id of each hung
+    delivery whose client closed the connection."""
 
     def __init__(self, hang: set[str]) -> None:
         self.hang = set(hang)
@@ -198,7 +199,8 @@ class TricklingReceiver:
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._listener.settimeout(0.2)
+        self._thread = threading.Thread(target=self._serve, name="trickling-receiver", daemon=True)
 
     @property
     def url(self) -> str:
@@ -211,15 +213,11 @@ class TricklingReceiver:
 
     def stop(self) -> None:
         self._stop.set()
-        self._listener.close()
         self._thread.join(timeout=5)
+        self._listener.close()
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
+        for connection in accepted(self._listener, lambda: not self._stop.is_set()):
             threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
 
     def _answer(self, connection: socket.socket) -> None:
