@@ -129,6 +129,7 @@ def test_database_url_overrides_db_parts() -> None:
         ({"FETCH_COMMAND": "wget {url}"}, "FETCH_COMMAND"),
         ({"FETCH_COMMAND": "fetch '{url} {dest}"}, "FETCH_COMMAND"),
         ({"RECONCILE_INTERVAL": "soon"}, "RECONCILE_INTERVAL"),
+        ({"HORSE_MAX_JOBS": "0"}, "HORSE_MAX_JOBS"),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(f"{k}={v}" for k, v in value.items()),
 )

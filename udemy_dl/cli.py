@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -381,24 +381,24 @@ def cmd_metrics(settings: Settings, args: argparse.Namespace) -> int:
     return RET_OK
 
 
-def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+def _listen(name: str, server: Callable[[Settings, str, int], None], settings: Settings, host: str, port: int) -> int:
+    """Run *server* on host:port until it stops; exit RET_CONNECT, naming the address, if it cannot listen."""
     try:
-        serve(settings, args.host, args.port)
+        server(settings, host, port)
     except OSError as exc:  # the address is taken or not ours to bind
-        print(f"udemy-dl serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"udemy-dl {name}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return RET_CONNECT
     return RET_OK
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    return _listen("serve", serve, settings, args.host, args.port)
 
 
 def cmd_dashboard(settings: Settings, args: argparse.Namespace) -> int:
     from .dashboard import run_dashboard  # an optional extra: imported only here
 
-    try:
-        run_dashboard(settings, args.bind, args.port)
-    except OSError as exc:  # the address is taken or not ours to bind
-        print(f"udemy-dl dashboard: cannot listen on {args.bind}:{args.port}: {exc}", file=sys.stderr)
-        return RET_CONNECT
-    return RET_OK
+    return _listen("dashboard", run_dashboard, settings, args.bind, args.port)
 
 
 def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:

@@ -61,6 +61,7 @@ VARIABLES = (
     "ORIGIN_CONCURRENCY",
     "FETCH_RATE_LIMIT",
     "RECONCILE_INTERVAL",
+    "HORSE_MAX_JOBS",
     "DISK_WARN_BYTES",
     "DASHBOARD_USERNAME",
     "DASHBOARD_PASSWORD",
@@ -169,6 +170,7 @@ class Settings:
     fetch_rate_limit: int = 0
     """Bytes per second all HTTP downloads of one host may take together (0: no limit)."""
     reconcile_interval: int = defaults.RECONCILE_INTERVAL
+    horse_max_jobs: int = defaults.HORSE_MAX_JOBS
     disk_warn_bytes: int = 0
     """Free bytes on the download disk below which health, stats and the alert warn; 0: DISK_WARN_SHARE of it."""
     webhook_retry_intervals: tuple[int, ...] = defaults.WEBHOOK_RETRY_INTERVALS
@@ -692,6 +694,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         origin_concurrency=_int(env, "ORIGIN_CONCURRENCY", 0),
         fetch_rate_limit=_rate(env, "FETCH_RATE_LIMIT"),
         reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.RECONCILE_INTERVAL, minimum=0),
+        horse_max_jobs=_int(env, "HORSE_MAX_JOBS", defaults.HORSE_MAX_JOBS, minimum=1),
         disk_warn_bytes=_int(env, "DISK_WARN_BYTES", 0, maximum=2**63 - 1),
         webhook_retry_intervals=_intervals(env, "WEBHOOK_RETRY_INTERVALS", defaults.WEBHOOK_RETRY_INTERVALS),
         redis_sentinels=_sentinels(env, "REDIS_SENTINELS"),
