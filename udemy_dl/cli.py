@@ -23,6 +23,7 @@ from .queues import job_id_for
 from .reconciler import Reconciler, run_reconciler
 from .settings import Settings, load_settings
 from .store import PROCESSING, open_store
+from .tokens import DEFAULT_TTL, generate_status_secret, status_token
 from .webhooks import generate_secret
 
 STATUS_ORDER = ("pending", "enrolled", "processing", "completed", "failed")
@@ -263,7 +264,18 @@ def cmd_db_init(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_gen_secret(settings: Settings, args: argparse.Namespace) -> int:
-    print(generate_secret())
+    print(generate_status_secret() if args.status else generate_secret())
+    return RET_OK
+
+
+def cmd_status_token(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        task_id = parse_task_id(args.task_id)
+        token = status_token(task_id, args.ttl, secret=settings.require_status_tokens())
+    except (InvalidTaskError, ValueError) as exc:
+        print(f"udemy-dl status-token: {exc}", file=sys.stderr)
+        return RET_USAGE
+    print(token)
     return RET_OK
 
 
@@ -406,8 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_init = db_sub.add_parser("init", help="create download_tasks (safe to run twice)")
     p_init.set_defaults(func=cmd_db_init)
 
-    p = sub.add_parser("gen-secret", help="print a new API_SECRET_KEY (whsec_…)")
+    p = sub.add_parser("gen-secret", help="print a new API_SECRET_KEY (whsec_…); --status: a STATUS_TOKEN_SECRET")
+    p.add_argument("--status", action="store_true", help="a STATUS_TOKEN_SECRET for status tokens instead")
     p.set_defaults(func=cmd_gen_secret)
+
+    p = sub.add_parser(
+        "status-token", help="print a token that lets a browser watch one task's live status (docs/STATUS.md)"
+    )
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--ttl", type=int, default=DEFAULT_TTL, help=f"seconds it stays good (default {DEFAULT_TTL})")
+    p.set_defaults(func=cmd_status_token)
 
     p = sub.add_parser("shell-settings", help="print the settings the shell scripts use, as shell assignments")
     p.set_defaults(func=cmd_shell_settings)
