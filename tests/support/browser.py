@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
@@ -128,7 +129,7 @@ class StatusPage:
             return seen
 
         try:
-            found: PageState = WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(matches)
+            found = cast(PageState, WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(matches))
         except Exception as exc:
             raise AssertionError(f"the page never showed {what} within {timeout:g}s; it went: {self.history}") from exc
         return found
