@@ -14,23 +14,51 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
-from udemy_dl.store import PENDING, open_store
+from redis import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from udemy_dl import status_stream
+from udemy_dl.store import PENDING, PROCESSING, open_store
+from udemy_dl.tokens import generate_status_secret, status_token
 from udemy_dl.webhooks import generate_secret, sign_headers
 
+from .harness import Bench
+from .report import Part, Row
 from .services import BenchMariaDB, BenchRedis
-from .support import BIN, BenchError, Child, Children, clean_env, free_port, percentile, port_open, say, wait_until
+from .support import (
+    BIN,
+    REPO,
+    BenchError,
+    Child,
+    Children,
+    clean_env,
+    descendants,
+    free_port,
+    percentile,
+    port_open,
+    say,
+    vm_hwm_kb,
+    wait_until,
+)
 
 CONFIRM = "/orders/confirm"
 CONFIRM_CONCURRENCY = 16
@@ -173,6 +201,427 @@ def measure_confirm(
     if set(result.statuses) != {202}:
         raise BenchError(f"confirm answers were not all 202: {dict(result.statuses)}\n{child.tail()}")
     return result
+
+
+# -- 1,000 open streams ---------------------------------------------------------------------------------
+
+STREAMS = 1000
+ROUNDS = 10
+"""Progress entries per task, one a second for every task (as a worker's reporter publishes), then the final one."""
+ROUND_SECONDS = 1.0
+OPEN_BATCH = 100
+"""Streams opened at once while connecting (so the server's listen backlog is not the thing measured)."""
+COURSE_BYTES = 100_000_000
+COURSE_FILES = 10
+FINAL = ("completed", "failed")
+
+
+@dataclass
+class Received:
+    task_id: int
+    status: str
+    progress: int
+    at: float
+    """perf_counter() when the client had parsed the event."""
+
+
+@dataclass
+class StreamsRun:
+    received: list[Received] = field(default_factory=list)
+    opened: int = 0
+    snapshots: int = 0
+    closed_by_server: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    published: dict[tuple[int, str, int], float] = field(default_factory=dict)
+    """(task, status, progress) -> perf_counter() just before the XADD."""
+
+
+async def _chunks(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    """The body of a streamed answer: chunked (HTTP/1.1) or until the server closes."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                return
+            data = await reader.readexactly(size + 2)
+            yield data[:-2]
+    while data := await reader.read(65536):
+        yield data
+
+
+async def sse_events(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[dict[str, str]]:
+    """Server-Sent Events as the browser parses them: fields of each event (comments dropped, data joined)."""
+    buffer = b""
+    async for chunk in _chunks(reader, headers):
+        buffer = (buffer + chunk).replace(b"\r\n", b"\n")
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            event: dict[str, str] = {}
+            for line in block.decode("utf-8").split("\n"):
+                if not line or line.startswith(":"):
+                    continue
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                event[name] = f"{event[name]}\n{value}" if name == "data" and name in event else value
+            if "data" in event:
+                yield event
+
+
+async def _watch(port: int, task_id: int, token: str, run: StreamsRun, opened: asyncio.Semaphore) -> None:
+    async with opened:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_bytes("GET", f"/tasks/{task_id}/events?token={token}", {"Accept": "text/event-stream"}))
+        head = await reader.readuntil(b"\r\n\r\n")
+    try:
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines[1:])
+            if name
+        }
+        if status != 200 or not headers.get("content-type", "").startswith("text/event-stream"):
+            run.refused[f"{status} {headers.get('content-type')}"] += 1
+            return
+        run.opened += 1
+        first = True
+        async for event in sse_events(reader, headers):
+            data = json.loads(event["data"])
+            run.received.append(Received(task_id, data["status"], int(data["progress"]), time.perf_counter()))
+            if first:
+                run.snapshots += 1
+                first = False
+            if data["status"] in FINAL:
+                break
+        if not await reader.read(1):  # the server closes the stream after the final event
+            run.closed_by_server += 1
+    finally:
+        writer.close()
+
+
+def _publish(redis_url: str, task_ids: list[int], run: StreamsRun, rounds: int, round_seconds: float) -> None:
+    """The workers' side: each task's progress once per round, spread evenly over the round, then its final entry.
+    Each entry goes in with its own XADD, as a worker's reporter sends it (status_stream.publish_progress)."""
+    connection = Redis.from_url(redis_url)
+    per_file = COURSE_BYTES // COURSE_FILES
+    try:
+        for number in range(1, rounds + 2):
+            started = time.perf_counter()
+            for index, task_id in enumerate(task_ids):
+                ahead = started + round_seconds * index / len(task_ids) - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing the publisher to one entry per task per second
+                if number > rounds:
+                    run.published[(task_id, "completed", 100)] = time.perf_counter()
+                    status_stream.publish_completed(connection, task_id, COURSE_BYTES, COURSE_FILES)
+                    continue
+                progress = number * 100 // (rounds + 1)
+                done = COURSE_BYTES * progress // 100
+                run.published[(task_id, "processing", progress)] = time.perf_counter()
+                status_stream.publish_progress(
+                    connection, task_id, progress, done, COURSE_BYTES, done // per_file, COURSE_FILES
+                )
+    finally:
+        connection.close()
+
+
+def serve_family(pid: int) -> list[int]:
+    """The serve process and its children (uvicorn's workers, when --workers asks for several)."""
+    return [pid, *descendants(pid)]
+
+
+def serve_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of the serve process and its children, added up."""
+    return sum(vm_hwm_kb(member) or 0 for member in serve_family(pid)) / 1024
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(entry.path)
+                if target.startswith("socket:["):
+                    found.add(target[8:-1])
+    return found
+
+
+def _tcp_peers(port: int) -> dict[str, str]:
+    """Established TCP connections to *port* on this host (/proc/net/tcp): socket inode -> local `ip:port`."""
+    peers = {}
+    with open("/proc/net/tcp", encoding="ascii") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if state == "01" and int(remote.split(":")[1], 16) == port:
+                address, local_port = local.split(":")
+                ip = ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
+                peers[inode] = f"{ip}:{int(local_port, 16)}"
+    return peers
+
+
+def serve_redis_clients(pid: int, redis: Redis, redis_port: int) -> tuple[int, int]:
+    """Redis connections the serve process holds: its own TCP connections to Redis's port, and how many of
+    those CLIENT LIST shows (the two agree unless a connection is half open)."""
+    inodes = set().union(*(_socket_inodes(member) for member in serve_family(pid)))
+    local = {address for inode, address in _tcp_peers(redis_port).items() if inode in inodes}
+    clients = cast(list[dict[str, Any]], redis.client_list())
+    return len(local), sum(1 for client in clients if client.get("addr") in local)
+
+
+class Sampler:
+    """The serve process's RSS and Redis connections, sampled in a thread while the streams are open."""
+
+    def __init__(self, pid: int, redis_url: str, interval: float = 0.25) -> None:
+        self.pid = pid
+        self.redis = Redis.from_url(redis_url)
+        self.redis_port = int(self.redis.connection_pool.connection_kwargs.get("port", 6379))
+        self.interval = interval
+        self.rss_mb: list[float] = []
+        self.sockets: list[int] = []
+        self.clients: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serve-sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.redis.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.rss_mb.append(serve_rss_mb(self.pid))
+            sockets, clients = serve_redis_clients(self.pid, self.redis, self.redis_port)
+            self.sockets.append(sockets)
+            self.clients.append(clients)
+
+
+async def _streams(
+    port: int, tokens: dict[int, str], run: StreamsRun, redis_url: str, rounds: int, round_seconds: float
+) -> None:
+    opened = asyncio.Semaphore(OPEN_BATCH)
+    watchers = [asyncio.create_task(_watch(port, task_id, token, run, opened)) for task_id, token in tokens.items()]
+    deadline = time.monotonic() + 120
+    while run.snapshots + sum(run.refused.values()) < len(tokens):
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {run.snapshots} of {len(tokens)} streams got their snapshot within 120 s")
+        await asyncio.sleep(0.05)  # polling the watchers' counts
+    if run.refused:
+        raise BenchError(f"streams refused: {dict(run.refused)}")
+    say(f"{run.opened} streams open, each with its snapshot; publishing {rounds} rounds of progress, then the end")
+    await asyncio.to_thread(_publish, redis_url, list(tokens), run, rounds, round_seconds)
+    done, pending = await asyncio.wait(watchers, timeout=60)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        if task.exception() is not None:
+            raise BenchError(f"a stream failed: {task.exception()!r}")
+    if pending:
+        raise BenchError(f"{len(pending)} streams had not ended 60 s after their final entry")
+
+
+def latencies_ms(run: StreamsRun) -> list[float]:
+    """Publish -> received, in ms, for every published entry a client got as an event of its own."""
+    found = []
+    for item in run.received:
+        sent = run.published.get((item.task_id, item.status, item.progress))
+        if sent is not None and item.at >= sent:
+            found.append((item.at - sent) * 1000)
+    return found
+
+
+@dataclass
+class StreamsResult:
+    run: StreamsRun
+    latencies: list[float]
+    rss_mb: float
+    redis_sockets: int
+    redis_clients: int
+    seconds: float
+
+
+def measure_streams(
+    children: Children,
+    workdir: Path,
+    env: dict[str, str],
+    store_url: str,
+    redis_url: str,
+    streams: int = STREAMS,
+    rounds: int = ROUNDS,
+    round_seconds: float = ROUND_SECONDS,
+) -> StreamsResult:
+    """*streams* running tasks, each watched by one SSE client, while each gets *rounds* progress entries."""
+    store = open_store(store_url)
+    try:
+        ids = [store.insert_task("bench@example.com", "https://cdn.example/c", PROCESSING) for _ in range(streams)]
+    finally:
+        store.close()
+    secret = env["STATUS_TOKEN_SECRET"]
+    tokens = {task_id: status_token(task_id, 3600, secret=secret) for task_id in ids}
+    _raise_open_files(4 * streams + 256)
+    child, port = start_serve(children, "serve-streams", workdir, env)
+    run = StreamsRun()
+    started = time.perf_counter()
+    try:
+        with Sampler(child.pid, redis_url) as sampler:
+            asyncio.run(_streams(port, tokens, run, redis_url, rounds, round_seconds))
+    finally:
+        children.stop(child)
+    if not sampler.rss_mb:
+        raise BenchError("the serve process was never sampled")
+    return StreamsResult(
+        run,
+        latencies_ms(run),
+        max(sampler.rss_mb),
+        max(sampler.sockets),
+        max(sampler.clients),
+        time.perf_counter() - started,
+    )
+
+
+def _raise_open_files(needed: int) -> None:
+    """The soft limit on open files up to its hard limit: the bench and serve each hold one socket per stream."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise BenchError(f"open files limited to {hard}; {needed} are needed (ulimit -n)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+# -- the baseline: a bare Starlette endpoint under the same uvicorn ---------------------------------------
+
+
+async def _hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("hello")
+
+
+hello_app = Starlette(routes=[Route("/hello", _hello)])
+"""`uvicorn bench.streams:hello_app`: what one uvicorn worker answers with no work behind the answer."""
+
+
+def measure_hello(children: Children, workdir: Path, requests: int) -> LoadResult:
+    port = free_port()
+    child = children.start(
+        "uvicorn-hello",
+        [
+            str(BIN / "uvicorn"),
+            "bench.streams:hello_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        workdir / "logs" / "uvicorn-hello.log",
+        env=clean_env(PYTHONPATH=str(REPO)),
+        cwd=workdir,
+    )
+    try:
+        wait_until(lambda: port_open(port), timeout=30, what="uvicorn (hello) to listen", on_timeout=child.tail)
+        run_load(port, plain_gets("/hello", CONFIRM_WARMUP))
+        result = run_load(port, plain_gets("/hello", requests))
+    finally:
+        children.stop(child)
+    if set(result.statuses) != {200}:
+        raise BenchError(f"hello answers were not all 200: {dict(result.statuses)}")
+    return result
+
+
+# -- the part ---------------------------------------------------------------------------------------------------
+
+
+def part_env(bench: Bench) -> dict[str, str]:
+    return bench.service_env(API_SECRET_KEY=generate_secret(), STATUS_TOKEN_SECRET=generate_status_secret())
+
+
+def run_streams(bench: Bench) -> Part:
+    quick = bench.profile.name == "quick"
+    streams = 200 if quick else STREAMS
+    rounds = 3 if quick else ROUNDS
+    requests = 500 if quick else CONFIRM_REQUESTS
+    env = part_env(bench)
+    workdir = bench.service_dir
+    workdir.mkdir(parents=True, exist_ok=True)
+    say(f"part (e): {streams} open status streams on one serve process, {rounds} progress entries each")
+    result = measure_streams(bench.children, workdir, env, bench.db.admin_db_url, bench.redis.url, streams, rounds)
+    run = result.run
+    progress_published = sum(1 for key in run.published if key[1] == "processing")
+    say(f"part (e): {requests} signed confirms against serve, then against a bare Starlette endpoint")
+    confirm = measure_confirm(bench.children, workdir, env, bench.db.admin_db_url, requests)
+    hello = measure_hello(bench.children, workdir, requests)
+    p50 = percentile(result.latencies, 50) if result.latencies else None
+    p99 = percentile(result.latencies, 99) if result.latencies else None
+    part = Part(
+        "e",
+        f"web front: {streams} open status streams on one serve process; the confirm path",
+        "recorded ThreadingHTTPServer intake (confirm); a bare Starlette GET under the same uvicorn, same run",
+    )
+    part.rows = [
+        Row("streams open, each with its snapshot", run.snapshots, None, "", f"{streams}", run.snapshots == streams, 0),
+        Row("publish -> event in client, p50", p50, None, "ms", "", None, 1),
+        Row("publish -> event in client, p99", p99, None, "ms", "<= 1000 ms", p99 is not None and p99 <= 1000, 1),
+        Row(
+            "progress entries delivered as events",
+            sum(
+                1
+                for item in run.received
+                if item.status == "processing" and (item.task_id, item.status, item.progress) in run.published
+            ),
+            progress_published,
+            "",
+            "all",
+            None,
+            0,
+        ),
+        Row(
+            "final events; streams closed by serve",
+            run.closed_by_server,
+            streams,
+            "",
+            f"{streams}",
+            run.closed_by_server == streams,
+            0,
+        ),
+        Row("serve RSS, peak", result.rss_mb, None, "MB", "< 300 MB", result.rss_mb < 300, 1),
+        Row(
+            "Redis connections held by serve, peak",
+            result.redis_clients,
+            None,
+            "",
+            "a handful (<= 8)",
+            result.redis_clients <= 8,
+            0,
+        ),
+        Row("POST /orders/confirm vs the old intake", confirm.rps, RECORDED_INTAKE_RPS, "req/s", "", None, 0),
+        Row("POST /orders/confirm vs bare Starlette GET", confirm.rps, hello.rps, "req/s", "", None, 0),
+    ]
+    part.notes = [
+        f"one serve process (uvicorn, 1 worker); {streams} SSE clients on asyncio in the bench process; the publisher "
+        f"appends each task's progress once a second (status_stream.publish_progress, one XADD each), spread evenly: "
+        f"{streams} entries/s for {rounds} s, then each task's final entry",
+        "latency: perf_counter() just before the XADD to the client's parse of the event's data; a progress entry the "
+        "server folded into a later event counts as not delivered, not as a latency",
+        f"Redis connections: the serve process's own TCP connections to Redis that CLIENT LIST also shows "
+        f"(sockets seen: {result.redis_sockets})",
+        f"confirm: {requests} signed requests over {CONFIRM_CONCURRENCY} keep-alive connections, each confirming a "
+        f"distinct pending task; the old intake's figure is recorded in docs/BENCHMARKS.md (same load generator)",
+    ]
+    part.raw = {
+        "latencies_ms": [round(value, 2) for value in result.latencies],
+        "streams_seconds": round(result.seconds, 1),
+        "confirm": {"requests": confirm.requests, "seconds": round(confirm.seconds, 3), "rps": round(confirm.rps, 1)},
+        "hello": {"requests": hello.requests, "seconds": round(hello.seconds, 3), "rps": round(hello.rps, 1)},
+        "recorded_intake_rps": RECORDED_INTAKE_RPS,
+    }
+    return part
 
 
 # -- on its own: the confirm figure of any checkout's serve ------------------------------------------------
