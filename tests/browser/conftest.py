@@ -67,9 +67,9 @@ def site(tmp_path: Path, redis_e2e: Redis) -> Iterator[Site]:
             API_SECRET_KEY=api_secret,
             STATUS_TOKEN_SECRET=status_secret,
         )
-        serve = Serve(env, tmp_path, free_port())
+        site = Site(env, api_secret, status_secret, origin, Serve(env, tmp_path, free_port()), store, tmp_path)
         try:
-            yield Site(env, api_secret, status_secret, origin, serve, store, tmp_path)
+            yield site
         finally:
-            serve.kill()
+            site.stop()
             kill_marked(MARKER, run_id)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 from importlib import resources
-from urllib.parse import quote
 
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.support.browser import Site, StatusPage, status_token
+from tests.support.browser import Site, StatusPage, shop_page, status_token
 from udemy_dl.store import PENDING, PROCESSING
 
 pytestmark = pytest.mark.browser
@@ -65,13 +64,13 @@ def test_a_failed_order_shows_failed_and_its_reason_in_an_iframe(site: Site, pag
     site.serve.start()
     site.start_worker()
     url = site.serve.status_url(task_id, status_token(site.status_secret, task_id))
-    page.driver.get("data:text/html," + quote(f'<!doctype html><title>shop</title><iframe src="{url}"></iframe>'))
-    page.driver.switch_to.frame(page.driver.find_element(By.TAG_NAME, "iframe"))
-    page.wait("the pending order in the iframe", status="pending", connection="live")
-    answer = site.serve.confirm(site.api_secret, [task_id])
-    assert answer["enqueued"] == [task_id], answer
-
-    end = page.wait("failed, with a reason", status="failed", reason=lambda text: bool(text.strip()))
+    with shop_page(url) as order_page:
+        page.driver.get(order_page)
+        page.driver.switch_to.frame(page.driver.find_element(By.TAG_NAME, "iframe"))
+        page.wait("the pending order in the iframe", status="pending", connection="live")
+        answer = site.serve.confirm(site.api_secret, [task_id])
+        assert answer["enqueued"] == [task_id], answer
+        end = page.wait("failed, with a reason", status="failed", reason=lambda text: bool(text.strip()))
     assert end.text.strip(), "no readable text beside the status"
     assert page.wait("the stream closed", connection="closed")
     row = site.store.get(task_id)

@@ -11,14 +11,17 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from html import escape
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
@@ -80,6 +83,34 @@ def headless_chromium(folder: Path) -> Iterator[WebDriver]:
         chrome.quit()
 
 
+@contextmanager
+def shop_page(frame_url: str) -> Iterator[str]:
+    """A page of the shop's own, on another origin (127.0.0.1, its own port), that embeds *frame_url* in an
+    iframe; yields its URL. (A data: URL would not do: Chromium keeps pages of no address from loading local ones.)"""
+    html = f'<!doctype html><title>Your order</title><iframe src="{escape(frame_url)}"></iframe>'.encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/order"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 # -- the page ------------------------------------------------------------------------------------------
 
 
@@ -135,10 +166,10 @@ class StatusPage:
         return found
 
     def statuses(self) -> list[str]:
-        """The statuses shown, in order, each once per run of states."""
+        """The statuses shown, in order, each once per run of states (none before the first event)."""
         shown: list[str] = []
         for seen in self.history:
-            if not shown or shown[-1] != seen.status:
+            if seen.status and (not shown or shown[-1] != seen.status):
                 shown.append(seen.status)
         return shown
 
@@ -220,9 +251,18 @@ class Site:
     serve: Serve
     store: MySQLStore
     folder: Path
+    workers: list[LoggedProcess] = field(default_factory=list)
 
     def start_worker(self) -> LoggedProcess:
         """A real worker (`udemy-dl worker`, forking), as start_workers.sh runs it."""
         name = f"browser-{uuid.uuid4().hex[:8]}"
         command = [*cli_command(), "--log-level", "DEBUG", "worker", "--name", name]
-        return start_logged(command, self.env, self.folder, self.folder / f"{name}.log", name)
+        worker = start_logged(command, self.env, self.folder, self.folder / f"{name}.log", name)
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        """Kill serve and the workers by their pids (an RQ worker's process title hides the environment marker)."""
+        self.serve.kill()
+        for worker in self.workers:
+            worker.kill()
