@@ -49,10 +49,11 @@ from tests.support.mariadb import TEST_URL
 from tests.support.service import Backend
 from udemy_dl import intake as intake_module
 from udemy_dl.errors import ConfigError
-from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY, make_server
+from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore, utcnow
+from udemy_dl.web import make_server
 from udemy_dl.webhooks import generate_secret, sign_headers
 
 EMAIL = "buyer@shop.example"
@@ -870,7 +871,7 @@ def test_without_a_database_the_server_refuses_to_start(configure: Callable[...,
 
 
 SERVE_SCRIPT = """
-from udemy_dl.intake import serve
+from udemy_dl.web import serve
 from udemy_dl.logs import setup_logging
 from udemy_dl.settings import load_settings
 setup_logging("INFO")

@@ -14,7 +14,6 @@ from . import __version__, defaults
 from .connection import redis_connection
 from .download_worker import default_worker_name, run_pool, run_worker
 from .errors import ConfigError, InvalidTaskError, StoreError, UdemyDlError
-from .intake import serve
 from .logs import setup_logging
 from .metrics import render_latest
 from .payload import parse_task_id
@@ -24,6 +23,7 @@ from .reconciler import Reconciler, run_reconciler
 from .settings import Settings, load_settings
 from .store import PROCESSING, open_store
 from .tokens import DEFAULT_TTL, generate_status_secret, status_token
+from .web import serve
 from .webhooks import generate_secret
 
 STATUS_ORDER = ("pending", "enrolled", "processing", "completed", "failed")
@@ -302,11 +302,17 @@ def cmd_metrics(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        serve(settings, args.host, args.port)
+        serve(settings, args.host, args.port, workers=args.workers)
     except OSError as exc:  # the address is taken or not ours to bind
         print(f"udemy-dl serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return RET_CONNECT
     return RET_OK
+
+
+def _workers(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 64, got {text!r}")
+    return int(text)
 
 
 def cmd_dashboard(settings: Settings, args: argparse.Namespace) -> int:
@@ -394,9 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("metrics", help="print the Prometheus metrics (what /metrics on serve shows)")
     p.set_defaults(func=cmd_metrics)
 
-    p = sub.add_parser("serve", help="the HTTP intake: POST /orders/confirm, GET /tasks/<id>, /metrics, /healthz")
+    p = sub.add_parser(
+        "serve",
+        help="the web front: the intake (POST /orders/confirm, GET /tasks/<id>, /metrics, /healthz) and the live "
+        "status (GET /tasks/<id>/events, /status/<id>)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--workers", type=_workers, default=1, help="processes sharing the port (default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
