@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -65,6 +68,10 @@ CONFIRM_CONCURRENCY = 16
 """Connections the confirm load keeps open (each one request at a time, keep-alive)."""
 CONFIRM_REQUESTS = 3000
 CONFIRM_WARMUP = 200
+CONFIRM_ROUNDS = 2
+"""Rounds of the confirm path, serve and the old intake in turn (the median of each is shown)."""
+OLD_INTAKE_COMMIT = "da7786c"
+"""The last commit whose `udemy-dl serve` is the standard library's ThreadingHTTPServer intake."""
 
 RECORDED_INTAKE_RPS = 237.0
 """Confirm requests per second of the ThreadingHTTPServer intake, recorded in docs/BENCHMARKS.md (its median)."""
@@ -284,17 +291,17 @@ async def _watch(port: int, task_id: int, token: str, run: StreamsRun, opened: a
             run.refused[f"{status} {headers.get('content-type')}"] += 1
             return
         run.opened += 1
-        first = True
+        final = False
+        count = 0
         async for event in sse_events(reader, headers):
             data = json.loads(event["data"])
+            if final:
+                raise BenchError(f"task {task_id}: an event after the final one: {data}")
             run.received.append(Received(task_id, data["status"], int(data["progress"]), time.perf_counter()))
-            if first:
-                run.snapshots += 1
-                first = False
-            if data["status"] in FINAL:
-                break
-        if not await reader.read(1):  # the server closes the stream after the final event
-            run.closed_by_server += 1
+            run.snapshots += count == 0
+            count += 1
+            final = data["status"] in FINAL
+        run.closed_by_server += final  # the body ended after the final event: the server closed the stream
     finally:
         writer.close()
 
@@ -542,49 +549,94 @@ def part_env(bench: Bench) -> dict[str, str]:
     return bench.service_env(API_SECRET_KEY=generate_secret(), STATUS_TOKEN_SECRET=generate_status_secret())
 
 
+def old_intake_tree(workdir: Path) -> Path | None:
+    """The package as it was with the ThreadingHTTPServer intake (OLD_INTAKE_COMMIT), unpacked from git for
+    `udemy-dl serve` to import through PYTHONPATH; None when the checkout has no such history."""
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", OLD_INTAKE_COMMIT, "udemy_dl"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        say(f"part (e): no same-run baseline for the old intake (git archive {OLD_INTAKE_COMMIT}: {exc})")
+        return None
+    target = workdir / "old-intake"
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+@dataclass
+class ConfirmFigures:
+    ours: list[float]
+    old: list[float]
+    hello: LoadResult
+
+
+def measure_confirm_paths(bench: Bench, env: dict[str, str], requests: int, rounds: int) -> ConfirmFigures:
+    """The confirm path of this checkout's serve and of the old intake, alternating, then a bare Starlette GET."""
+    workdir = bench.service_dir
+    old_tree = old_intake_tree(bench.workdir)
+    ours: list[float] = []
+    old: list[float] = []
+    for number in range(rounds):
+        result = measure_confirm(bench.children, workdir, env, bench.db.admin_db_url, requests, f"serve-{number}")
+        ours.append(result.rps)
+        if old_tree is not None:
+            old_env = {**env, "PYTHONPATH": str(old_tree)}
+            previous = measure_confirm(
+                bench.children, workdir, old_env, bench.db.admin_db_url, requests, f"old-intake-{number}"
+            )
+            old.append(previous.rps)
+        say(
+            f"part (e): confirm round {number + 1}: serve {ours[-1]:.0f}/s"
+            + (f", old intake {old[-1]:.0f}/s" if old else "")
+        )
+    return ConfirmFigures(ours, old, measure_hello(bench.children, workdir, requests))
+
+
 def run_streams(bench: Bench) -> Part:
     quick = bench.profile.name == "quick"
     streams = 200 if quick else STREAMS
     rounds = 3 if quick else ROUNDS
     requests = 500 if quick else CONFIRM_REQUESTS
     env = part_env(bench)
-    workdir = bench.service_dir
-    workdir.mkdir(parents=True, exist_ok=True)
+    bench.service_dir.mkdir(parents=True, exist_ok=True)
     say(f"part (e): {streams} open status streams on one serve process, {rounds} progress entries each")
-    result = measure_streams(bench.children, workdir, env, bench.db.admin_db_url, bench.redis.url, streams, rounds)
+    result = measure_streams(
+        bench.children, bench.service_dir, env, bench.db.admin_db_url, bench.redis.url, streams, rounds
+    )
     run = result.run
-    progress_published = sum(1 for key in run.published if key[1] == "processing")
-    say(f"part (e): {requests} signed confirms against serve, then against a bare Starlette endpoint")
-    confirm = measure_confirm(bench.children, workdir, env, bench.db.admin_db_url, requests)
-    hello = measure_hello(bench.children, workdir, requests)
+    published = sum(1 for key in run.published if key[1] == "processing")
+    delivered = sum(
+        1
+        for item in run.received
+        if item.status == "processing" and (item.task_id, item.status, item.progress) in run.published
+    )
+    say(f"part (e): {requests} signed confirms, serve and the old intake in turn, then a bare Starlette GET")
+    confirm = measure_confirm_paths(bench, env, requests, 1 if quick else CONFIRM_ROUNDS)
+    ours_rps = percentile(confirm.ours, 50)
+    old_rps = percentile(confirm.old, 50) if confirm.old else None
     p50 = percentile(result.latencies, 50) if result.latencies else None
     p99 = percentile(result.latencies, 99) if result.latencies else None
     part = Part(
         "e",
         f"web front: {streams} open status streams on one serve process; the confirm path",
-        "recorded ThreadingHTTPServer intake (confirm); a bare Starlette GET under the same uvicorn, same run",
+        f"the ThreadingHTTPServer intake (commit {OLD_INTAKE_COMMIT}) and a bare Starlette GET under the same "
+        "uvicorn, same run; the intake's recorded figure",
     )
     part.rows = [
         Row("streams open, each with its snapshot", run.snapshots, None, "", f"{streams}", run.snapshots == streams, 0),
         Row("publish -> event in client, p50", p50, None, "ms", "", None, 1),
         Row("publish -> event in client, p99", p99, None, "ms", "<= 1000 ms", p99 is not None and p99 <= 1000, 1),
+        Row("progress entries delivered as events", delivered, published, "", "all", delivered == published, 0),
         Row(
-            "progress entries delivered as events",
-            sum(
-                1
-                for item in run.received
-                if item.status == "processing" and (item.task_id, item.status, item.progress) in run.published
-            ),
-            progress_published,
-            "",
-            "all",
-            None,
-            0,
-        ),
-        Row(
-            "final events; streams closed by serve",
+            "final event, then stream closed by serve",
             run.closed_by_server,
-            streams,
+            None,
             "",
             f"{streams}",
             run.closed_by_server == streams,
@@ -600,8 +652,9 @@ def run_streams(bench: Bench) -> Part:
             result.redis_clients <= 8,
             0,
         ),
-        Row("POST /orders/confirm vs the old intake", confirm.rps, RECORDED_INTAKE_RPS, "req/s", "", None, 0),
-        Row("POST /orders/confirm vs bare Starlette GET", confirm.rps, hello.rps, "req/s", "", None, 0),
+        Row("POST /orders/confirm vs the old intake, same run", ours_rps, old_rps, "req/s", "", None, 0),
+        Row("POST /orders/confirm vs the old intake, recorded", ours_rps, RECORDED_INTAKE_RPS, "req/s", "", None, 0),
+        Row("POST /orders/confirm vs bare Starlette GET", ours_rps, confirm.hello.rps, "req/s", "", None, 0),
     ]
     part.notes = [
         f"one serve process (uvicorn, 1 worker); {streams} SSE clients on asyncio in the bench process; the publisher "
@@ -612,13 +665,17 @@ def run_streams(bench: Bench) -> Part:
         f"Redis connections: the serve process's own TCP connections to Redis that CLIENT LIST also shows "
         f"(sockets seen: {result.redis_sockets})",
         f"confirm: {requests} signed requests over {CONFIRM_CONCURRENCY} keep-alive connections, each confirming a "
-        f"distinct pending task; the old intake's figure is recorded in docs/BENCHMARKS.md (same load generator)",
+        f"distinct pending task, medians of {len(confirm.ours)} round(s), serve and the old intake in turn (the old "
+        f"one is the package at {OLD_INTAKE_COMMIT} from git, run by the same udemy-dl script); the recorded figure "
+        "is in docs/BENCHMARKS.md",
     ]
     part.raw = {
         "latencies_ms": [round(value, 2) for value in result.latencies],
         "streams_seconds": round(result.seconds, 1),
-        "confirm": {"requests": confirm.requests, "seconds": round(confirm.seconds, 3), "rps": round(confirm.rps, 1)},
-        "hello": {"requests": hello.requests, "seconds": round(hello.seconds, 3), "rps": round(hello.rps, 1)},
+        "confirm_rps": [round(value, 1) for value in confirm.ours],
+        "old_intake_rps": [round(value, 1) for value in confirm.old],
+        "hello": {"requests": confirm.hello.requests, "seconds": round(confirm.hello.seconds, 3)},
+        "hello_rps": round(confirm.hello.rps, 1),
         "recorded_intake_rps": RECORDED_INTAKE_RPS,
     }
     return part
