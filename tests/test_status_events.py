@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import cast
 
 import pytest
@@ -20,7 +21,7 @@ from udemy_dl import defaults, status_stream
 from udemy_dl.outcome import record_failed
 from udemy_dl.payload import TaskPayload
 from udemy_dl.producer import Producer
-from udemy_dl.store import PENDING, PROCESSING
+from udemy_dl.store import PENDING, PROCESSING, utcnow
 from udemy_dl.stream_hub import READ_CONNECTIONS
 
 EMAIL = "watcher@shop.example"
@@ -233,3 +234,15 @@ def test_a_stream_entry_is_bounded_expiring_and_customer_facing(redis_conn: Redi
         assert cast(int, redis_conn.xlen(key)) < status_stream.MAXLEN * 1.5
     finally:
         redis_conn.delete(key)
+
+
+def test_a_task_settled_while_redis_refused_its_final_entry_still_ends_the_stream(svc: Service, web: Intake) -> None:
+    """The row is the record: a stream left quiet reads it, and ends with the row's final status."""
+    task_id = svc.paid_task("https://cdn.example/lost")
+    stream = watch(web, task_id)
+    wait_for(lambda: stream.events, what="the snapshot")
+    finished = utcnow() - timedelta(minutes=1)
+    assert svc.store.mark_failed(task_id, "no attempts left: Redis went away", None, finished)  # no stream entry
+    until_closed(stream)
+    assert stream.statuses() == [PROCESSING, "failed"] and len(stream.comments) >= 4
+    assert stream.events[-1].data["reason"] == "the download kept failing"

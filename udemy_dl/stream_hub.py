@@ -136,12 +136,16 @@ class StreamHub:
                     continue
                 try:
                     answer = await self._reader.xread(streams, count=ENTRIES_PER_KEY, block=block)  # type: ignore[arg-type]
+                    self.reads += 1
+                    self._fan_out(answer or [])
                 except RedisError as exc:
                     log.warning("status streams: reading failed (%s); retrying", type(exc).__name__)
                     await asyncio.sleep(RETRY_SECONDS)
                     break
-                self.reads += 1
-                self._fan_out(answer or [])
+                except Exception:  # the reader must outlive anything: every open stream depends on it
+                    log.exception("status streams: unexpected error; retrying")
+                    await asyncio.sleep(RETRY_SECONDS)
+                    break
 
     def _fan_out(self, answer: list[Any]) -> None:
         for raw_key, entries in answer:

@@ -33,6 +33,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib import resources
 from types import FrameType
 from typing import Any, TypeVar
@@ -68,8 +69,8 @@ from .intake import (
 )
 from .logs import setup_logging
 from .settings import Settings, load_settings
-from .store import TaskRow
-from .stream_hub import Entry, StreamHub, StreamReads, id_key
+from .store import TaskRow, utcnow
+from .stream_hub import Entry, StreamHub, StreamReads, Watcher, id_key
 from .tokens import TokenError, verify_status_token
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,13 @@ each open event stream is one. Keep the process's open-file limit (ulimit -n) ab
 
 KEEPALIVE_SECONDS = 15.0
 """Seconds between `: keep-alive` comments on an idle event stream (proxies drop silent connections)."""
+
+ROW_CHECK_EVERY = 4
+"""An event stream quiet for this many keep-alive intervals (a minute) reads its task's row once: a task settled
+while Redis refused its final entry still ends the stream."""
+
+SETTLED_GRACE = timedelta(seconds=30)
+"""How long after a task settled its final entry may still be on its way (the row is written first)."""
 
 INTAKE_THREADS = 16
 """Worker threads for the intake's blocking calls (Redis, the database), per process."""
@@ -497,7 +505,7 @@ ROUTES: tuple[WebRoute, ...] = (
 class StreamPlan:
     """How an event stream starts: a snapshot (or none, on a resume), the entries after it, and the watch."""
 
-    watcher: Any
+    watcher: Watcher
     after: str
     snapshot: dict[str, Any] | None
     backlog: list[Entry]
@@ -635,6 +643,15 @@ class WebFront:
             raise
         return StreamPlan(watcher, after, snapshot, backlog)
 
+    async def _settled_without_event(self, task_id: int) -> dict[str, Any] | None:
+        """The row's final snapshot when the task settled over SETTLED_GRACE seconds ago, yet its stream (still
+        quiet) never said so: Redis refused the final entry. The record has the last word."""
+        row = await self._row(task_id)
+        if row is None or row.finished_at is None or utcnow() - row.finished_at < SETTLED_GRACE:
+            return None
+        snapshot = status_stream.snapshot_data(task_id, row, None)
+        return snapshot if status_stream.is_final(snapshot) else None
+
     async def stream(self, task_id: int, plan: StreamPlan) -> AsyncIterator[bytes]:
         assert self.hub is not None
         last = id_key(plan.after)
@@ -651,12 +668,20 @@ class WebFront:
                 yield sse_event(entry_id, data)
                 if status_stream.is_final(data):
                     return
+            quiet = 0
             while True:
                 try:
                     item = await asyncio.wait_for(plan.watcher.queue.get(), timeout=self.keepalive)
                 except TimeoutError:
                     yield KEEPALIVE_COMMENT
+                    quiet += 1
+                    if quiet % ROW_CHECK_EVERY == 0:
+                        settled = await self._settled_without_event(task_id)
+                        if settled is not None:
+                            yield sse_event(None, settled)
+                            return
                     continue
+                quiet = 0
                 if item is None:
                     return  # stopping, or this client fell behind: it reconnects with its Last-Event-ID
                 entry_id, fields = item
