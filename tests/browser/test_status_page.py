@@ -10,7 +10,8 @@ from importlib import resources
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.support.browser import Site, StatusPage, shop_page, status_token
+from tests.support.browser import Site, StatusPage, bad_gateway, shop_page, status_token
+from tests.support.waiting import wait_for
 from udemy_dl.store import PENDING, PROCESSING
 
 pytestmark = pytest.mark.browser
@@ -56,6 +57,31 @@ def test_the_page_follows_a_download_to_completed_through_a_restart_of_serve(sit
     shown = [seen.progress for seen in page.history if seen.status in ("processing", "completed")]
     assert shown == sorted(shown), f"the progress went back: {shown}"
     assert page.wait("the stream closed", connection="closed")
+
+
+def test_a_page_whose_stream_was_refused_opens_a_new_one_from_its_last_event(site: Site, page: StatusPage) -> None:
+    """While serve is down, a proxy in front of it answers 502: EventSource gives up on an error status, so the
+    page itself opens a new stream once serve is back, passing the id of the last event it had."""
+    site.origin.throttle = THROTTLE
+    open_before_payment(site, page, site.origin.add_course("slow", {"lecture.mp4": COURSE_BYTES}))
+    before = page.wait("processing with some progress", status="processing", progress=lambda p: p > 0)
+    assert site.serve.stop() == 0, site.serve.log()
+    with bad_gateway(site.serve.port) as gateway:
+        retries = wait_for(
+            lambda: [headers for path, headers in gateway.seen if "/events" in path],
+            timeout=20,
+            what=lambda: f"the page's stream to try again (the page went: {page.history})",
+        )
+        page.wait("the page to notice", connection="reconnecting")
+    retried = retries[0]
+    assert retried.get("last-event-id"), f"EventSource retried without Last-Event-ID: {retried}"
+    site.serve.start()
+
+    page.wait("completed", timeout=45, status="completed", progress=100)
+    assert "lastEventId=" in site.serve.log(), "the page's new stream did not say where it stopped"
+    assert page.statuses() == ["pending", "processing", "completed"], page.history
+    shown = [seen.progress for seen in page.history if seen.status in ("processing", "completed")]
+    assert shown == sorted(shown) and shown[-1] > before.progress, f"the progress went back: {shown}"
 
 
 def test_a_failed_order_shows_failed_and_its_reason_in_an_iframe(site: Site, page: StatusPage) -> None:

@@ -83,32 +83,64 @@ def headless_chromium(folder: Path) -> Iterator[WebDriver]:
         chrome.quit()
 
 
+class _OneAnswer(ThreadingHTTPServer):
+    """Answers every GET with the same status and body, and notes each request's path and headers."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, status: int, body: bytes, content_type: str) -> None:
+        self.answer = (status, body, content_type)
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        super().__init__(("127.0.0.1", port), _OneAnswerHandler)
+
+
+class _OneAnswerHandler(BaseHTTPRequestHandler):
+    server: _OneAnswer
+
+    def do_GET(self) -> None:
+        self.server.seen.append((self.path, {name.lower(): value for name, value in self.headers.items()}))
+        status, body, content_type = self.server.answer
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def one_answer(
+    status: int, body: bytes, content_type: str = "text/html; charset=utf-8", port: int = 0
+) -> Iterator[_OneAnswer]:
+    """A server on 127.0.0.1 (*port*, or a free one) that answers every GET alike, for the block."""
+    server = _OneAnswer(port, status, body, content_type)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 @contextmanager
 def shop_page(frame_url: str) -> Iterator[str]:
     """A page of the shop's own, on another origin (127.0.0.1, its own port), that embeds *frame_url* in an
     iframe; yields its URL. (A data: URL would not do: Chromium keeps pages of no address from loading local ones.)"""
     html = f'<!doctype html><title>Your order</title><iframe src="{escape(frame_url)}"></iframe>'.encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(html)))
-            self.end_headers()
-            self.wfile.write(html)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with one_answer(200, html) as server:
         yield f"http://127.0.0.1:{server.server_address[1]}/order"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+
+
+@contextmanager
+def bad_gateway(port: int) -> Iterator[_OneAnswer]:
+    """What a proxy in front of serve answers while serve is down: 502 on serve's port."""
+    with one_answer(502, b"<html><body>502 Bad Gateway</body></html>", port=port) as server:
+        yield server
 
 
 # -- the page ------------------------------------------------------------------------------------------
