@@ -5,15 +5,21 @@ hmac from the documented format (tests/support/sse.py), not with our tokens modu
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import cast
 
 import pytest
 from redis import Redis
 
 from tests.support.intake import Intake, LogRecords, start_intake
+from tests.support.processes import start_logged
+from tests.support.scripts import cli_command
 from tests.support.service import Service, run_burst_worker
 from tests.support.sse import STATUS_SECRET, EventStream, open_stream, plain_status_token
 from tests.support.waiting import wait_for
@@ -246,3 +252,29 @@ def test_a_task_settled_while_redis_refused_its_final_entry_still_ends_the_strea
     until_closed(stream)
     assert stream.statuses() == [PROCESSING, "failed"] and len(stream.comments) >= 4
     assert stream.events[-1].data["reason"] == "the download kept failing"
+
+
+def test_serve_with_two_workers_answers_from_both_processes_and_stops_cleanly(
+    svc: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`udemy-dl serve --workers 2`: two processes share the port; SIGTERM stops all of them, exit 0."""
+    svc.reconfigure(STATUS_TOKEN_SECRET=STATUS_SECRET)
+    serve = start_logged(
+        [*cli_command(), "serve", "--port", "0", "--workers", "2"], dict(os.environ), tmp_path, tmp_path / "serve.log"
+    )
+    try:
+        line = wait_for(lambda: re.search(r"listening on http://127\.0\.0\.1:(\d+)", serve.log()), 30, what=serve.log)
+        assert line is not None
+        port = int(line.group(1))
+        wait_for(lambda: len(serve.children()) >= 2, 30, what="two server processes")
+        task_id = svc.paid_task("https://cdn.example/w")
+        stream = open_stream(port, events_target(task_id))
+        wait_for(lambda: stream.events, what="the snapshot")
+        assert stream.statuses() == [PROCESSING]
+        os.kill(serve.pid, signal.SIGTERM)
+        assert serve.wait(30) == 0, serve.log()
+        until_closed(stream, 10)
+        assert "intake stopped" in serve.log() and STATUS_SECRET not in serve.log()
+    finally:
+        if serve.process.poll() is None:
+            serve.kill()

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,13 @@ class EventStream:
         return [event.data["status"] for event in self.events]
 
     def close(self) -> None:
+        """Hang up, as a browser leaving the page does (the reading thread still holds the socket: shut it down)."""
         if self.connection is not None:
+            if self.connection.sock is not None:
+                try:
+                    self.connection.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self.connection.close()
 
 
