@@ -29,6 +29,7 @@ from udemy_dl.payload import TaskPayload
 from udemy_dl.producer import Producer
 from udemy_dl.store import PENDING, PROCESSING, utcnow
 from udemy_dl.stream_hub import READ_CONNECTIONS
+from udemy_dl.web import logged_target
 
 EMAIL = "watcher@shop.example"
 SHOP = "https://shop.example"
@@ -278,3 +279,8 @@ def test_serve_with_two_workers_answers_from_both_processes_and_stops_cleanly(
     finally:
         if serve.process.poll() is None:
             serve.kill()
+
+
+def test_the_access_log_hides_every_spelling_of_the_token_parameter() -> None:
+    target = logged_target("/tasks/1/events", "tok%65n=a1&lastEventId=1-0&TOKEN=b2&token=c3&tokens=d4")
+    assert target == "/tasks/1/events?tok%65n=***&lastEventId=1-0&TOKEN=***&token=***&tokens=d4"

@@ -37,7 +37,7 @@ from datetime import timedelta
 from importlib import resources
 from types import FrameType
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 import anyio
 import anyio.to_thread
@@ -117,13 +117,6 @@ EVENT_STREAM_HEADERS = {
 LAST_EVENT_ID_RE = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 STATUS_PAGE = "status.html"
 STATUS_SCRIPT = "status.js"
-PLACEHOLDER_PAGE = b"""<!doctype html>
-<meta charset="utf-8"><title>Order status</title>
-<p>Order status: <span data-task-status="">loading</span></p>
-<progress max="100" value="0"></progress>
-<script src="/static/status.js"></script>
-"""
-"""Served when the package carries no status.html."""
 
 
 # -- logging ---------------------------------------------------------------------------------------------------
@@ -141,7 +134,8 @@ def logged_target(path: str, query: str) -> str:
     items = []
     for item in query.split("&"):
         name, equals, _ = item.partition("=")
-        items.append(f"{name}=***" if equals and name.lower() in ("token", "access_token") else item)
+        secret = unquote_plus(name).lower() in ("token", "access_token")  # as parse_qsl reads the name
+        items.append(f"{name}=***" if equals and secret else item)
     return f"{path}?{'&'.join(items)}"
 
 
@@ -207,12 +201,10 @@ class AccessLog:
             )
 
 
-async def _send_answer(answer: Answer, send: Send, close: bool = False) -> None:
+async def _send_answer(answer: Answer, send: Send) -> None:
     extra = {**SECURITY_HEADERS, **answer.headers}
     headers = [(b"content-type", answer.content_type.encode()), (b"content-length", str(len(answer.body)).encode())]
     headers += [(name.lower().encode(), value.encode()) for name, value in extra.items()]
-    if close:
-        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body})
 
@@ -475,7 +467,9 @@ def _static_file(name: str) -> bytes | None:
 async def status_page(front: WebFront, request: Request, match: re.Match[str]) -> Response:
     await no_body(request)
     check_token(front, request, parse_path_task_id(match.group(1)))
-    page = _static_file(STATUS_PAGE) or PLACEHOLDER_PAGE
+    page = _static_file(STATUS_PAGE)
+    if page is None:
+        raise HttpError(404, "status.html is not in this build")
     headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
     return Response(page, 200, headers, media_type="text/html")
 
