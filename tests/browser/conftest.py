@@ -33,15 +33,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "browser: the status page in headless Chromium (tests/browser)")
 
 
-@pytest.fixture
-def chrome(tmp_path: Path) -> Iterator[WebDriver]:
-    with headless_chromium(tmp_path) as driver:
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    """One browser for the module (it takes a second to start); each test gets a blank page of its own."""
+    with headless_chromium(tmp_path_factory.mktemp("chromium")) as driver:
         yield driver
 
 
 @pytest.fixture
-def page(chrome: WebDriver) -> StatusPage:
-    return StatusPage(chrome)
+def page(chrome: WebDriver) -> Iterator[StatusPage]:
+    yield StatusPage(chrome)
+    chrome.switch_to.default_content()
+    chrome.get("about:blank")  # the test's page goes, and its stream with it
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ iframe. The page is opened before payment, as the shop's order page would be."""
 
 from __future__ import annotations
 
+import time
 from html.parser import HTMLParser
 from importlib import resources
 
@@ -68,7 +69,7 @@ def test_a_page_whose_stream_was_refused_opens_a_new_one_from_its_last_event(sit
     """While serve is down, a proxy in front of it answers 502: EventSource gives up on an error status, so the
     page itself opens a new stream once serve is back, passing the id of the last event it had."""
     site.origin.throttle = THROTTLE
-    open_before_payment(site, page, site.origin.add_course("slow", {"lecture.mp4": COURSE_BYTES}))
+    open_before_payment(site, page, site.origin.add_course("slow", {"lecture.mp4": COURSE_BYTES // 2}))
     page.wait("processing with some progress", status="processing", progress=lambda p: p > 0)
     assert site.serve.stop() == 0, site.serve.log()
     with bad_gateway(site.serve.port) as gateway:
@@ -85,6 +86,25 @@ def test_a_page_whose_stream_was_refused_opens_a_new_one_from_its_last_event(sit
     page.wait("completed", timeout=45, status="completed", progress=100)
     assert "lastEventId=" in site.serve.log(), "the page's new stream did not say where it stopped"
     assert_went_through_in_order(page)
+
+
+def test_a_page_whose_link_expired_says_so_instead_of_retrying(site: Site, page: StatusPage) -> None:
+    """The token expires while the page is open; after a restart of serve the stream answers 401, and the page
+    stops with a message instead of retrying for ever."""
+    task_id = site.store.insert_task(EMAIL, f"{site.origin.base_url}/courses/never-paid", PENDING)
+    site.serve.start()
+    token = status_token(site.status_secret, task_id, ttl=3)
+    page.driver.get(site.serve.status_url(task_id, token))
+    page.wait("the pending order, live", status="pending", connection="live")
+    expires = int(token.split(".")[2])
+    wait_for(lambda: time.time() > expires + 1, timeout=10, interval=0.1, what="the token to expire")
+    assert site.serve.stop() == 0, site.serve.log()
+    site.serve.start()
+
+    expired = page.wait("the expired link", connection="expired")
+    assert expired.status == "pending", "the last status known is kept"
+    message = page.driver.find_element(By.CSS_SELECTOR, "[data-connection]").text
+    assert "expired" in message, message
 
 
 def test_a_failed_order_shows_failed_and_its_reason_in_an_iframe(site: Site, page: StatusPage) -> None:

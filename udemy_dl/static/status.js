@@ -14,9 +14,10 @@
  *
  * Reconnecting: EventSource reconnects by itself when a connection drops (a restart of the
  * service), sending the id of the last event it got, so nothing is repeated or lost. When it gives
- * up (the service answered with an error while restarting), this script opens a new stream after a
- * pause, growing to 30 s, passing that id as ?lastEventId=. After the final event (completed or
- * failed) the stream is closed for good.
+ * up (the service, or a proxy in front of it, answered with an error), this script asks the stream
+ * once what it answers: a link whose token has expired (401, 403) says so and stops; otherwise it
+ * opens a new stream after a pause, growing to 30 s, passing that id as ?lastEventId=. After the
+ * final event (completed or failed) the stream is closed for good.
  *
  * Text only: server data is set with textContent, never parsed as HTML.
  */
@@ -145,6 +146,36 @@
     pause = Math.min(pause * 2, MAX_PAUSE);
   }
 
+  function stop(state, text) {
+    finished = true;
+    clearTimeout(timer);
+    showConnection(state, text);
+  }
+
+  // EventSource gave up without saying why: ask the stream once what it answers now. A token that has
+  // expired (401) or is for another order (403) ends the retries with a message; 204 means the stream
+  // has nothing more to send; anything else (a proxy's 502 while the service restarts) is retried.
+  function probe() {
+    var answered = function (answer) {
+      if (answer.body) {
+        answer.body.cancel().catch(function () {});
+      }
+      if (answer.status === 401 || answer.status === 403) {
+        stop("expired", "This link has expired. Open the order page again for a new one.");
+      } else if (answer.status === 204) {
+        stop("closed", "");
+      } else {
+        reopenLater();
+      }
+    };
+    if (typeof window.fetch !== "function") {
+      reopenLater();
+      return;
+    }
+    var asked = { cache: "no-store", headers: { Accept: "text/event-stream" } };
+    window.fetch(eventsUrl(), asked).then(answered, reopenLater);
+  }
+
   function open() {
     timer = null;
     source = new EventSource(eventsUrl());
@@ -157,7 +188,7 @@
         return;
       }
       if (source.readyState === EventSource.CLOSED) {
-        reopenLater(); // it gave up: open a new stream, from the last event we have
+        probe(); // it gave up: find out why, then open a new stream from the last event we have
       } else {
         showConnection("reconnecting", "Connection lost, reconnecting…");
       }
