@@ -2,9 +2,10 @@
 Server-Sent Events streams of running tasks while a publisher appends progress to each task's Redis
 Stream as the workers do; the bench measures how long each event takes from its publication to the
 client, the serve process's memory, and the Redis connections it holds. Then the confirm path:
-signed `POST /orders/confirm` requests per second, beside the figure recorded for the intake it
-replaced (the standard library's ThreadingHTTPServer, measured with this same load generator) and
-beside a bare Starlette endpoint under the same uvicorn, measured in the same run.
+signed `POST /orders/confirm` requests per second, beside the intake it replaced (the standard library's
+ThreadingHTTPServer: the package as of OLD_INTAKE_COMMIT, unpacked from git and measured in turn with
+ours, and the figure recorded for it on a quiet machine) and beside a bare Starlette endpoint under the
+same uvicorn, measured in the same run.
 
 Run on its own: `python -m bench --parts e`. The intake's recorded figure comes from
 `python -m bench.streams --confirm-only --serve-path CHECKOUT` run against a checkout that still has it.
