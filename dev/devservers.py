@@ -398,8 +398,9 @@ class WebhookReceiver(_Background):
         return {item.webhook_id for item in self.accepted()}
 
     def outcomes(self) -> list[ReceivedWebhook]:
-        """Verified download.completed / download.failed events (not the live started/progress ones)."""
-        return [item for item in self.accepted() if item.event_type in ("download.completed", "download.failed")]
+        """Verified final events: download.completed / .failed / .cancelled (not the live started/progress ones)."""
+        final = ("download.completed", "download.failed", "download.cancelled")
+        return [item for item in self.accepted() if item.event_type in final]
 
     def of_type(self, event_type: str) -> list[ReceivedWebhook]:
         return [item for item in self.accepted() if item.event_type == event_type]

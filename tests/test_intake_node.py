@@ -33,7 +33,7 @@ from tests.support.processes import LoggedProcess
 from tests.support.scripts import run_command
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
-from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore
+from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore, utcnow
 from udemy_dl.webhooks import generate_secret
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
@@ -284,3 +284,23 @@ def test_the_node_example_in_the_docs_works(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"status": 202, "body": {"enqueued": ids, "alreadyQueued": [], "refused": []}}
+
+
+def test_node_client_cancels_a_task_once_and_a_completed_one_is_refused(
+    run_client: Callable[..., NodeResult], mysql_store: TaskStore
+) -> None:
+    """`--cancel`: 200 and the task failed `cancelled: refund`; again 200 already cancelled; a
+    completed task 409, unchanged."""
+    task_id = mysql_store.insert_task(EMAIL, "https://cdn.example/courses/c", PROCESSING)
+    first = run_client("--cancel", task_id, "--reason", "refund")
+    assert first.returncode == 0 and "HTTP 200" in first.stderr, first.explain()
+    assert (first.answer["result"], first.answer["error"]) == ("cancelled", "cancelled: refund")
+    again = run_client("--cancel", task_id)
+    assert (again.returncode, again.answer["result"]) == (0, "already_cancelled"), again.explain()
+    row = mysql_store.get(task_id)
+    assert row is not None and (row.status, row.error_message) == ("failed", "cancelled: refund")
+    done = mysql_store.insert_task(EMAIL, "https://cdn.example/courses/c", PROCESSING)
+    assert mysql_store.mark_completed(done, "/done", 1, utcnow())
+    refused = run_client("--cancel", done)
+    assert refused.returncode == 1 and "HTTP 409" in refused.stderr, refused.explain()
+    assert mysql_store.get(done).status == COMPLETED  # type: ignore[union-attr]

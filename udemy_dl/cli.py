@@ -11,14 +11,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, defaults
+from .cancellation import parse_reason
 from .connection import redis_connection
 from .download_worker import default_worker_name, run_pool, run_worker
 from .errors import ConfigError, InvalidTaskError, StoreError, UdemyDlError
 from .logs import setup_logging
 from .metrics import render_latest
+from .pausing import PauseState, pause, pause_state, resume
 from .payload import parse_task_id
 from .producer import Producer
-from .queues import job_id_for
+from .queues import job_id_for, worker_queues
 from .reconciler import Reconciler, run_reconciler
 from .settings import Settings, load_settings
 from .store import PROCESSING, open_store
@@ -123,6 +125,57 @@ def _confirmed_without_redis(producer: Any, args: argparse.Namespace, exc: Excep
     return RET_RECORDED_NOT_QUEUED
 
 
+def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        task_id = parse_task_id(args.task_id)
+        reason = parse_reason(args.reason)
+    except InvalidTaskError as exc:
+        print(f"udemy-dl cancel: {exc}", file=sys.stderr)
+        return RET_USAGE
+    result = _producer(settings).cancel(task_id, reason)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(result.message)
+    return RET_OK if result.ok else RET_ERROR
+
+
+def _queue_names(settings: Settings) -> list[str]:
+    """The queues workers take jobs from (what pause and resume accept)."""
+    return [queue.name for queue in worker_queues(settings, redis_connection(settings))]
+
+
+def _pause_target(settings: Settings, args: argparse.Namespace) -> tuple[list[str], str | None]:
+    names = _queue_names(settings)
+    if args.queue is not None and args.queue not in names:
+        raise UdemyDlError(f"--queue {args.queue!r} is not one of the worker queues: {', '.join(names)}")
+    return names, args.queue
+
+
+def _describe_pause(state: PauseState, names: Sequence[str]) -> str:
+    if state.everything:
+        return "paused: every queue (rq suspend / udemy-dl pause); running tasks finish, none starts"
+    held = state.held(names)
+    return f"paused: queue(s) {', '.join(held)}; running tasks finish" if held else "not paused"
+
+
+def cmd_pause(settings: Settings, args: argparse.Namespace) -> int:
+    names, queue = _pause_target(settings, args)
+    connection = redis_connection(settings)
+    pause(connection, queue)
+    print(_describe_pause(pause_state(connection, names), names))
+    return RET_OK
+
+
+def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    names, queue = _pause_target(settings, args)
+    connection = redis_connection(settings)
+    resume(connection, queue, names)
+    state = pause_state(connection, names)
+    print(_describe_pause(state, names) if state else "resumed: every queue")
+    return RET_OK
+
+
 def _bar(percent: int, width: int = 20) -> str:
     filled = width * max(0, min(percent, 100)) // 100
     return "[" + "#" * filled + "." * (width - filled) + f"] {percent:3d}%"
@@ -139,6 +192,9 @@ def _human(count: float) -> str:
 def _collect_stats(settings: Settings) -> dict[str, Any]:
     producer = _producer(settings)
     stats: dict[str, Any] = {"queue": producer.get_queue_stats()}
+    names = [queue.name for queue in worker_queues(settings, producer.connection)]
+    state = pause_state(producer.connection, names)
+    stats["paused"] = {"all": state.everything, "queues": state.held(names)}
     try:
         counts = producer.store.count_by_status()
         stats["tasks"] = {**dict.fromkeys(STATUS_ORDER, 0), **counts}  # every status, as the table shows them
@@ -160,6 +216,10 @@ def _collect_stats(settings: Settings) -> dict[str, Any]:
 def _render_stats(settings: Settings, stats: dict[str, Any]) -> str:
     lines = [f"queue {settings.queue_name!r} on {settings.redis_url_redacted}"]
     lines += [f"  {key:<17} {value}" for key, value in stats["queue"].items()]
+    paused = stats["paused"]
+    if paused["all"] or paused["queues"]:
+        held = "every queue" if paused["all"] else ", ".join(paused["queues"])
+        lines.append(f"  {'PAUSED':<17} {held} (udemy-dl resume / rq resume)")
     if "tasks" not in stats:
         lines.append(f"tasks: unavailable ({stats['tasks_error']})")
         return "\n".join(lines)
@@ -207,9 +267,14 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     failures: list[str] = []
     workers = 0
+    paused = ""
     try:
         connection = redis_connection(settings)
         connection.ping()
+        names = [queue.name for queue in worker_queues(settings, connection)]
+        state = pause_state(connection, names)
+        if state:
+            paused = f"; {_describe_pause(state, names)}"
         if not args.no_workers:
             workers = Producer(settings, connection=connection).get_queue_stats()["workers"]
             if workers == 0:
@@ -230,9 +295,12 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     if failures:
         for failure in failures:
             print(f"UNHEALTHY {failure}")
+        if paused:
+            print(paused.removeprefix("; "))
         # A configuration error is exit 3 whatever else failed: fixing it comes first.
         return RET_CONFIG if config_error else RET_UNHEALTHY
-    print("healthy: redis ok, database ok" + ("" if args.no_workers else f", {workers} worker(s)"))
+    # Paused is the operator's choice, not a fault: exit 0, but say so (and what is held).
+    print("healthy: redis ok, database ok" + ("" if args.no_workers else f", {workers} worker(s)") + paused)
     return RET_OK
 
 
@@ -376,6 +444,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--priority", choices=defaults.PRIORITIES, default="normal", help="high: VIP orders go first")
     p.set_defaults(func=cmd_confirm_payment)
+
+    p = sub.add_parser(
+        "cancel",
+        help="cancel a task (a refund, a mistake): it never starts, or its download stops; failed 'cancelled…'",
+        description="Cancel a task that has not completed. A queued task never starts; a running one stops "
+        "within seconds on whatever host runs it, its partial files are removed, nothing is retried. The task "
+        "becomes failed with 'cancelled: REASON' and the payment service gets download.cancelled.",
+        epilog=f"""exit codes:
+  {RET_OK}  cancelled, already cancelled, or cancel requested (its download is still stopping)
+  {RET_ERROR}  refused: the task is completed or had failed before, or there is no such task
+  {RET_USAGE}  a bad task id or reason""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--reason", help="why (recorded as 'cancelled: REASON' and sent in the event)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_cancel)
+
+    for name, func, text in (
+        ("pause", cmd_pause, "hold every worker on every host: no new task starts, running ones finish"),
+        ("resume", cmd_resume, "let workers take tasks again (all queues, or --queue)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text + ". Without --queue: RQ's own rq suspend / rq resume.")
+        p.add_argument("--queue", help="only this queue (default: every queue)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("stats", help="queue counts, task counts and running tasks")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

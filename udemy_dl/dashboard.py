@@ -36,6 +36,7 @@ from rq.registry import FailedJobRegistry
 
 from .connection import redis_connection
 from .errors import ConfigError, UdemyDlError
+from .producer import Producer
 from .queues import worker_queues
 from .settings import Settings, redact_url, redis_db_of
 
@@ -119,8 +120,6 @@ class _Requeue:
                 continue
             requeued.append(job_id)
         if task_ids:
-            from .producer import Producer  # the store and its driver: only when a download is requeued
-
             try:
                 producer = Producer(self.settings, connection=self.connection)
                 result = producer.requeue_failed(task_ids)

@@ -36,6 +36,7 @@ from rq.worker_pool import WorkerPool
 from . import defaults, metrics, worker_rq
 from .connection import redis_connection
 from .job import prepare_job_context
+from .pausing import PauseState, pause_state
 from .process_control import HAND_BACK, die_with_parent, install_hand_back_handler, pid_alive
 from .queues import DownloadQueues, priority_of, worker_queues
 from .reconciler import run_reconciler
@@ -65,6 +66,10 @@ WAKE_TTL = 300
 HEARTBEAT_FRESH = 1.0
 """Seconds within which a worker's dequeue loop does not beat again (its registration lives WORKER_TTL
 + 60 s from each beat)."""
+
+PAUSE_POLL = 1.0
+"""Seconds between two looks at the pause keys while something this worker listens to is paused
+(a paused worker's dequeue blocks no longer than this, so a resume is seen within it)."""
 
 HORSE_READY = b"r"
 """What a kept work horse writes to its worker when its job has ended and it can take the next."""
@@ -97,7 +102,10 @@ class DownloadWorker(Worker):
       itself, as RQ's SimpleWorker runs jobs: no horse is forked for it;
     - the metrics a job records reach Redis in one round trip as it ends (see metrics.deferred);
     - its work horse is kept for the next download, up to HORSE_MAX_JOBS of them, rather than
-      forked anew for each (see main_work_horse): a fresh fork costs more than a small download.
+      forked anew for each (see main_work_horse): a fresh fork costs more than a small download;
+    - a pause (`rq suspend`, `udemy-dl pause [--queue Q]`) holds it even while it is blocked on its
+      queues: a job it pops from a held queue goes back to the front of that queue, untouched, and
+      it waits (see pausing.py). RQ itself looks only before each dequeue.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -115,6 +123,9 @@ class DownloadWorker(Worker):
         """In a kept horse: its ends of the pipes (orders in, ready out)."""
         self._next_scheduler_try = 0.0
         """Monotonic time before which _keep_scheduler_alive does not try the scheduler locks again."""
+        self._paused = PauseState()
+        """What was paused when this worker last looked (after its last pop, or each PAUSE_POLL
+        while something was): its dequeue leaves those queues alone."""
 
     @property
     def wake_key(self) -> str:
@@ -342,20 +353,52 @@ class DownloadWorker(Worker):
             self._let_horse_go()
             self._clear_wake()
 
-    def _put_back(self, job_id: str, queue: Queue) -> None:
-        """Return a job this stopping worker was handed, untouched, to the front of its queue."""
+    def _put_back(self, job_id: str, queue: Queue, why: str = "stopping") -> None:
+        """Return a job this worker was handed, untouched, to the front of its queue: it is
+        stopping, or the queue is paused."""
         self._holding_job = False
         try:
             queue.push_job_id(job_id, at_front=True)
         except RedisError as exc:  # the reconciler's sweep finds the task without a job
-            self.log.error("Worker %s: stopping; could not put job %s back on %s: %s", self.name, job_id, queue, exc)
+            self.log.error("Worker %s: %s; could not put job %s back on %s: %s", self.name, why, job_id, queue, exc)
             return
-        self.log.info("Worker %s: stopping; job %s goes back to the front of %s", self.name, job_id, queue.name)
+        self.log.info("Worker %s: %s; job %s goes back to the front of %s", self.name, why, job_id, queue.name)
+
+    def _look_for_pause(self) -> PauseState:
+        """Read the pause keys of this worker's queues (one round trip); an unreachable Redis
+        leaves the last answer standing (the dequeue will meet the outage itself)."""
+        try:
+            self._paused = pause_state(self.connection, self.queue_names())
+        except RedisError as exc:
+            self.log.warning("Worker %s: could not read the pause state: %s", self.name, exc)
+        return self._paused
+
+    def _wait_while_paused(self) -> bool:
+        """While every queue of this worker is paused: mark it suspended (as RQ does), wait
+        PAUSE_POLL seconds and return True, for the dequeue loop to look again. False once
+        something may be taken (the worker is marked idle again)."""
+        paused = self._look_for_pause()
+        held = paused.held(self.queue_names())
+        if len(held) < len(self.queues):
+            if self.get_state() == WorkerStatus.SUSPENDED:
+                self.log.info("Worker %s: resumed; listening on %s", self.name, ",".join(self.queue_names()))
+                self.set_state(WorkerStatus.IDLE)
+            return False
+        if self.get_state() != WorkerStatus.SUSPENDED:
+            what = "every queue (rq suspend)" if paused.everything else ", ".join(held)
+            self.log.info("Worker %s: paused: %s; run `udemy-dl resume` or `rq resume` to resume", self.name, what)
+            self.set_state(WorkerStatus.SUSPENDED)
+            self.procline("Paused")  # type: ignore[no-untyped-call]
+        time.sleep(PAUSE_POLL)  # waiting for a resume; a stop raises out of it (RQ's handler)
+        return True
 
     def _pop(self, timeout: int | None) -> tuple[str, str] | None:
-        """(key, value) from the wake list or the first queue that has a job, in that order; None if
-        nothing came within *timeout* seconds (None: do not block)."""
-        keys = [self.wake_key, *(queue.key for queue in self._ordered_queues)]
+        """(key, value) from the wake list or the first queue that has a job and is not paused, in
+        that order; None if nothing came within *timeout* seconds (None: do not block)."""
+        queues = [queue for queue in self._ordered_queues if not self._paused.holds(queue.name)]
+        if self._paused and timeout is not None:
+            timeout = max(1, min(timeout, math.ceil(PAUSE_POLL)))  # look again at the pause soon
+        keys = [self.wake_key, *(queue.key for queue in queues)]
         if timeout is None:
             for key in keys:
                 value: bytes | None = self.connection.lpop(key)  # type: ignore[assignment]
@@ -403,6 +446,8 @@ class DownloadWorker(Worker):
                     self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
                 if timeout is not None and idle_time_left is not None:
                     timeout = min(timeout, idle_time_left)
+                if self._paused and self._wait_while_paused():
+                    continue
                 self.log.debug("Worker %s: dequeueing jobs on queues %s and timeout %s", self.name, qnames, timeout)
                 result = self._dequeue_once(timeout)
             except RedisConnectionError as exc:
@@ -459,6 +504,10 @@ class DownloadWorker(Worker):
             queue = self._queue_of(key)
             if self._stop_requested:
                 self._put_back(job_id, queue)
+                return None
+            if self._look_for_pause().holds(queue.name):
+                # Paused while this worker was blocked on the queue: the job goes back, untouched.
+                self._put_back(job_id, queue, "paused")
                 return None
             try:
                 job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)

@@ -121,3 +121,17 @@ def keep_failed(settings: Settings, task_id: int, staging: Path, reason: str) ->
         target.mkdir(parents=True)
     (target / "error.txt").write_text(f"task {task_id} failed at {stamp}\n{reason}\n", encoding="utf-8")
     return target
+
+
+def remove_folder(folder: Path) -> bool:
+    """Delete *folder* and what it holds, following no symlink (a symlink in its place is only
+    unlinked). False when there was nothing to delete."""
+    try:
+        mode = os.lstat(folder).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(folder)  # the fd-based rmtree on Linux: a link inside is removed, never followed
+    else:
+        folder.unlink()
+    return True

@@ -1,6 +1,8 @@
 """The intake: an HTTP front door for producers in any language (`udemy-dl serve`, SPEC §10).
 
     POST /orders/confirm   signed; {"taskIds": [int, ...], "priority": "normal"|"high"} -> 202
+    POST /orders/cancel    signed; {"taskId": int, "reason": "refund"} -> 200 cancelled (or already),
+                           202 still stopping, 409 completed or failed before, 404 no such task
     GET  /tasks/<id>       signed (empty body) -> 200 task status, or 404
     GET  /metrics          Prometheus text format (no signature)
     GET  /healthz          200 when Redis and the database answer, else 503 naming what does not
@@ -50,9 +52,10 @@ from redis.exceptions import RedisError
 from standardwebhooks import Webhook
 
 from . import defaults
+from .cancellation import parse_reason
 from .connection import redis_connection
-from .errors import ConfigError, StoreError
-from .producer import Producer
+from .errors import ConfigError, InvalidTaskError, StoreError
+from .producer import ALREADY_CANCELLED, CANCEL_REQUESTED, CANCELLED, NOT_FOUND, Producer
 from .settings import Settings
 from .store import TaskRow, TaskStore, open_store
 from .webhooks import sign_headers
@@ -331,6 +334,46 @@ def parse_confirm_body(text: str) -> ConfirmRequest:
     return ConfirmRequest(task_ids, str(priority))
 
 
+@dataclass(frozen=True)
+class CancelRequest:
+    """A validated `POST /orders/cancel` body."""
+
+    task_id: int
+    reason: str | None = None
+
+
+CANCEL_FIELDS = ("taskId", "reason")
+
+
+def parse_cancel_body(text: str) -> CancelRequest:
+    """Validate a cancel body completely; HttpError 400 names the field and the value at fault."""
+    data = load_json(text)
+    if not isinstance(data, dict):
+        example = '{"taskId": 1, "reason": "refund"}'
+        raise bad_request(f"body must be a JSON object like {example}, got {_json_type(data)}")
+    unknown = sorted(key for key in data if key not in CANCEL_FIELDS)
+    if unknown:
+        raise bad_request(
+            f"unknown field(s) {', '.join(map(json.dumps, unknown))}: expected taskId and optionally reason", unknown[0]
+        )
+    if "taskId" not in data:
+        raise bad_request("taskId is required: the id of the task to cancel", "taskId")
+    value = data["taskId"]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise bad_request(f"taskId must be a positive integer, got {_shown(value)} ({_json_type(value)})", "taskId")
+    if value > MAX_TASK_ID:
+        raise bad_request(f"taskId is too large: {_shown(value)} (at most {MAX_TASK_ID})", "taskId")
+    try:
+        reason = parse_reason(data.get("reason"))
+    except InvalidTaskError as exc:
+        raise bad_request(str(exc), "reason") from None
+    return CancelRequest(value, reason)
+
+
+CANCEL_STATUS = {CANCELLED: 200, ALREADY_CANCELLED: 200, CANCEL_REQUESTED: 202, NOT_FOUND: 404}
+"""The HTTP status of each cancel outcome; anything else (refused) is 409."""
+
+
 TASK_ID_RE = re.compile(r"[1-9][0-9]{0,18}")
 
 
@@ -494,6 +537,14 @@ class IntakeApp:
             self.redis.delete(key)
         except RedisError:
             log.warning("could not release %s; a replay will wait for it to expire", key)
+
+    def cancel(self, request: CancelRequest, msg_id: str) -> Answer:
+        """Cancel one task (Producer.cancel). Idempotent by nature: a replay, or a second cancel,
+        finds the task already cancelled and says so."""
+        with self.stores.borrow() as store:
+            result = Producer(self.settings, connection=self.redis, store=store).cancel(request.task_id, request.reason)
+        log.info("cancel %s: task %s: %s", msg_id, request.task_id, result.outcome)
+        return Answer.of_json(CANCEL_STATUS.get(result.outcome, 409), result.as_dict())
 
     def task(self, task_id: int) -> Answer:
         with self.stores.borrow() as store:

@@ -38,7 +38,7 @@ from .errors import (
 )
 from .folders import final_path, finished_staging, promote, read_record, staging_lock, staging_path, write_record
 from .lease import TaskLease
-from .outcome import files_in_place, record_completed, record_failed, resend_final_event
+from .outcome import files_in_place, record_cancelled, record_completed, record_failed, resend_final_event
 from .payload import TaskPayload, parse_task, parse_task_id
 from .process_control import RunStop
 from .settings import Settings, get_settings
@@ -138,7 +138,7 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
         return _reject_bad_input(ctx, task_data, exc)
     # The lease comes first: everything below, the "attempts used up" verdict included, is
     # decided by the one run that holds it, never by a duplicate beside a run in progress.
-    lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=RunStop())
+    lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=RunStop(), watch_cancel=True)
     lease.acquire()  # LeaseBusyError: another run is at it; this one steps aside and is retried later
     crashpoints.crash_point(crashpoints.AFTER_LEASE)
     try:
@@ -149,6 +149,13 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_leased(ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLease) -> dict[str, Any]:
+    cancelled = lease.cancel_seen()
+    if cancelled is not None:
+        # Cancelled while queued (RQ delivers at least once, and a popped job may still run): the
+        # task never starts. A task that was settled first goes on below as any settled task does.
+        settled = _settle_cancel(ctx, task, cancelled, lease)
+        if settled is not None:
+            return settled
     # The usual case costs one statement: count the attempt of a paid task that has attempts left.
     attempt = ctx.store.begin_attempt(task.task_id, ctx.settings.max_attempts)
     if attempt is not None:
@@ -203,6 +210,9 @@ def _attempt(ctx: Context, task: TaskPayload, attempt: int, job: Job | None, lea
         outcome = "completed"
         return result
     except Interrupted:
+        if lease.cancelled is not None and not lease.lost.is_set():
+            outcome = "cancelled"
+            return _cancelled_mid_run(ctx, task, attempt, lease)
         outcome = "handed_back"
         # Not this attempt's fault: give the attempt back. The bytes so far stay in staging. A run
         # whose lease another run took leaves the count to that run (or to the reopened task); one
@@ -227,6 +237,11 @@ def _attempt(ctx: Context, task: TaskPayload, attempt: int, job: Job | None, lea
             return {"success": False, "taskId": task.task_id, "leaseLost": True}
         return {"success": False, "taskId": task.task_id, "error": str(exc)}
     except Exception as exc:
+        if lease.cancelled is not None and not lease.lost.is_set():
+            # The fetch broke as the cancel stopped it: the cancel, not a retry, is the outcome.
+            log.info("task %s: %s while being cancelled", task.task_id, type(exc).__name__)
+            outcome = "cancelled"
+            return _cancelled_mid_run(ctx, task, attempt, lease)
         metrics.inc(ctx.redis, "failures", reason=type(exc).__name__)
         if _is_last_attempt(job, attempt, ctx.settings):
             outcome = "failed"
@@ -260,6 +275,8 @@ def _download(ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLease
             record = result.record(task.course_url)
             write_record(staging, record)
             crashpoints.crash_point(crashpoints.AFTER_RECORD)
+        if lease.cancel_seen() is not None:  # asked now: a cancel must not race the rename
+            raise Interrupted("cancelled before the files were moved into place")
         if not lease.still_held():  # another run took over, or Redis could not say: its copy counts
             raise Interrupted("lease lost before the files were moved into place")
         promote(staging, final)
@@ -289,6 +306,28 @@ def _settle_failure(ctx: Context, task: TaskPayload, reason: str, attempt: int, 
         return False
     record_failed(ctx.settings, ctx.store, ctx.redis, task, reason, attempt=attempt)
     return True
+
+
+def _settle_cancel(
+    ctx: Context, task: TaskPayload, reason: str, lease: TaskLease, attempt: int | None = None
+) -> dict[str, Any] | None:
+    """Settle a cancelled task as the run that holds its lease: failed with *reason*, partial files
+    deleted, `download.cancelled` queued. None when the row was settled before (or, at *attempt*,
+    changed since) and the cancel changed nothing."""
+    if not lease.still_held():
+        log.warning("task %s: lease lost; leaving the cancel to the run that holds it", task.task_id)
+        return {"success": False, "taskId": task.task_id, "leaseLost": True}
+    if not record_cancelled(ctx.settings, ctx.store, ctx.redis, task, reason, attempt=attempt):
+        return None
+    return {"success": False, "taskId": task.task_id, "cancelled": True, "error": reason}
+
+
+def _cancelled_mid_run(ctx: Context, task: TaskPayload, attempt: int, lease: TaskLease) -> dict[str, Any]:
+    """A run stopped by its task's cancel: settle it. The attempt is not given back, and the job
+    ends normally, so RQ retries nothing."""
+    assert lease.cancelled is not None
+    settled = _settle_cancel(ctx, task, lease.cancelled, lease, attempt)
+    return settled or {"success": False, "taskId": task.task_id, "error": "cancel came after the task was settled"}
 
 
 def _progress_notifier(ctx: Context, task: TaskPayload) -> Callable[[dict[str, Any]], None]:

@@ -19,6 +19,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from . import defaults
+from .cancellation import CANCEL_POLL_INTERVAL, cancel_requested
 from .errors import LeaseBusyError
 from .process_control import pid_alive
 
@@ -81,6 +82,7 @@ class TaskLease:
         job_id: str = "",
         ttl: int = defaults.LEASE_TTL,
         also_set: threading.Event | None = None,
+        watch_cancel: bool = False,
     ) -> None:
         self.connection = connection
         self.task_id = task_id
@@ -93,7 +95,11 @@ class TaskLease:
         self.taken_over = False
         """Redis said another run holds the lease, or took it since (not merely "Redis did not answer")."""
         self.also_set = also_set
-        """Another event to set when the lease is lost (the fetch's stop event)."""
+        """Another event to set when the lease is lost or the task cancelled (the fetch's stop event)."""
+        self.watch_cancel = watch_cancel
+        """Look for a cancel request of the task every CANCEL_POLL_INTERVAL seconds while holding it."""
+        self.cancelled: str | None = None
+        """The reason of a cancel request seen while renewing: the run must stop and settle it."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._confirmed = time.monotonic()
@@ -160,9 +166,32 @@ class TaskLease:
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.task_id}", daemon=True)
         self._thread.start()
 
+    def cancel_seen(self, quiet: bool = False) -> str | None:
+        """Ask Redis now whether the task has been cancelled (a run about to make its work final
+        asks, rather than wait for the next poll); a Redis error is no answer (None)."""
+        if self.cancelled is None:
+            try:
+                self.cancelled = cancel_requested(self.connection, self.task_id)
+            except RedisError as exc:  # during an outage the renewals report it, every beat
+                log.log(logging.DEBUG if quiet else logging.WARNING, "task %s: no cancel check: %s", self.task_id, exc)
+        return self.cancelled
+
+    def _watch_cancel(self) -> None:
+        if self.watch_cancel and self.cancel_seen(quiet=True) is not None:
+            log.warning("task %s: cancel requested (%s); stopping this run", self.task_id, self.cancelled)
+            if self.also_set is not None:
+                self.also_set.set()
+
     def _renew_loop(self) -> None:
         interval = self.ttl_ms / 3000
-        while not self._stop.wait(interval):
+        tick = min(CANCEL_POLL_INTERVAL, interval) if self.watch_cancel else interval
+        due = time.monotonic() + interval
+        while not self._stop.wait(tick):
+            if self.cancelled is None:
+                self._watch_cancel()
+            if time.monotonic() < due:
+                continue
+            due = time.monotonic() + interval
             asked = time.monotonic()
             try:
                 renewed = self._renew()

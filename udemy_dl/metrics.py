@@ -32,6 +32,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
+from .pausing import pause_state
 from .queues import download_queues, webhook_queue
 from .settings import Settings
 
@@ -50,7 +51,7 @@ HISTOGRAMS = {
 COUNTERS = {
     "bytes_fetched": "Bytes received from the content origin.",
     "attempts": "Download attempts started.",
-    "tasks": "Download attempts that ended, by outcome (completed, failed, retry, handed_back).",
+    "tasks": "Download attempts that ended, by outcome (completed, failed, retry, handed_back, cancelled).",
     "failures": "Download attempts that failed, by reason (the error's class).",
     "webhook_deliveries": "Webhook delivery attempts, by result (delivered, failed).",
 }
@@ -173,6 +174,7 @@ class ServiceCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._queue_state()
+        yield from self._paused()
         yield from self._workers()
         yield from self._counters()
         yield from self._histograms()
@@ -213,6 +215,18 @@ class ServiceCollector(Collector):
         except ValueError:
             return 0.0
         return max(time.time() - enqueued.timestamp(), 0.0)
+
+    def _paused(self) -> Iterable[Metric]:
+        paused = GaugeMetricFamily(
+            f"{PREFIX}_paused",
+            "1 while workers take no new job from the queue (rq suspend, or udemy-dl pause [--queue]), else 0.",
+            labels=["queue"],
+        )
+        names = [queue.name for queue in self.queues()]
+        state = pause_state(self.connection, names)
+        for name in names:
+            paused.add_metric([name], 1.0 if state.holds(name) else 0.0)
+        return [paused]
 
     def _workers(self) -> Iterable[Metric]:
         alive = GaugeMetricFamily(f"{PREFIX}_workers", "Workers registered in Redis, by state.", labels=["state"])

@@ -16,7 +16,7 @@ from typing import Any
 from redis import Redis
 
 from . import crashpoints, defaults, status_stream
-from .folders import final_path, finished_staging, keep_failed, promote, read_record, staging_path
+from .folders import final_path, finished_staging, keep_failed, promote, read_record, remove_folder, staging_path
 from .payload import TaskPayload
 from .settings import Settings
 from .store import COMPLETED, FAILED, TaskRow, TaskStore, utcnow
@@ -112,6 +112,32 @@ def record_failed(
         log.warning("task %s: row was no longer processing at attempt %s; failure not recorded", task.task_id, attempt)
         return False
     crashpoints.crash_point(crashpoints.AFTER_FAILED)
+    status_stream.publish_failed(redis, task.task_id, reason)
+    enqueue_webhook(settings, redis, msg_id, event)
+    return True
+
+
+def record_cancelled(
+    settings: Settings, store: TaskStore, redis: Redis, task: TaskPayload, reason: str, attempt: int | None = None
+) -> bool:
+    """Not settled yet (`processing`, or unpaid) -> failed with *reason* (`cancelled…`), then its
+    partial files are deleted and the payment service gets `download.cancelled`. The status change
+    is conditional: a task a run completed first stays completed (False), and its files stay. With
+    *attempt*, only while the row still counts that attempt. Nothing is kept aside and nothing is
+    retried. The caller holds the task's lease, so no run writes the staging folder meanwhile."""
+    reason = reason[: defaults.MAX_ERROR_LENGTH]
+    finished_at = utcnow()
+    msg_id, event = final_event(settled_row(task, FAILED, finished_at, None, error=reason))
+    changed = store.mark_cancelled(task.task_id, reason, finished_at, event=_outbox(settings, msg_id), attempt=attempt)
+    if not _took_effect(store, task.task_id, FAILED, finished_at, changed):
+        log.warning("task %s: already settled; not cancelled", task.task_id)
+        return False
+    removed = [
+        str(folder)
+        for folder in (staging_path(settings, task.task_id), final_path(settings, task.task_id))
+        if remove_folder(folder)
+    ]
+    log.info("task %s: %s; removed %s", task.task_id, reason, ", ".join(removed) or "no files")
     status_stream.publish_failed(redis, task.task_id, reason)
     enqueue_webhook(settings, redis, msg_id, event)
     return True

@@ -1,16 +1,18 @@
 """The producer side: confirm payment, enqueue one deduplicated job per task (see queues.py),
-requeue failed tasks, queue statistics."""
+cancel a task, requeue failed tasks, queue statistics."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
 from rq import Worker
-from rq.job import Job
+from rq.exceptions import InvalidJobOperation
+from rq.job import Job, JobStatus
 from rq.registry import (
     BaseRegistry,
     DeferredJobRegistry,
@@ -21,13 +23,24 @@ from rq.registry import (
 )
 
 from . import status_stream
+from .cancellation import cancel_text, clear_cancel, request_cancel
 from .connection import redis_connection
-from .errors import InvalidTaskError
-from .outcome import fail_row
+from .errors import InvalidTaskError, LeaseBusyError
+from .lease import TaskLease
+from .outcome import fail_row, record_cancelled
 from .payload import TaskPayload, parse_task_id
-from .queues import DownloadQueues, EnqueueResult, download_queue, download_queues, parse_priority, webhook_queue
+from .queues import (
+    WAITING_STATUSES,
+    DownloadQueues,
+    EnqueueResult,
+    download_queue,
+    download_queues,
+    job_id_for,
+    parse_priority,
+    webhook_queue,
+)
 from .settings import Settings, get_settings
-from .store import FAILED, PROCESSING, TaskRow, TaskStore, open_store
+from .store import COMPLETED, FAILED, PROCESSING, UNPAID, TaskRow, TaskStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +55,52 @@ class ConfirmResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"enqueued": self.enqueued, "alreadyQueued": self.already_queued, "refused": self.refused}
+
+
+CANCEL_WAIT = 15.0
+"""Seconds a cancel waits for a running download to stop and settle the task (it looks for the
+request every second, wherever it runs), before it answers that the cancel is under way."""
+
+CANCEL_POLL = 0.1
+"""Seconds between two looks at the task while a cancel waits for its run to stop."""
+
+CANCELLED = "cancelled"
+ALREADY_CANCELLED = "already_cancelled"
+CANCEL_REQUESTED = "requested"
+REFUSED = "refused"
+NOT_FOUND = "not_found"
+
+
+@dataclass
+class CancelResult:
+    """What a cancel did: `cancelled` (now), `already_cancelled`, `requested` (a run is still
+    stopping; it settles the task), `refused` (completed, or failed before) or `not_found`."""
+
+    task_id: int
+    outcome: str
+    message: str
+    row: TaskRow | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in (CANCELLED, ALREADY_CANCELLED, CANCEL_REQUESTED)
+
+    def as_dict(self) -> dict[str, Any]:
+        answer: dict[str, Any] = {"taskId": self.task_id, "result": self.outcome, "message": self.message}
+        if self.row is not None:
+            answer.update(status=self.row.status, error=self.row.error_message)
+        return answer
+
+
+def _already_final(row: TaskRow) -> CancelResult | None:
+    """The answer for a task settled before the cancel: completed is refused, cancelled stays."""
+    if row.status == COMPLETED:
+        return CancelResult(row.id, REFUSED, f"task {row.id} is already completed; it cannot be cancelled", row)
+    if row.cancelled:
+        return CancelResult(row.id, ALREADY_CANCELLED, f"task {row.id} is already cancelled ({row.error_message})", row)
+    if row.status == FAILED:
+        return CancelResult(row.id, REFUSED, f"task {row.id} has already failed ({row.error_message})", row)
+    return None
 
 
 class Producer:
@@ -115,9 +174,82 @@ class Producer:
     def _fail_unrunnable(self, row: TaskRow, reason: str) -> None:
         fail_row(self.settings, self.store, self.connection, row, reason)
 
+    def cancel(self, task_id: int, reason: str | None = None, wait: float = CANCEL_WAIT) -> CancelResult:
+        """Cancel a task that has not completed: it never starts, or its run stops (on any host),
+        its partial files go, and it becomes `failed` with `cancelled…` and a download.cancelled
+        event. Settling happens under the task's lease, so it never races a run that completes:
+        a task completed first stays completed and the cancel is refused. Cancelling twice
+        changes nothing. *reason* is checked by cancellation.parse_reason beforehand."""
+        row = self.store.get(task_id)
+        if row is None:
+            return CancelResult(task_id, NOT_FOUND, f"task {task_id}: no such task")
+        final = _already_final(row)
+        if final is not None:
+            if final.outcome == REFUSED:
+                clear_cancel(self.connection, task_id)  # an earlier request that came too late
+            return final
+        # The request first: a run starting or running anywhere sees it from now on.
+        text = cancel_text(reason)
+        request_cancel(self.connection, task_id, text)
+        self._cancel_waiting_job(task_id)
+        deadline = time.monotonic() + wait
+        while True:
+            settled = self.settle_cancel_unheld(row, text)
+            current = self.store.get(task_id) or row
+            if settled or current.status not in (PROCESSING, *UNPAID):
+                break
+            if time.monotonic() >= deadline:
+                log.warning("task %s: cancel requested; its run has not stopped yet", task_id)
+                return CancelResult(
+                    task_id, CANCEL_REQUESTED, f"task {task_id}: cancel requested; its download is stopping", current
+                )
+            time.sleep(CANCEL_POLL)  # polling the run (on any host), which settles the task itself
+        if current.cancelled:
+            log.info("task %s: %s", task_id, current.error_message)
+            return CancelResult(task_id, CANCELLED, f"task {task_id} cancelled ({current.error_message})", current)
+        clear_cancel(self.connection, task_id)  # settled otherwise first: the request has no more to do
+        final = _already_final(current)
+        assert final is not None
+        return final
+
+    def _cancel_waiting_job(self, task_id: int) -> None:
+        """Take the task's job off its queue or schedule, with RQ's own cancel (it goes to the
+        CanceledJobRegistry). A job a worker has in hand is left to the cancel request."""
+        job = self.queues.fetch_job(job_id_for(task_id))
+        if job is None:
+            return
+        status = job.get_status(refresh=False)
+        if status != JobStatus.QUEUED and status not in WAITING_STATUSES:
+            return
+        try:
+            job.cancel()
+        except InvalidJobOperation:  # cancelled meanwhile
+            return
+        log.info("task %s: job %s (%s) cancelled", task_id, job.id, status)
+
+    def settle_cancel_unheld(self, row: TaskRow, text: str) -> bool:
+        """Settle the cancel if no run holds the task's lease (none started, or it stopped).
+        False while a run holds it (that run settles it) or when the task was settled first."""
+        lease = TaskLease(self.connection, row.id, "cancel")
+        try:
+            lease.acquire()
+        except LeaseBusyError:
+            return False
+        try:
+            task = TaskPayload(task_id=row.id, email=row.email, course_url=row.course_url)
+            return record_cancelled(self.settings, self.store, self.connection, task, text)
+        finally:
+            lease.release()
+
     def requeue_failed(self, task_ids: Iterable[int] | None = None) -> ConfirmResult:
         """Operator's retry: `failed` rows (all, or those named) go back to `processing` and are enqueued."""
-        ids = list(task_ids) if task_ids is not None else self.store.ids_with_status(FAILED)
+        if task_ids is None:  # every failed task, but a cancelled one only when named
+            ids = [row.id for row in self.store.rows_with_status(FAILED) if not row.cancelled]
+        else:
+            ids = list(task_ids)
+            for row in self.store.get_many(ids):
+                if row.cancelled:
+                    clear_cancel(self.connection, row.id)  # reopened by name: the cancel is withdrawn
         self.store.reopen_failed(ids)
         result = ConfirmResult()
         for row in self.store.get_many(ids):

@@ -30,6 +30,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from . import crashpoints, defaults
+from .cancellation import cancel_requested
 from .errors import LeaseBusyError, StoreError, UdemyDlError
 from .lease import TaskLease, lease_is_held
 from .outcome import files_in_place, record_completed, record_failed
@@ -56,6 +57,8 @@ class SweepResult:
     failed: list[int] = field(default_factory=list)
     events_resent: list[int] = field(default_factory=list)
     """Settled tasks whose unacknowledged final event Redis had lost, queued again."""
+    cancelled: list[int] = field(default_factory=list)
+    """Tasks with a cancel request that no run was left to settle (its canceller or run died)."""
 
 
 class Reconciler:
@@ -136,6 +139,11 @@ class Reconciler:
         for row in processing:
             if self.producer.queues.live_job(row.id) is not None or lease_is_held(self.connection, row.id):
                 continue  # queued, or a run holds its lease (whatever RQ's registries say of its job)
+            cancel = cancel_requested(self.connection, row.id)
+            if cancel is not None:  # never enqueued again: settled as cancelled
+                if self.producer.settle_cancel_unheld(row, cancel):
+                    result.cancelled.append(row.id)
+                continue
             if row.attempts >= self.settings.max_attempts:
                 if self._settle_exhausted(row):
                     result.failed.append(row.id)
@@ -148,12 +156,13 @@ class Reconciler:
         for row in rows:
             if row.status != PROCESSING and row.pending_event and self._resend_event(row, row.pending_event):
                 result.events_resent.append(row.id)
-        if result.requeued or result.failed or result.events_resent:
+        if result.requeued or result.failed or result.events_resent or result.cancelled:
             log.warning(
-                "sweep: %s processing, re-enqueued %s, failed %s, events sent again for %s",
+                "sweep: %s processing, re-enqueued %s, failed %s, cancelled %s, events sent again for %s",
                 result.processing,
                 result.requeued,
                 result.failed,
+                result.cancelled,
                 result.events_resent,
             )
         return result

@@ -34,6 +34,9 @@ COMPLETED = "completed"
 FAILED = "failed"
 UNPAID = (PENDING, ENROLLED)
 STATUSES = (PENDING, ENROLLED, PROCESSING, COMPLETED, FAILED)
+CANCELLED_PREFIX = "cancelled"
+"""How the error of a cancelled task begins: a cancelled task is `failed` (the front end knows four
+statuses), and its reason says it was cancelled."""
 
 COLUMNS = (
     "id, email, course_url, status, attempts, progress, error_message, output_path, bytes, "
@@ -135,6 +138,11 @@ class TaskRow:
     pending_event: str | None = None
     """The webhook-id of the row's final event (download.completed/failed) until the payment service
     has acknowledged it: the outbox that lets the reconciler send it again if Redis loses it."""
+
+    @property
+    def cancelled(self) -> bool:
+        """Failed because an operator or the payment service cancelled it (a refund, say)."""
+        return self.status == FAILED and (self.error_message or "").startswith(CANCELLED_PREFIX)
 
     @classmethod
     def from_db(cls, row: Sequence[Any]) -> TaskRow:
@@ -383,6 +391,34 @@ class TaskStore:
         count = self._execute(
             "UPDATE download_tasks SET status = %s, error_message = %s, output_path = %s, "
             f"finished_at = %s, updated_at = %s, pending_event = %s WHERE id = %s AND status = %s{condition}",
+            params,
+        ).matched
+        return count == 1
+
+    def mark_cancelled(
+        self, task_id: int, reason: str, now: datetime, event: str | None = None, attempt: int | None = None
+    ) -> bool:
+        """A task not settled yet (`processing`, or still unpaid) -> failed at *now* with *reason*
+        (which begins with CANCELLED_PREFIX) and *event* pending. With *attempt*, only while the row
+        still counts that many attempts. False when the row was settled first (a run that completed
+        wins over a cancel that came after it)."""
+        params: tuple[Any, ...] = (
+            FAILED,
+            reason[: defaults.MAX_ERROR_LENGTH],
+            now,
+            now,
+            event,
+            task_id,
+            PROCESSING,
+            *UNPAID,
+        )
+        condition = ""
+        if attempt is not None:
+            condition, params = " AND attempts = %s", (*params, attempt)
+        count = self._execute(
+            "UPDATE download_tasks SET status = %s, error_message = %s, output_path = NULL, "
+            "finished_at = %s, updated_at = %s, pending_event = %s "
+            f"WHERE id = %s AND status IN (%s, %s, %s){condition}",
             params,
         ).matched
         return count == 1

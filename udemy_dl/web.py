@@ -64,6 +64,7 @@ from .intake import (
     HttpError,
     IntakeApp,
     bad_request,
+    parse_cancel_body,
     parse_confirm_body,
     parse_path_task_id,
 )
@@ -357,9 +358,9 @@ def signed_target(request: Request) -> str:
     return request_target(request.scope)
 
 
-def signed_post(parse: Callable[[str], Any], action: str) -> Handler:
+def signed_post(parse: Callable[[str], Any], action: str, with_body: bool = False) -> Handler:
     """A signed POST route: read the body, verify the signature over it, parse it, then
-    `IntakeApp.<action>(parsed, webhook-id, body)` in a worker thread."""
+    `IntakeApp.<action>(parsed, webhook-id)` in a worker thread (with the raw body too when *with_body*)."""
 
     async def handle(front: WebFront, request: Request, match: re.Match[str]) -> Response:
         body = await read_body(request)
@@ -370,7 +371,7 @@ def signed_post(parse: Callable[[str], Any], action: str) -> Handler:
         msg_id = front.intake.verify(request.method, signed_target(request), text, webhook_headers(request))
         parsed = parse(text)
         method = getattr(front.intake, action)
-        return _answer(await front.blocking(method, parsed, msg_id, body))
+        return _answer(await front.blocking(method, parsed, msg_id, *([body] if with_body else [])))
 
     return handle
 
@@ -484,7 +485,8 @@ async def status_script(front: WebFront, request: Request, match: re.Match[str])
 
 
 ROUTES: tuple[WebRoute, ...] = (
-    WebRoute(re.compile(r"/orders/confirm"), ("POST",), signed_post(parse_confirm_body, "confirm")),
+    WebRoute(re.compile(r"/orders/confirm"), ("POST",), signed_post(parse_confirm_body, "confirm", with_body=True)),
+    WebRoute(re.compile(r"/orders/cancel"), ("POST",), signed_post(parse_cancel_body, "cancel")),
     WebRoute(re.compile(r"/tasks/([^/]*)"), ("GET",), task_status),
     WebRoute(re.compile(r"/tasks/([^/]*)/events"), ("GET", "OPTIONS"), events),
     WebRoute(re.compile(r"/status/([^/]*)"), ("GET",), status_page),

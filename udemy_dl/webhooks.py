@@ -28,13 +28,15 @@ log = logging.getLogger(__name__)
 
 COMPLETED = "download.completed"
 FAILED = "download.failed"
+CANCELLED = "download.cancelled"
+"""The final event of a cancelled task (its row is `failed`, its error begins with "cancelled")."""
 STARTED = "download.started"
 PROGRESS = "download.progress"
 LIVE_EVENTS = (STARTED, PROGRESS)
 LIVE_RETRY_INTERVALS = (5, 15, 30)
 """Live events are news only while the download runs: retried for about a minute, not an hour."""
 DELIVER_FUNCTION = defaults.DELIVER_JOB_FUNCTION
-FINAL_KINDS = (COMPLETED.split(".")[-1], FAILED.split(".")[-1])
+FINAL_KINDS = tuple(kind.split(".")[-1] for kind in (COMPLETED, FAILED, CANCELLED))
 """The last part of a final event's type, as it appears in its webhook-id."""
 
 
@@ -50,7 +52,7 @@ def event_id(task_id: int, event_type: str, finished_at: datetime) -> str:
 
 
 def final_event_of(event_id_: str) -> int | None:
-    """The task id of a final event's webhook-id (download.completed or download.failed), else None."""
+    """The task id of a final event's webhook-id (download.completed, .failed or .cancelled), else None."""
     parts = event_id_.split("_")
     if len(parts) != 4 or parts[0] != "msg" or parts[2] not in FINAL_KINDS or not parts[1].isdigit():
         return None
@@ -58,7 +60,8 @@ def final_event_of(event_id_: str) -> int | None:
 
 
 def final_event(row: TaskRow, record: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """The download.completed or download.failed event of a settled row, and its webhook-id.
+    """The download.completed, download.failed or download.cancelled event of a settled row, and
+    its webhook-id.
 
     Built from the row alone (plus the finished folder's record, where this host has it), so the
     run that settled the task, a later run and the reconciler all build the same event.
@@ -73,6 +76,9 @@ def final_event(row: TaskRow, record: dict[str, Any] | None = None) -> tuple[str
             record = read_record(Path(row.output_path))
         if record is not None:
             data.update(files=len(record.get("files", [])), title=record.get("title"))
+    elif row.cancelled:
+        event_type = CANCELLED
+        data.update(error=row.error_message)
     else:
         event_type = FAILED
         data.update(error=row.error_message, failedPath=row.output_path)

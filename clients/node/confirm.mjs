@@ -90,6 +90,16 @@ export function confirmPayment(taskIds, priority = undefined, options = {}) {
   return intakeRequest("POST", "/orders/confirm", JSON.stringify(payload), options);
 }
 
+/**
+ * POST /orders/cancel: {taskId, result, message, status, error}. 200 cancelled (result "cancelled") or already
+ * cancelled ("already_cancelled"), 202 still stopping ("requested"), 409 completed or failed before ("refused"),
+ * 404 unknown. A cancelled task is `failed` with an error that starts with "cancelled".
+ */
+export function cancelTask(taskId, reason = undefined, options = {}) {
+  const payload = reason === undefined ? { taskId } : { taskId, reason };
+  return intakeRequest("POST", "/orders/cancel", JSON.stringify(payload), options);
+}
+
 /** GET /tasks/<id>: {taskId, status, progress, attempts, outputPath, bytes, error, ...} on 200, 404 if unknown. */
 export function taskStatus(taskId, options = {}) {
   return intakeRequest("GET", `/tasks/${encodeURIComponent(String(taskId))}`, "", options);
@@ -117,6 +127,8 @@ async function main(argv) {
     options: {
       priority: { type: "string" },
       status: { type: "string" },
+      cancel: { type: "string" },
+      reason: { type: "string" },
       body: { type: "string" },
       "msg-id": { type: "string" },
       "bad-signature": { type: "boolean", default: false },
@@ -128,7 +140,10 @@ async function main(argv) {
     },
   });
   if (values.help) {
-    console.log("usage: node confirm.mjs [--priority normal|high] TASK_ID...\n       node confirm.mjs --status TASK_ID");
+    console.log(
+      "usage: node confirm.mjs [--priority normal|high] TASK_ID...\n       node confirm.mjs --status TASK_ID\n" +
+        "       node confirm.mjs --cancel TASK_ID [--reason TEXT]",
+    );
     return 0;
   }
   const options = {
@@ -145,6 +160,9 @@ async function main(argv) {
   if (values.status !== undefined) {
     [method, path] = ["GET", `/tasks/${values.status}`];
     answer = await intakeRequest(method, `/tasks/${encodeURIComponent(values.status)}`, "", options);
+  } else if (values.cancel !== undefined) {
+    [method, path] = ["POST", "/orders/cancel"];
+    answer = await cancelTask(parseTaskIds([values.cancel])[0], values.reason, options);
   } else if (values.body !== undefined) {
     [method, path] = ["POST", "/orders/confirm"];
     answer = await intakeRequest(method, path, values.body, options);

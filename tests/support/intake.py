@@ -23,6 +23,7 @@ from udemy_dl.webhooks import sign_headers
 
 EMAIL = "buyer@shop.example"
 CONFIRM = "/orders/confirm"
+CANCEL = "/orders/cancel"
 COURSE = "https://cdn.example/courses/1"
 
 NOT_PLAIN_DIGITS = ["+1", "%2B1", "1_000", "0x1", "01", "1" * 4301]
@@ -78,6 +79,10 @@ class Intake:
     def confirm(self, payload: object, **sign: Any) -> Reply:
         body = payload if isinstance(payload, str) else json.dumps(payload)
         return self.request("POST", CONFIRM, body.encode(), self.signed("POST", CONFIRM, body, **sign))
+
+    def cancel(self, payload: object, **sign: Any) -> Reply:
+        body = payload if isinstance(payload, str) else json.dumps(payload)
+        return self.request("POST", CANCEL, body.encode(), self.signed("POST", CANCEL, body, **sign))
 
     def task(self, task_id: int | str, signed: bool = True) -> Reply:
         target = f"/tasks/{task_id}"

@@ -92,3 +92,13 @@ def worker_pids(pid_dir: Path) -> dict[int, int]:
         if text.isdigit():
             found[int(pid_file.stem.rsplit("_", 1)[1])] = int(text)
     return found
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`udemy-dl ARGS` with this test's environment, in its working directory."""
+    return run_command([*cli_command(), *args], env=dict(os.environ), cwd=Path.cwd())
+
+
+def run_rq(*args: str) -> subprocess.CompletedProcess[str]:
+    """RQ's own command line (the venv's `rq`), with this test's environment."""
+    return run_command([venv_bin("rq"), *args], env=dict(os.environ), cwd=Path.cwd(), timeout=30)

@@ -28,3 +28,16 @@ def wait_for(
             description = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout:g}s waiting for {description or predicate!r}")
         time.sleep(interval)
+
+
+def holds_for(
+    predicate: Callable[[], object], seconds: float, interval: float = 0.05, what: str | Callable[[], str] = ""
+) -> None:
+    """Poll *predicate* for *seconds*, failing the moment it is falsy: a deadline on a negative
+    ("nothing starts while paused"), the one kind of wait that cannot end early."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not predicate():
+            description = what() if callable(what) else what
+            raise AssertionError(f"stopped holding after {seconds - (deadline - time.monotonic()):.2f}s: {description}")
+        time.sleep(interval)
