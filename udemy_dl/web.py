@@ -259,16 +259,35 @@ class IntakeProtocol(H11Protocol):
     def handle_events(self) -> None:
         super().handle_events()
         conn = self.conn
+        if conn.their_state is not h11.IDLE:
+            self._head_started = None
         if isinstance(conn, _TargetRecorder) and conn.last_target is not None:
             # The request's scope was built just now, and its application task has not run yet.
             self.scope[TARGET_SCOPE_KEY] = conn.last_target  # type: ignore[literal-required]
             conn.last_target = None
 
+    _head_started: float | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        # uvicorn arms its keep-alive timer after each answer; arming it now too covers the first request head
-        # (the timer is disarmed as soon as a whole head has arrived).
-        self.timeout_keep_alive_task = self.loop.call_later(HEAD_TIMEOUT, self.timeout_keep_alive_handler)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # uvicorn disarms its timer on any data
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm_head_timer()  # still no whole request head: the clock runs from its first byte
+        else:
+            self._head_started = None
+
+    def _arm_head_timer(self) -> None:
+        """Close the connection unless a whole request head arrives within HEAD_TIMEOUT seconds of the first
+        byte of it (uvicorn's own timer, armed between requests, covers an idle keep-alive connection)."""
+        now = self.loop.time()
+        if self._head_started is None:
+            self._head_started = now
+        self._unset_keepalive_if_required()
+        remaining = max(0.0, self._head_started + HEAD_TIMEOUT - now)
+        self.timeout_keep_alive_task = self.loop.call_later(remaining, self.timeout_keep_alive_handler)
 
     def send_400_response(self, msg: str) -> None:
         error = sys.exc_info()[1]  # called while uvicorn handles h11's RemoteProtocolError
