@@ -19,11 +19,12 @@ from redis import Redis
 
 from tests.support.intake import Intake, LogRecords, start_intake
 from tests.support.processes import start_logged
+from tests.support.redis_servers import RedisServer
 from tests.support.scripts import cli_command
 from tests.support.service import Service, run_burst_worker
 from tests.support.sse import STATUS_SECRET, EventStream, open_stream, plain_status_token
 from tests.support.waiting import wait_for
-from udemy_dl import defaults, status_stream
+from udemy_dl import defaults, status_stream, stream_hub
 from udemy_dl.outcome import record_failed
 from udemy_dl.payload import TaskPayload
 from udemy_dl.producer import Producer
@@ -284,3 +285,24 @@ def test_serve_with_two_workers_answers_from_both_processes_and_stops_cleanly(
 def test_the_access_log_hides_every_spelling_of_the_token_parameter() -> None:
     target = logged_target("/tasks/1/events", "tok%65n=a1&lastEventId=1-0&TOKEN=b2&token=c3&tokens=d4")
     assert target == "/tasks/1/events?tok%65n=***&lastEventId=1-0&TOKEN=***&token=***&tokens=d4"
+
+
+def test_open_streams_ride_out_a_redis_restart(
+    svc: Service, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader retries while Redis is away and carries on from its cursors: an entry written after Redis
+    came back reaches the stream that was open all along."""
+    monkeypatch.setattr(stream_hub, "RETRY_SECONDS", 0.2)
+    svc.reconfigure(STATUS_TOKEN_SECRET=STATUS_SECRET, REDIS_URL=private_redis.url)
+    assert svc.settings.api_secret_key is not None
+    task_id = svc.paid_task("https://cdn.example/restart")
+    for web in start_intake(svc.settings, svc.settings.api_secret_key, keepalive=KEEPALIVE):
+        stream = watch(web, task_id)
+        wait_for(lambda: stream.events, what="the snapshot")
+        private_redis.restart()  # no persistence: the stream's key is gone too
+        client = private_redis.client()
+        wait_for(lambda: web.server.front.hub is not None and web.server.front.hub.reads > 0, what="a read")
+        status_stream.publish_progress(client, task_id, 64, 640, 1000, 0, 1)
+        wait_for(lambda: len(stream.events) >= 2, timeout=15, what="the entry written after the restart")
+        assert stream.statuses() == [PROCESSING, PROCESSING] and stream.events[1].data["progress"] == 64
+        stream.close()
