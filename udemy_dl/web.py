@@ -1,6 +1,7 @@
 """The web front (`udemy-dl serve`): one Starlette application on uvicorn (docs/INTAKE.md, docs/STATUS.md).
 
     POST /orders/confirm            signed (intake.IntakeApp.confirm)
+    POST /orders/cancel             signed (IntakeApp.cancel)
     GET  /tasks/<id>                signed (IntakeApp.task)
     GET  /metrics, /healthz         no signature
     GET  /tasks/<id>/events?token=  Server-Sent Events: the task's live status (status token)
