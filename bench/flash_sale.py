@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rq import Queue
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from dev.devservers import write_sample_file
@@ -28,7 +27,7 @@ from udemy_dl.webhooks import STARTED as EVENT_STARTED
 from udemy_dl.webhooks import generate_secret
 
 from .harness import Bench
-from .queue_path import BASELINE_QUEUE, WORKERS, wait_finished
+from .queue_path import WORKERS, drain_rate, plain_rq_workers
 from .report import Part, Row
 from .support import BenchError, Child, say, wait_until
 
@@ -161,17 +160,9 @@ class Verdict:
 
 def _baseline(bench: Bench, orders: int) -> float:
     """Plain rq worker x5, one no-op job per order, all enqueued in a loop: orders per second."""
-    queue = Queue(BASELINE_QUEUE, connection=bench.connection)
-    workers = [bench.start_rq_worker(f"bench-sale-rq-{n}", BASELINE_QUEUE) for n in range(1, WORKERS + 1)]
-    bench.wait_registered(workers)
-    say(f"(d) plain rq worker x{WORKERS}: {orders} no-op jobs enqueued at once")
-    jobs = [queue.enqueue("bench.noop.noop") for _ in range(orders)]
-    finished = wait_finished(bench, jobs, workers, timeout=600)
-    for worker in workers:
-        bench.children.stop(worker)
-    first = min(job.enqueued_at for job in finished if job.enqueued_at is not None)
-    last = max(job.ended_at for job in finished if job.ended_at is not None)
-    return orders / (last - first).total_seconds()
+    with plain_rq_workers(bench, "bench-sale-rq") as (queue, workers):
+        say(f"(d) plain rq worker x{WORKERS}: {orders} no-op jobs enqueued at once")
+        return drain_rate(bench, [queue.enqueue("bench.noop.noop") for _ in range(orders)], workers)
 
 
 def _verdict(bench: Bench, receiver: Receiver, task_ids: list[int]) -> Verdict:

@@ -8,8 +8,9 @@ SQL statements are the server's per-user counters for the workers' own database 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -88,21 +89,34 @@ def _measure(bench: Bench, count: int, enqueue: Callable[[int], Job], logs: list
         pickup.append(_ms(done.started_at, done.enqueued_at))
         total.append(_ms(done.ended_at, done.enqueued_at))
     jobs = [enqueue(number) for number in range(count, 2 * count)]
-    finished = wait_finished(bench, jobs, logs, timeout=600)
+    return Timings(pickup, total, drain_rate(bench, jobs, logs))
+
+
+def drain_rate(bench: Bench, jobs: list[Job], logs: list[Child], timeout: float = 600) -> float:
+    """Jobs per second of a batch enqueued at once: count / (last ended_at - first enqueued_at)."""
+    finished = wait_finished(bench, jobs, logs, timeout)
     first = min(_when(job.enqueued_at) for job in finished)
     last = max(_when(job.ended_at) for job in finished)
-    return Timings(pickup, total, count / ((last - first).total_seconds()))
+    return len(jobs) / (last - first).total_seconds()
+
+
+@contextlib.contextmanager
+def plain_rq_workers(bench: Bench, prefix: str) -> Iterator[tuple[Queue, list[Child]]]:
+    """The baseline: WORKERS plain `rq worker` processes on BASELINE_QUEUE, registered, and that queue;
+    stopped when the block ends."""
+    workers = [bench.start_rq_worker(f"{prefix}-{n}", BASELINE_QUEUE) for n in range(1, WORKERS + 1)]
+    try:
+        bench.wait_registered(workers)
+        yield Queue(BASELINE_QUEUE, connection=bench.connection), workers
+    finally:
+        for worker in workers:
+            bench.children.stop(worker)
 
 
 def _baseline(bench: Bench, count: int) -> Timings:
-    queue = Queue(BASELINE_QUEUE, connection=bench.connection)
-    workers = [bench.start_rq_worker(f"bench-rq-{n}", BASELINE_QUEUE) for n in range(1, WORKERS + 1)]
-    bench.wait_registered(workers)
-    say(f"(c) plain rq worker x{WORKERS}: {count} no-op jobs one at a time, then {count} at once")
-    timings = _measure(bench, count, lambda number: queue.enqueue("bench.noop.noop"), workers)
-    for worker in workers:
-        bench.children.stop(worker)
-    return timings
+    with plain_rq_workers(bench, "bench-rq") as (queue, workers):
+        say(f"(c) plain rq worker x{WORKERS}: {count} no-op jobs one at a time, then {count} at once")
+        return _measure(bench, count, lambda number: queue.enqueue("bench.noop.noop"), workers)
 
 
 def _ours(bench: Bench, count: int) -> tuple[Timings, dict[str, float], SqlCount, int, list[Child]]:

@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from tests.support.waiting import wait_for
 from udemy_dl.settings import VARIABLES
 
 T = TypeVar("T")
@@ -48,16 +49,11 @@ def wait_until(
     interval: float = 0.01,
     on_timeout: Callable[[], str] | None = None,
 ) -> T:
-    """Poll *predicate* until it returns something truthy and return it; raise BenchError after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            detail = f"\n{on_timeout()}" if on_timeout else ""
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}{detail}")
-        time.sleep(interval)  # polling period of the wait, not a synchronisation
+    """Poll *predicate* until it returns something truthy and return it; raise BenchError after *timeout*
+    (naming *what*, followed by what *on_timeout* says)."""
+    described = (lambda: f"{what}\n{on_timeout()}") if on_timeout else what
+    found = wait_for(predicate, timeout=timeout, interval=interval, what=described, error=BenchError)
+    return cast(T, found)  # truthy, so never None
 
 
 def free_port() -> int:

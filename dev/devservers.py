@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -174,6 +175,15 @@ class ContentOrigin(_Background):
         self.filenames: dict[str, str] = {}
         """path -> file name sent as `Content-Disposition: attachment; filename*=UTF-8''<name>`."""
         self.bytes_sent: dict[str, int] = {}
+        self.block_size = 256 * 1024
+        """Bytes of a file written to the client at a time (and noted in `sends`)."""
+        self.send_buffer: int | None = None
+        """SO_SNDBUF of each new connection, in bytes: small, what the origin has sent is close to what the
+        client has read (the kernel otherwise grows the buffer to megabytes)."""
+        self.sends: list[tuple[float, int]] = []
+        """(monotonic time, bytes) of each block of a file written to a client, in order."""
+        self.transfers: list[tuple[float, str, int]] = []
+        """(monotonic time, path, +1 or -1) as each file response starts and ends, in order."""
         self.mounts: dict[str, Path] = {}
         """URL prefix (`/files/<slug>/`) -> a folder served as it is (see add_folder)."""
         super().__init__(_OriginHandler, host=host, port=port, tls=tls)
@@ -181,6 +191,11 @@ class ContentOrigin(_Background):
     def count_sent(self, path: str, count: int) -> None:
         with self.lock:
             self.bytes_sent[path] = self.bytes_sent.get(path, 0) + count
+            self.sends.append((time.monotonic(), count))
+
+    def note_transfer(self, path: str, step: int) -> None:
+        with self.lock:
+            self.transfers.append((time.monotonic(), path, step))
 
     def add_course(self, slug: str, files: dict[str, int], with_checksums: bool = True) -> str:
         """Create a course of files (path -> size) and return its manifest URL."""
@@ -246,6 +261,11 @@ class _OriginHandler(BaseHTTPRequestHandler):
     def origin(self) -> ContentOrigin:
         return self.server.owner  # type: ignore[attr-defined,no-any-return]
 
+    def setup(self) -> None:
+        if self.origin.send_buffer:
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.origin.send_buffer)
+        super().setup()
+
     def do_GET(self) -> None:
         origin = self.origin
         path = self.path.split("?", 1)[0]
@@ -269,12 +289,12 @@ class _OriginHandler(BaseHTTPRequestHandler):
             if path.startswith(prefix):
                 target = (folder / unquote(path[len(prefix) :])).resolve()
                 if folder in target.parents and target.is_file():
-                    self._send_file(path, target)
+                    self._send_counted(path, target)
                     return
         if path.startswith("/files/"):
             target = (origin.root / path.lstrip("/")).resolve()
             if origin.root.resolve() in target.parents and target.is_file():
-                self._send_file(path, target)
+                self._send_counted(path, target)
                 return
         self._send(404, b"not found\n", "text/plain")
 
@@ -284,6 +304,14 @@ class _OriginHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _send_counted(self, path: str, target: Path) -> None:
+        """_send_file, noted in the origin's transfers as it starts and ends."""
+        self.origin.note_transfer(path, 1)
+        try:
+            self._send_file(path, target)
+        finally:
+            self.origin.note_transfer(path, -1)
 
     def _send_file(self, path: str, target: Path) -> None:
         origin = self.origin
@@ -326,7 +354,7 @@ class _OriginHandler(BaseHTTPRequestHandler):
         self.end_headers()
         cut = origin.truncate.get(path)
         position = start
-        chunk_size = 256 * 1024
+        chunk_size = origin.block_size
         started = time.monotonic()
         sent = 0
         with open(target, "rb") as handle:
@@ -347,7 +375,7 @@ class _OriginHandler(BaseHTTPRequestHandler):
                     origin.count_sent(path, len(chunk))
                 position += len(chunk)
                 sent += len(chunk)
-                if origin.throttle:
+                if origin.throttle and position < size:  # after the last block, the transfer is over
                     ahead = sent / origin.throttle - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)  # pacing the transfer rate, not synchronisation

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from rq import Worker
 
 from dev.devservers import ContentOrigin, WebhookReceiver
 from tests.support.deployment import folder_settings
+from tests.support.horses import HorseWorld, TricklingReceiver
 from tests.support.http_servers import Origin, serving
 from tests.support.intake import Intake, LogRecords, capture_intake_log, start_intake
 from tests.support.mariadb import TEST_DB, TEST_URL, drop_tasks_table, require_database
@@ -90,6 +92,15 @@ def redis_conn(redis_url: str) -> Iterator[Redis]:
     """A client on Redis DB 15, flushed before and after the test."""
     with flushed_client(redis_url) as connection:
         yield connection
+
+
+@pytest.fixture
+def workers_here(redis_conn: Redis) -> Iterator[list[Worker]]:
+    """RQ workers registered by this (live) test process; their deaths are registered at teardown."""
+    workers: list[Worker] = []
+    yield workers
+    for worker in workers:
+        worker.register_death()
 
 
 @pytest.fixture
@@ -238,6 +249,20 @@ def start_worker(tmp_path: Path, redis_conn: Redis) -> Iterator[Callable[..., Lo
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def horses(svc: Service, start_worker: Callable[..., LoggedProcess]) -> HorseWorld:
+    """Real workers (`udemy-dl worker`) on the service (MariaDB, webhooks on), and paid one-file courses."""
+    return HorseWorld(svc, start_worker)
+
+
+@pytest.fixture
+def trickling_receiver() -> Iterator[TricklingReceiver]:
+    """A webhook receiver whose answer to the first delivery of `msg_hung` trickles forever; others get a 204."""
+    receiver = TricklingReceiver(hang={"msg_hung"}).start()
+    yield receiver
+    receiver.stop()
 
 
 # -- the intake ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_p
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, open_store, utcnow
+from udemy_dl.webhooks import generate_secret
 
 EMAIL = "buyer@shop.example"
 URL = "https://cdn.example/courses/1"
@@ -212,6 +214,22 @@ def test_unreachable_database_exits_4() -> None:
     """A database that does not answer is a connection error (exit 4), not a traceback."""
     result = cli("db", "init", DATABASE_URL="mysql://root@127.0.0.1:1/udemy_dl_test")
     assert result.returncode == RET_CONNECT, explain(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_taken_port_exits_4_naming_the_address(tmp_path: Path, redis_url: str) -> None:
+    """`serve` on a port another process holds: exit 4 with the address, no traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = cli(
+            "serve",
+            "--port",
+            str(port),
+            DATABASE_URL=f"sqlite:///{tmp_path / 'tasks.db'}",
+            API_SECRET_KEY=generate_secret(),
+        )
+    assert result.returncode == RET_CONNECT, explain(result)
+    assert f"udemy-dl serve: cannot listen on 127.0.0.1:{port}:" in result.stderr, explain(result)
     assert "Traceback" not in result.stderr
 
 

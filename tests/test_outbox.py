@@ -11,9 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from rq import Worker
+from rq.job import Job
 
+from tests.support.rq_state import ends_while_the_reconciler_looks
 from tests.support.service import Service
 from udemy_dl.errors import StoreError
+from udemy_dl.queues import webhook_queue
 from udemy_dl.reconciler import Reconciler
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, FAILED, TaskStore
@@ -94,6 +98,26 @@ def test_the_sweep_leaves_an_event_whose_delivery_redis_still_holds(world: World
     assert world.sweep() == []
     world.run_jobs()
     assert len(world.final_ids()) == 1
+    assert world.row(task_id).pending_event is None
+
+
+def test_the_sweep_leaves_a_delivery_that_ends_while_it_looks(
+    world: World, workers_here: list[Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep reads a pending event's delivery (running on a live worker), then asks whether a live
+    worker has it. A delivery its worker ends in between is in no one's hands by then: it must not be
+    queued again (a second POST of the event). The next sweep sees it delivered and empties the outbox."""
+    task_id = world.paid()
+    world.run(task_id)
+    pending = world.row(task_id).pending_event
+    queue = webhook_queue(world.settings, world.redis)
+    delivery = Job.fetch(f"webhook-{pending}", connection=world.redis)
+    finished = ends_while_the_reconciler_looks(monkeypatch, queue, workers_here, delivery, after="fetch")
+
+    assert world.sweep() == []
+    assert finished == [delivery.id], "the delivery did not end in the window"
+    assert delivery.id not in queue.job_ids
+    assert world.sweep() == []
     assert world.row(task_id).pending_event is None
 
 

@@ -9,7 +9,8 @@ import shlex
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -19,14 +20,15 @@ from rq.job import Job, JobStatus
 from dev.devservers import WebhookReceiver
 from tests.support.mariadb import TEST_URL
 from tests.support.redis_servers import RedisServer
+from tests.support.rq_state import ends_while_the_reconciler_looks, live_worker
 from tests.support.service import Backend, BusyWorker, Rig, run_burst_worker
 from tests.support.waiting import wait_for
 from udemy_dl import defaults
 from udemy_dl.producer import Producer
-from udemy_dl.queues import job_id_for
+from udemy_dl.queues import job_id_for, webhook_queue
 from udemy_dl.reconciler import SWEEP_LOCK, Reconciler, SweepResult
 from udemy_dl.settings import Settings
-from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore
+from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, MySQLStore, SQLiteStore, TaskRow, TaskStore, utcnow
 from udemy_dl.webhooks import FAILED as EVENT_FAILED
 
 EMAIL = "buyer@shop.example"
@@ -66,31 +68,6 @@ def redis_rig(configure: Callable[..., Settings], redis_conn: Redis, sqlite_stor
     return Rig(configure(DATABASE_URL=f"sqlite:///{sqlite_store.path}"), sqlite_store, redis_conn)
 
 
-@pytest.fixture
-def live_workers(redis_conn: Redis) -> Iterator[list[Worker]]:
-    """Workers registered by this (live) test process; their deaths are registered at teardown."""
-    workers: list[Worker] = []
-    yield workers
-    for worker in workers:
-        worker.register_death()
-
-
-def live_worker(
-    redis_conn: Redis, queue: Queue, workers: list[Worker], job: Job | None = None, horse_started: bool = True
-) -> Worker:
-    """Register a worker in this process (so its PID is alive) and, if given, have it take *job*: RQ's worker pops it
-    and records the execution (started registry) before it forks; the horse then marks the job started."""
-    worker = Worker([queue], connection=redis_conn, name=f"test-live-{uuid.uuid4().hex[:8]}")
-    worker.register_birth()
-    workers.append(worker)
-    if job is not None:
-        queue.remove(job)
-        worker.prepare_execution(job)
-        if horse_started:
-            worker.prepare_job_execution(job)
-    return worker
-
-
 def vanished_worker(redis_url: str, queue: Queue, job: Job | None = None, hostname: str = "") -> str:
     """Run VANISHING_WORKER in a child process that exits at once; return the dead worker's name."""
     name = f"test-gone-{uuid.uuid4().hex[:8]}"
@@ -110,7 +87,7 @@ def status_of(redis_conn: Redis, task_id: int) -> JobStatus | None:
 
 
 def test_sweep_requeues_only_processing_rows_without_a_live_job(
-    rig: Rig, redis_url: str, live_workers: list[Worker]
+    rig: Rig, redis_url: str, workers_here: list[Worker]
 ) -> None:
     """Processing with no job, or with a job its dead worker left `started`: enqueued again. Queued, started by a
     live worker, settled or unpaid: left alone."""
@@ -118,7 +95,7 @@ def test_sweep_requeues_only_processing_rows_without_a_live_job(
     queued = rig.task()
     queued_job = rig.enqueue(queued)
     running = rig.task(attempts=1)
-    running_worker = live_worker(rig.redis, rig.queue, live_workers, rig.enqueue(running))
+    running_worker = live_worker(rig.redis, rig.queue, workers_here, rig.enqueue(running))
     orphaned = rig.task(attempts=1)
     vanished_worker(redis_url, rig.queue, rig.enqueue(orphaned))
     settled = [rig.task(COMPLETED, attempts=1), rig.task(FAILED, attempts=1), rig.task(PENDING)]
@@ -142,6 +119,26 @@ def test_second_sweep_finds_nothing_to_do(rig: Rig) -> None:
     again = rig.reconciler().sweep()
     assert (again.processing, again.requeued, again.failed) == (1, [], [])
     assert rig.queue.job_ids == [job_id_for(lost)]
+
+
+def test_sweep_leaves_a_row_settled_just_after_its_select(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's SELECT finds a task processing with no live job (its job had just ended), and its run
+    records it completed a moment later. Read again before the enqueue, the row says completed: no
+    second run of a finished download."""
+    task_id = rig.task(attempts=1)
+    select = type(rig.store).rows_to_reconcile
+
+    def then_settled(store: TaskStore, *args: Any, **kwargs: Any) -> list[TaskRow]:
+        rows = select(store, *args, **kwargs)
+        assert rig.store.mark_completed(task_id, "/done", 1, utcnow())
+        return rows
+
+    monkeypatch.setattr(type(rig.store), "rows_to_reconcile", then_settled)
+    result = rig.reconciler().sweep()
+
+    assert (result.processing, result.requeued) == (1, [])
+    assert rig.queue.job_ids == []
+    assert rig.row(task_id).status == COMPLETED
 
 
 @pytest.fixture
@@ -236,13 +233,13 @@ def test_recover_started_requeues_the_job_of_a_killed_worker_at_the_front(busy_w
 
 
 def test_recover_started_leaves_a_job_its_live_worker_is_just_starting(
-    redis_rig: Rig, live_workers: list[Worker]
+    redis_rig: Rig, workers_here: list[Worker]
 ) -> None:
     """A job a live worker has taken but whose horse has not yet marked it started is not orphaned: recover_started
     enqueues nothing."""
     task_id = redis_rig.task()
     job = redis_rig.enqueue(task_id)
-    live_worker(redis_rig.redis, redis_rig.queue, live_workers, job, horse_started=False)
+    live_worker(redis_rig.redis, redis_rig.queue, workers_here, job, horse_started=False)
 
     assert redis_rig.reconciler().recover_started() == []
     assert redis_rig.queue.job_ids == []
@@ -252,13 +249,13 @@ def test_recover_started_leaves_a_job_its_live_worker_is_just_starting(
 
 
 def test_retire_dead_local_workers_removes_only_dead_registrations_of_this_host(
-    redis_rig: Rig, redis_url: str, live_workers: list[Worker]
+    redis_rig: Rig, redis_url: str, workers_here: list[Worker]
 ) -> None:
     """A registration of this host whose PID is dead is retired (rq info stops listing it); a live worker of this
     host and a worker of another host (whose PID cannot be checked here) stay."""
     dead = vanished_worker(redis_url, redis_rig.queue)
     elsewhere = vanished_worker(redis_url, redis_rig.queue, hostname="another-host.example")
-    alive = live_worker(redis_rig.redis, redis_rig.queue, live_workers)
+    alive = live_worker(redis_rig.redis, redis_rig.queue, workers_here)
     assert {w.name for w in Worker.all(connection=redis_rig.redis)} == {dead, elsewhere, alive.name}
 
     assert redis_rig.reconciler().retire_dead_local_workers() == [dead]
@@ -359,3 +356,48 @@ def test_run_once_recovers_started_jobs_once_per_recovery_interval(redis_rig: Ri
     assert first.run_once()["recovered"] == [orphaned]
     assert "recovered" not in second.run_once()
     assert redis_rig.queue.job_ids == [job_id_for(orphaned)]
+
+
+# -- a job that ends while the recovery pass looks at it ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["download", "delivery"])
+def test_recovery_leaves_a_job_that_finished_after_the_registry_was_read(
+    kind: str, redis_rig: Rig, workers_here: list[Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery pass reads the started registry, then asks whether each job is in a live worker's
+    hands. A job its worker finishes in between is in no one's hands by then: it must not be enqueued
+    again (a second run of a finished download, a second POST of a delivered event)."""
+    reconciler = redis_rig.reconciler()
+    recover: Callable[[], list[int] | list[str]]
+    if kind == "download":
+        queue, recover = redis_rig.queue, reconciler.recover_started
+        job = redis_rig.enqueue(redis_rig.task())
+    else:
+        queue, recover = webhook_queue(redis_rig.settings, redis_rig.redis), reconciler.recover_deliveries
+        job = queue.enqueue(defaults.DELIVER_JOB_FUNCTION, "msg_finished", "{}", job_id="webhook-msg_finished")
+    finished = ends_while_the_reconciler_looks(monkeypatch, queue, workers_here, job, after="registry")
+
+    assert recover() == []
+    assert finished == [job.id], "the job did not finish in the window"
+    assert queue.job_ids == []
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+
+
+def test_recover_started_still_requeues_a_job_popped_by_a_worker_that_died_before_its_horse_started(
+    redis_rig: Rig, redis_url: str
+) -> None:
+    """The re-check before enqueuing again keeps the case where the job's status still says queued: its
+    dead worker had popped it and recorded the execution, but no horse marked it started."""
+    task_id = redis_rig.task()
+    job = redis_rig.enqueue(task_id)
+    name = f"test-gone-{uuid.uuid4().hex[:8]}"
+    dying = Worker([redis_rig.queue], connection=redis_rig.redis, name=name)
+    dying.pid = 2**22 + 1  # beyond any pid_max: no such process on this host
+    dying.register_birth()
+    redis_rig.queue.remove(job)
+    dying.prepare_execution(job)
+
+    assert job.get_status(refresh=True) == JobStatus.QUEUED
+    assert redis_rig.reconciler().recover_started() == [task_id]
+    assert redis_rig.queue.job_ids == [job_id_for(task_id)]

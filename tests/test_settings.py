@@ -43,6 +43,8 @@ def load(**environ: str) -> Settings:
         ("max_task_bytes", 50 * 1024**3),
         ("fetch_command", None),
         ("reconcile_interval", 300),
+        ("origin_concurrency", 0),
+        ("fetch_rate_limit", 0),
     ],
 )
 def test_default_value_when_nothing_is_set(attribute: str, expected: Any) -> None:
@@ -119,9 +121,15 @@ def test_database_url_overrides_db_parts() -> None:
         ({"ALLOWED_HOSTS": "cdn.example,*.*:*"}, "ALLOWED_HOSTS"),
         ({"FETCH_CONCURRENCY": "0"}, "FETCH_CONCURRENCY"),
         ({"MAX_TASK_BYTES": "-5"}, "MAX_TASK_BYTES"),
+        ({"ORIGIN_CONCURRENCY": "two"}, "ORIGIN_CONCURRENCY"),
+        ({"ORIGIN_CONCURRENCY": "-1"}, "ORIGIN_CONCURRENCY"),
+        ({"FETCH_RATE_LIMIT": "5MB"}, "FETCH_RATE_LIMIT"),
+        ({"FETCH_RATE_LIMIT": "1.5M"}, "FETCH_RATE_LIMIT"),
+        ({"FETCH_RATE_LIMIT": "2000T"}, "FETCH_RATE_LIMIT"),
         ({"FETCH_COMMAND": "wget {url}"}, "FETCH_COMMAND"),
         ({"FETCH_COMMAND": "fetch '{url} {dest}"}, "FETCH_COMMAND"),
         ({"RECONCILE_INTERVAL": "soon"}, "RECONCILE_INTERVAL"),
+        ({"HORSE_MAX_JOBS": "0"}, "HORSE_MAX_JOBS"),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(f"{k}={v}" for k, v in value.items()),
 )
@@ -218,6 +226,15 @@ def test_fetch_command_is_split_like_a_shell_but_never_run_by_one() -> None:
     """FETCH_COMMAND becomes an argument list (quotes respected) keeping the {url} and {dest} placeholders."""
     settings = load(FETCH_COMMAND="/opt/dl --out '{dest}' --name 'my course' {url}")
     assert settings.fetch_command == ("/opt/dl", "--out", "{dest}", "--name", "my course", "{url}")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("2000000", 2_000_000), ("500K", 500_000), ("500k", 500_000), ("5M", 5_000_000), ("1G", 10**9), ("0", 0)],
+)
+def test_fetch_rate_limit_takes_a_k_m_or_g_suffix(raw: str, expected: int) -> None:
+    """FETCH_RATE_LIMIT is bytes per second, in digits with an optional decimal K, M or G."""
+    assert load(FETCH_RATE_LIMIT=raw).fetch_rate_limit == expected
 
 
 def test_generated_secret_is_accepted() -> None:

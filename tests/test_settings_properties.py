@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from tests.support.scripts import run_command
 from udemy_dl.errors import ConfigError
-from udemy_dl.settings import MAX_INT, MAX_WORKERS, VARIABLES, load_settings
+from udemy_dl.settings import MAX_INT, MAX_RATE, MAX_WORKERS, VARIABLES, load_settings
 
 PROPERTY = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
@@ -181,6 +181,14 @@ TYPED: dict[str, Callable[[], st.SearchStrategy[Bad]]] = {
     "FAILURE_TTL": lambda: ints(0, MAX_INT),
     "RECONCILE_INTERVAL": lambda: ints(0, MAX_INT),
     "MAX_TASK_BYTES": lambda: ints(0, 2**63 - 1),
+    "ORIGIN_CONCURRENCY": lambda: ints(0, MAX_INT),
+    "FETCH_RATE_LIMIT": lambda: st.one_of(
+        st.text(min_size=1, max_size=12).filter(
+            lambda text: text.strip() != "" and re.fullmatch(r"[0-9]{1,15}[KMGkmg]?", text.strip()) is None
+        ),
+        st.sampled_from(["1.5M", "5MB", "5 M", "-1", "2T", "1_000", "+5", "\u0663", "5Mi", "K"]),
+        st.integers(min_value=MAX_RATE + 1, max_value=10**15 - 1).map(str),
+    ).map(Bad),
     "REDIS_PORT": lambda: ints(1, 65535),
     "DB_PORT": lambda: ints(1, 65535),
     "REDIS_DB": lambda: ints(0, MAX_INT),

@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__, defaults
@@ -368,13 +368,21 @@ def cmd_metrics(settings: Settings, args: argparse.Namespace) -> int:
     return RET_OK
 
 
-def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+def _listen(name: str, server: Callable[[Settings, str, int], None], settings: Settings, host: str, port: int) -> int:
+    """Run *server* on host:port until it stops; exit RET_CONNECT, naming the address, if it cannot listen."""
     try:
-        serve(settings, args.host, args.port, workers=args.workers)
+        server(settings, host, port)
     except OSError as exc:  # the address is taken or not ours to bind
-        print(f"udemy-dl serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"udemy-dl {name}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return RET_CONNECT
     return RET_OK
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    def run(settings: Settings, host: str, port: int) -> None:
+        serve(settings, host, port, workers=args.workers)
+
+    return _listen("serve", run, settings, args.host, args.port)
 
 
 def _workers(text: str) -> int:
@@ -386,12 +394,7 @@ def _workers(text: str) -> int:
 def cmd_dashboard(settings: Settings, args: argparse.Namespace) -> int:
     from .dashboard import run_dashboard  # an optional extra: imported only here
 
-    try:
-        run_dashboard(settings, args.bind, args.port)
-    except OSError as exc:  # the address is taken or not ours to bind
-        print(f"udemy-dl dashboard: cannot listen on {args.bind}:{args.port}: {exc}", file=sys.stderr)
-        return RET_CONNECT
-    return RET_OK
+    return _listen("dashboard", run_dashboard, settings, args.bind, args.port)
 
 
 def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from . import defaults
 from .connection import redis_connection
 from .fetch import Fetcher
 from .fetch_command import CommandFetcher
+from .limits import ByteRate
 from .settings import Settings, get_settings
 from .store import TaskStore, open_store
 
@@ -35,16 +36,17 @@ def get_context(redis: Redis | None = None) -> Context:
     global _context
     if _context is None:
         settings = get_settings()
+        connection = redis if redis is not None else redis_connection(settings)
         _context = Context(
             settings=settings,
             store=open_store(settings.require_database(), retry_for=defaults.STORE_RETRY_SECONDS),
-            redis=redis if redis is not None else redis_connection(settings),
-            fetcher=_fetcher(settings),
+            redis=connection,
+            fetcher=_fetcher(settings, connection),
         )
     return _context
 
 
-def _fetcher(settings: Settings) -> Fetcher | CommandFetcher:
+def _fetcher(settings: Settings, connection: Redis) -> Fetcher | CommandFetcher:
     if settings.fetch_command:
         return CommandFetcher(settings.fetch_command, settings.allowed_hosts, timeout=settings.job_timeout)
     return Fetcher(
@@ -52,6 +54,7 @@ def _fetcher(settings: Settings) -> Fetcher | CommandFetcher:
         token=settings.content_token,
         concurrency=settings.fetch_concurrency,
         max_task_bytes=settings.max_task_bytes,
+        pacer=ByteRate(connection, settings.fetch_rate_limit) if settings.fetch_rate_limit else None,
     )
 
 

@@ -107,6 +107,12 @@ host is noticed within about 90 s."""
 LEASE_TTL = 30
 """Seconds a task's lease lives unless its run renews it (every LEASE_TTL / 3 seconds)."""
 
+ORIGIN_SLOT_WAIT = 5
+"""Seconds a run waits for a free slot at its origin (ORIGIN_CONCURRENCY) before it hands its task back."""
+
+ORIGIN_BUSY_DELAY = 5
+"""Seconds a task handed back for a busy origin waits before it is queued again (plus up to RETRY_JITTER)."""
+
 STORE_RETRY_SECONDS = 120
 """How long a worker keeps retrying a status update while the database is unreachable."""
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
 import random
+import select
 import signal
 import socket
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -202,8 +206,8 @@ class DownloadWorker(Worker):
     def _horse_may_go_on(served: int) -> bool:
         """May a horse that has run *served* jobs take another? Not once it has run its share, not
         when its worker is stopping (a hand-back), and not with a thread of a finished job still
-        running (a lease renewal or a fetch that did not stop in time)."""
-        return served < defaults.HORSE_MAX_JOBS and not HAND_BACK.is_set() and threading.active_count() == 1
+        running (a lease renewal or a fetch that did not stop in time). The share is HORSE_MAX_JOBS."""
+        return served < get_settings().horse_max_jobs and not HAND_BACK.is_set() and threading.active_count() == 1
 
     def _job_handed_over(self, order: bytes) -> tuple[Job, Queue]:
         """In a kept horse: the job its worker has prepared (as RQ's SpawnWorker's horse reads it)."""
@@ -245,6 +249,7 @@ class DownloadWorker(Worker):
             os._exit(0)  # just in case
         os.close(orders_in)
         os.close(ready_out)
+        os.set_blocking(ready_in, False)  # a horse that has not reported is never waited for when handing
         self._kept = _KeptHorse(child_pid, orders=orders_out, ready=ready_in)
         self._horse_pid = child_pid
         self.procline(f"Forked {child_pid} at {time.time()}")  # type: ignore[no-untyped-call]
@@ -256,8 +261,10 @@ class DownloadWorker(Worker):
             return False
         order = json.dumps({"job": job.id, "queue": queue.name, "execution": self.execution.id}) + "\n"
         try:
+            if os.read(kept.ready, len(HORSE_READY)) != HORSE_READY:  # the report the wait left there
+                raise BrokenPipeError("the horse is gone")
             os.write(kept.orders, order.encode())  # far below PIPE_BUF: written whole or not at all
-        except OSError:  # it died while waiting (killed, out of memory): fork another
+        except OSError:  # it died while waiting (killed, out of memory), or never reported: fork another
             self._let_horse_go()
             return False
         os.environ["RQ_JOB_ID"] = job.id
@@ -268,13 +275,17 @@ class DownloadWorker(Worker):
     def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
         """Until the horse has ended its job: it reports ready (and stays), or it is gone (reaped
         here, its exit status returned as RQ's wait for a horse returns it). RQ's monitoring
-        interrupts the wait (SIGALRM) to heartbeat, as it interrupts its own."""
+        interrupts the wait (SIGALRM) to heartbeat, as it interrupts its own, then waits again: so
+        the wait takes nothing off the pipe (a report taken just before an interruption would be
+        lost, and the worker would wait for ever on a horse waiting for its next job). The report
+        is taken off when the horse is handed its next job."""
         kept = self._kept
         if kept is None or kept.pid != self.horse_pid:
             return super().wait_for_horse()
-        if os.read(kept.ready, 1) == HORSE_READY:
+        select.select([kept.ready], [], [])
+        if _unread(kept.ready):
             return kept.pid, os.EX_OK, None
-        self._kept = None
+        self._kept = None  # end of file: the horse is gone
         os.close(kept.orders)
         os.close(kept.ready)
         return super().wait_for_horse()
@@ -606,7 +617,7 @@ class DownloadWorker(Worker):
             # Only now is the job finished, so the enqueue below makes a fresh job rather than
             # finding this one live. At the front: it was already running once.
             outcome = DownloadQueues(get_settings(), self.connection).enqueue(
-                job.args[0], priority=priority_of(job), at_front=True
+                job.args[0], priority=priority_of(job), at_front=True, delay=float(job.meta.get("hand_back_in") or 0)
             )
             self.log.info("Worker %s: task handed back as job %s", self.name, outcome.job.id)
 
@@ -683,6 +694,12 @@ class DownloadWorker(Worker):
             super().maintain_heartbeats(job)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             self.log.warning("Worker %s: heartbeat for job %s failed, Redis unreachable: %s", self.name, job.id, exc)
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting to be read on pipe *fd*, without reading them."""
+    waiting = fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4)
+    return int(struct.unpack("i", waiting)[0])
 
 
 def default_worker_name(index: int) -> str:

@@ -23,14 +23,16 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from http.client import HTTPException, IncompleteRead
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
@@ -57,12 +59,27 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 PARTS_DIRNAME = ".parts"
+PACE_STOP_CHECK = 0.25
+"""Seconds between looks at the stop event while a read waits for its turn under FETCH_RATE_LIMIT."""
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 """Standard variables naming a CA bundle to verify HTTPS origins with (a private CA), read by
 new_session although the session otherwise ignores the environment."""
 _UNWRITABLE_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
 ProgressCallback = Callable[[int, "int | None", int, int], None]
 """on_progress(bytes_done, bytes_total or None, files_done, files_total)."""
+
+
+class Pacer(Protocol):
+    """FETCH_RATE_LIMIT, as the fetcher sees it (limits.ByteRate): bytes are booked before they are read."""
+
+    chunk: int
+    """Bytes one booking covers, and the most one read takes."""
+    receive_buffer: int
+    """SO_RCVBUF of each connection, in bytes."""
+
+    def reserve(self, count: int) -> float:
+        """Book *count* bytes; return the seconds to wait before reading them."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -152,8 +169,15 @@ class _Progress:
             self.on_progress(self.done, self.total, self.files_done, self.files_total)
 
 
-def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int) -> HTTPAdapter:
-    """An HTTPAdapter whose connections refuse internal peer addresses a listed host did not name."""
+def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int, receive_buffer: int | None = None) -> HTTPAdapter:
+    """An HTTPAdapter whose connections refuse internal peer addresses a listed host did not name.
+
+    *receive_buffer* sets each connection's SO_RCVBUF (FETCH_RATE_LIMIT): a reader that reads slowly
+    then slows the origin within moments, where the kernel's own buffer would grow to megabytes and
+    let the origin burst at full speed first."""
+    socket_options = list(HTTPConnection.default_socket_options)
+    if receive_buffer:
+        socket_options.append((socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer))
 
     def check(conn: HTTPConnection, sock: Any) -> None:
         peer = sock.getpeername()[0]
@@ -183,7 +207,7 @@ def _guarded_adapter(allowed_hosts: Collection[str], pool_size: int) -> HTTPAdap
 
     class GuardedAdapter(HTTPAdapter):
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            super().init_poolmanager(*args, **kwargs)
+            super().init_poolmanager(*args, **kwargs, socket_options=socket_options)
             self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
 
     return GuardedAdapter(pool_connections=4, pool_maxsize=max(pool_size, 1), max_retries=0)
@@ -198,13 +222,13 @@ class ManualRedirectSession(requests.Session):
         return None
 
 
-def new_session(allowed_hosts: Collection[str], pool_size: int) -> requests.Session:
+def new_session(allowed_hosts: Collection[str], pool_size: int, receive_buffer: int | None = None) -> requests.Session:
     session = ManualRedirectSession()
     session.trust_env = False  # no proxies or .netrc from the environment: only the configured origin
     ca_bundle = next((os.environ[name] for name in CA_BUNDLE_VARIABLES if os.environ.get(name)), None)
     if ca_bundle:
         session.verify = ca_bundle  # an origin whose certificate comes from the operator's own CA
-    adapter = _guarded_adapter(allowed_hosts, pool_size)
+    adapter = _guarded_adapter(allowed_hosts, pool_size, receive_buffer)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -221,11 +245,16 @@ class Fetcher:
         timeout: tuple[float, float] = (defaults.CONNECT_TIMEOUT, defaults.READ_TIMEOUT),
         concurrency: int = defaults.FETCH_CONCURRENCY,
         max_task_bytes: int = defaults.MAX_TASK_BYTES,
+        pacer: Pacer | None = None,
     ) -> None:
         self.allowed_hosts = allowed_hosts
+        self.pacer = pacer
+        """FETCH_RATE_LIMIT: shared by every download of this machine (None: no limit)."""
         self.token = token
         self.concurrency = max(1, concurrency)
-        self.session = session or new_session(allowed_hosts, self.concurrency)
+        self.session = session or new_session(
+            allowed_hosts, self.concurrency, receive_buffer=pacer.receive_buffer if pacer is not None else None
+        )
         self.timeout = timeout
         self.max_task_bytes = max_task_bytes
         self._stop: threading.Event | None = None
@@ -268,6 +297,18 @@ class Fetcher:
                 self._check_status(url, response)
             return response
         raise FetchError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
+
+    def _pace(self, most: int) -> int:
+        """Book the next chunk of FETCH_RATE_LIMIT, *most* bytes at most, and wait for its turn; return
+        the bytes booked. A stop ends the wait (Interrupted), as it ends a read."""
+        assert self.pacer is not None
+        count = max(1, min(self.pacer.chunk, most))
+        due = time.monotonic() + self.pacer.reserve(count)
+        while (left := due - time.monotonic()) > 0:
+            _check_stop(self._stop)
+            time.sleep(min(left, PACE_STOP_CHECK))
+        _check_stop(self._stop)
+        return count
 
     @staticmethod
     def _check_status(url: str, response: requests.Response) -> None:
@@ -600,7 +641,7 @@ class Fetcher:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with _open_file(part, "ab" if resumed else "wb") as out:
-                for chunk in _body_chunks(response) if response is not None else ():
+                for chunk in _body_chunks(response, self._pace if self.pacer else None) if response is not None else ():
                     if cancel.is_set():
                         raise _Cancelled()
                     _check_stop(self._stop)
@@ -643,23 +684,41 @@ class Fetcher:
         return FetchedFile(path=str(spec.path), size=size, sha256=actual_sha)
 
 
-def _body_chunks(response: requests.Response) -> Iterator[bytes | memoryview]:
+def _body_chunks(response: requests.Response, pace: Callable[[int], int] | None = None) -> Iterator[bytes | memoryview]:
     """The body, chunk by chunk, as it arrives.
 
     An uncompressed body is read straight into one reusable buffer (no allocation per chunk, and
     every byte received is handed on at once, so an interruption loses at most one buffer); the
     connection then goes back to the pool for the next file. Anything else goes through requests.
+
+    With *pace* (FETCH_RATE_LIMIT), no byte is read before it is booked: pace(n) books at most n
+    bytes, waits for their turn and returns how many it booked, and reads take no more than what is
+    booked and unread. The origin is thus slowed by TCP itself, not by a burst followed by a pause.
+    Near the end of a body of known length, only the bytes left are booked: a booking never read
+    would leave the link idle for its time.
     """
     fp = getattr(response.raw, "_fp", None)
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity") or not hasattr(fp, "readinto"):
-        yield from response.iter_content(chunk_size=defaults.CHUNK_SIZE)
+        credit = 0
+        for chunk in response.iter_content(chunk_size=defaults.CHUNK_SIZE):
+            while pace is not None and credit < len(chunk):  # decoded bytes: the limit is near enough
+                credit += pace(len(chunk) - credit)
+            credit -= len(chunk)
+            yield chunk
         return
     buffer = bytearray(defaults.READ_BUFFER_SIZE)
     view = memoryview(buffer)
+    booked = 0
     while True:
+        size = len(buffer)
+        if pace is not None:
+            if booked <= 0:
+                left = getattr(fp, "length", None)  # http.client's count of the body's bytes still to come
+                booked += pace(left if isinstance(left, int) and left > 0 else size)
+            size = min(size, booked)
         try:
-            count = fp.readinto(buffer)  # type: ignore[union-attr]
+            count = fp.readinto(view[:size])  # type: ignore[union-attr]
         except IncompleteRead as exc:
             # A chunked body cut short: what this read did receive is still body, hand it on first.
             if exc.partial:
@@ -667,6 +726,7 @@ def _body_chunks(response: requests.Response) -> Iterator[bytes | memoryview]:
             raise
         if not count:
             break
+        booked -= count
         yield view[:count]
     if fp.isclosed():  # type: ignore[union-attr]
         # http.client read the whole body (it closes its side at Content-Length or the last chunk).

@@ -11,6 +11,8 @@ name the status they expect.
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from . import crashpoints, defaults, metrics, status_stream
 from .context import Context, get_context
 from .errors import (
     ConfigError,
+    HostNotAllowedError,
     Interrupted,
     InvalidTaskError,
     LeaseBusyError,
@@ -38,6 +41,7 @@ from .errors import (
 )
 from .folders import final_path, finished_staging, promote, read_record, staging_lock, staging_path, write_record
 from .lease import TaskLease
+from .limits import OriginSlot, origin_host
 from .outcome import files_in_place, record_cancelled, record_completed, record_failed, resend_final_event
 from .payload import TaskPayload, parse_task, parse_task_id
 from .process_control import RunStop
@@ -141,11 +145,63 @@ def process_download(task_data: dict[str, Any]) -> dict[str, Any]:
     lease = TaskLease(ctx.redis, task.task_id, job.id if job is not None else "", also_set=RunStop(), watch_cancel=True)
     lease.acquire()  # LeaseBusyError: another run is at it; this one steps aside and is retried later
     crashpoints.crash_point(crashpoints.AFTER_LEASE)
+    slot = None
     try:
+        slot = _take_origin_slot(ctx, task, job, lease)
+        if slot is not None and not slot.held and lease.cancelled is None:
+            return _hand_back_for_origin(ctx, task, job, lease, slot)
         with staging_lock(ctx.settings, task.task_id):
             return _run_leased(ctx, task, job, lease)
     finally:
+        if slot is not None:
+            slot.release()
         lease.release()
+
+
+def _take_origin_slot(ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLease) -> OriginSlot | None:
+    """The run's slot at its origin under ORIGIN_CONCURRENCY (None when there is no cap), renewed
+    with the lease from now on. Before any attempt is counted, it waits up to ORIGIN_SLOT_WAIT
+    seconds for a free one (a direct call, with no queue to go back to, as long as it takes); the
+    slot's `held` is False when none came free. A cancelled task needs none: it is settled at once,
+    without fetching, and a cancel that comes during the wait ends it."""
+    cap = ctx.settings.origin_concurrency
+    if not cap or lease.cancel_seen() is not None:
+        return None
+    try:
+        host = origin_host(task.course_url)
+    except HostNotAllowedError:
+        return None  # the fetch refuses the URL, and fails the task, with the reason
+    slot = OriginSlot(ctx.redis, host, cap, lease.token)
+    if not slot.try_take():
+        log.info("task %s: origin %s has %s task(s) downloading, the most allowed; waiting", task.task_id, host, cap)
+        patience = defaults.ORIGIN_SLOT_WAIT if job is not None else math.inf
+        if not slot.wait(patience, stop=lease.also_set):
+            return slot
+    lease.renew_with_lease(slot.renew)
+    return slot
+
+
+def _hand_back_for_origin(
+    ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLease, slot: OriginSlot
+) -> dict[str, Any]:
+    """No slot came free at the origin: the task goes back to its queue, to be tried again in
+    ORIGIN_BUSY_DELAY seconds (at once if the worker is stopping), and the worker is free for other
+    work. No attempt was counted."""
+    stopping = lease.also_set is not None and lease.also_set.is_set()
+    delay = 0.0 if stopping else defaults.ORIGIN_BUSY_DELAY * (1 + random.uniform(0, defaults.RETRY_JITTER))
+    metrics.inc(ctx.redis, "origin_busy")
+    log.info(
+        "task %s: origin %s still busy (%s at once); handing the task back%s, no attempt counted",
+        task.task_id,
+        slot.host,
+        slot.cap,
+        "" if stopping else f" for {delay:.1f} s",
+    )
+    if job is not None:
+        job.meta["handed_back"] = True
+        job.meta["hand_back_in"] = delay
+        job.save_meta()
+    return {"success": False, "taskId": task.task_id, "handedBack": True, "originBusy": True}
 
 
 def _run_leased(ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLease) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 
 from redis import Redis
@@ -104,6 +105,8 @@ class TaskLease:
         self._thread: threading.Thread | None = None
         self._confirmed = time.monotonic()
         """When Redis last confirmed the lease is ours (monotonic seconds)."""
+        self._riders: list[Callable[[], None]] = []
+        """What else the run holds for as long as its lease (an origin slot): renewed with it."""
 
     def holder(self) -> str | None:
         value = self.connection.get(self.key)
@@ -116,7 +119,7 @@ class TaskLease:
             self._start_renewing()
             return
         current = self.holder()
-        if current and _holder_is_dead_here(current):
+        if current and holder_is_dead_here(current):
             if self.connection.eval(_RELEASE, 1, self.key, current) and self._take():
                 log.warning("task %s: took over the lease of a dead run (%s)", self.task_id, current)
                 self._start_renewing()
@@ -161,6 +164,18 @@ class TaskLease:
         self.lost.set()
         if self.also_set is not None:
             self.also_set.set()
+
+    def renew_with_lease(self, renew: Callable[[], None]) -> None:
+        """Call *renew* after each renewal of the lease: whatever the run holds beside its lease
+        (an origin slot) then lives exactly as long, and a killed run leaks it no longer."""
+        self._riders.append(renew)
+
+    def _renew_riders(self) -> None:
+        for renew in list(self._riders):
+            try:
+                renew()
+            except RedisError as exc:  # its next beat tries again; the lease decides whether the run goes on
+                log.warning("task %s: renewal beside the lease failed: %s", self.task_id, exc)
 
     def _start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.task_id}", daemon=True)
@@ -208,6 +223,7 @@ class TaskLease:
                 self._lose("lease held by another run, now or since it expired")
                 return
             self._confirmed = asked
+            self._renew_riders()
 
     def release(self) -> None:
         self._stop.set()
@@ -231,10 +247,12 @@ def lease_is_held(connection: Redis, task_id: int) -> bool:
 
     Clock-free: the lease lives by Redis's own expiry, renewed by its run."""
     value = connection.get(lease_key(task_id))
-    return isinstance(value, bytes) and not _holder_is_dead_here(value.decode())
+    return isinstance(value, bytes) and not holder_is_dead_here(value.decode())
 
 
-def _holder_is_dead_here(token: str) -> bool:
+def holder_is_dead_here(token: str) -> bool:
+    """Does *token* (a lease value, or any holder named the same way) name a process of this host
+    that is no longer running?"""
     host, _, rest = token.partition("|")
     pid_text = rest.split("|", 1)[0]
     return host == socket.gethostname() and pid_text.isdigit() and not pid_alive(int(pid_text))

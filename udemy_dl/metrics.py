@@ -54,6 +54,8 @@ COUNTERS = {
     "tasks": "Download attempts that ended, by outcome (completed, failed, retry, handed_back, cancelled).",
     "failures": "Download attempts that failed, by reason (the error's class).",
     "webhook_deliveries": "Webhook delivery attempts, by result (delivered, failed).",
+    "origin_busy": "Download runs handed back, no attempt counted, because ORIGIN_CONCURRENCY tasks were "
+    "already downloading from their origin.",
 }
 
 

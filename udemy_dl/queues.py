@@ -15,6 +15,8 @@ import random
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from redis import Redis
@@ -163,11 +165,16 @@ class DownloadQueues:
         return job if job is not None and self.job_is_live(job) else None
 
     def enqueue(
-        self, task_data: Mapping[str, Any] | TaskPayload, priority: str = "normal", at_front: bool = False
+        self,
+        task_data: Mapping[str, Any] | TaskPayload,
+        priority: str = "normal",
+        at_front: bool = False,
+        delay: float = 0,
     ) -> EnqueueResult:
         """Enqueue *task_data* once: an existing live job for the same taskId is returned instead.
 
-        *priority* `high` puts it on the VIP queue, served before the normal one.
+        *priority* `high` puts it on the VIP queue, served before the normal one. With *delay*
+        (seconds), the job is scheduled: RQ's scheduler queues it once the delay has passed.
         """
         task = task_data if isinstance(task_data, TaskPayload) else parse_task(task_data)
         queue = download_queue(self.settings, self.connection, parse_priority(priority))
@@ -192,7 +199,8 @@ class DownloadQueues:
                     log.info("task %s: job %s was %s, enqueuing anew", task.task_id, job_id, status)
                     existing.delete(remove_from_queue=True)
                 retries = retry_intervals(self.settings)
-                job = queue.enqueue(
+                put = queue.enqueue if delay <= 0 else partial(queue.enqueue_in, timedelta(seconds=delay))
+                job = put(
                     defaults.DOWNLOAD_JOB_FUNCTION,
                     task.to_payload(),
                     job_id=job_id,

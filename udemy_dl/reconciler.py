@@ -25,7 +25,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
@@ -48,6 +48,8 @@ SWEEP_LOCK = "udemy_dl:reconciler:sweep"
 RECOVER_LOCK = "udemy_dl:reconciler:recover"
 REDIS_MARKER = "udemy_dl:reconciler:redis-seen"
 """Set by the first reconciler to look at a Redis; its absence means Redis lost its data."""
+
+ENDED_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Reconciler:
         recovered = []
         for job_id in job_ids:
             job = self.producer.queues.fetch_job(job_id)
-            if job is None or not job.args or job_is_running(self.connection, job):
+            if job is None or not job.args or job_is_running(self.connection, job) or self._moved_on(job):
                 continue
             task_data = job.args[0]
             outcome = self.producer.add_download_job(task_data, priority=priority_of(job), at_front=True)
@@ -100,13 +102,28 @@ class Reconciler:
         recovered = []
         for job_id in registry.get_job_ids(cleanup=False):
             job = self.producer.queues.fetch_job(job_id)
-            if job is None or job_is_running(self.connection, job):
+            if job is None or job_is_running(self.connection, job) or self._moved_on(job):
                 continue
             registry.remove_executions(job)
             queue.enqueue_job(job, at_front=True)
             log.warning("delivery %s: its worker %s is gone; enqueued again", job_id, job.worker_name)
             recovered.append(job_id)
         return recovered
+
+    def _moved_on(self, job: Job) -> bool:
+        """Asked again just before *job* is enqueued again: has it ended, or is it live after all?
+
+        The job was read a moment before (from the started registry, or fetched by the sweep); one
+        that ended in between (its worker recorded the end, which takes it out of the started
+        registry in the same transaction) is then in no live worker's hands, and enqueuing it again
+        would run a finished download twice or POST a delivered event again. Its status, read now,
+        tells. So does a job retried or picked up again meanwhile: queued, scheduled, or running on
+        a live worker."""
+        try:
+            status = job.get_status(refresh=True)
+        except InvalidJobOperation:  # gone from Redis: ended, its result not kept
+            return True
+        return status in ENDED_STATUSES or self.producer.queues.job_is_live(job)
 
     def retire_dead_local_workers(self) -> list[str]:
         """Remove registrations of this host's workers whose process is dead, so rq info lists the live ones."""
@@ -148,6 +165,9 @@ class Reconciler:
                 if self._settle_exhausted(row):
                     result.failed.append(row.id)
                 continue
+            current = self.producer.store.get(row.id)
+            if current is None or current.status != PROCESSING:
+                continue  # settled since the SELECT: its run ended just now (a rare second statement)
             outcome = self.producer.add_download_job(
                 {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
             )
@@ -181,8 +201,10 @@ class Reconciler:
             if status == JobStatus.FINISHED:
                 self.producer.store.event_delivered(row.id, pending)
                 return False
-            if status == JobStatus.FAILED or self.producer.queues.job_is_live(delivery):
-                return False  # retried for an hour and given up (requeue it with rq), or on its way
+            if status == JobStatus.FAILED or self._moved_on(delivery):
+                # Retried for an hour and given up (requeue it with rq), on its way, or ended since it
+                # was read (delivered just now: the next sweep finds it finished).
+                return False
             # In no queue and no live worker's hands (popped by a worker that stopped or died):
             # the same job goes back on its queue, so the webhook-id stays the same.
             StartedJobRegistry(queue=webhook_queue(self.settings, self.connection)).remove_executions(delivery)

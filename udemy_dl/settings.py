@@ -58,7 +58,10 @@ VARIABLES = (
     "FETCH_CONCURRENCY",
     "MAX_TASK_BYTES",
     "FETCH_COMMAND",
+    "ORIGIN_CONCURRENCY",
+    "FETCH_RATE_LIMIT",
     "RECONCILE_INTERVAL",
+    "HORSE_MAX_JOBS",
     "DASHBOARD_USERNAME",
     "DASHBOARD_PASSWORD",
     "STATUS_TOKEN_SECRET",
@@ -163,7 +166,12 @@ class Settings:
     fetch_concurrency: int = defaults.FETCH_CONCURRENCY
     max_task_bytes: int = defaults.MAX_TASK_BYTES
     fetch_command: tuple[str, ...] | None = None
+    origin_concurrency: int = 0
+    """Tasks that may download from one origin host at once, across every worker and host (0: no cap)."""
+    fetch_rate_limit: int = 0
+    """Bytes per second all HTTP downloads of one host may take together (0: no limit)."""
     reconcile_interval: int = defaults.RECONCILE_INTERVAL
+    horse_max_jobs: int = defaults.HORSE_MAX_JOBS
     webhook_retry_intervals: tuple[int, ...] = defaults.WEBHOOK_RETRY_INTERVALS
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = defaults.REDIS_SENTINEL_MASTER
@@ -253,6 +261,26 @@ def _int(env: Mapping[str, str | None], name: str, default: int, minimum: int = 
     if raw is None:
         return default
     return _whole_number(name, raw, minimum, maximum)
+
+
+_RATE = re.compile(r"([0-9]{1,15})([KMG]?)")
+_RATE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
+MAX_RATE = 1000**4
+"""Largest FETCH_RATE_LIMIT (1 TB/s): more is a typo."""
+
+
+def _rate(env: Mapping[str, str | None], name: str) -> int:
+    """Bytes per second: ASCII digits with an optional K, M or G (powers of 1000, either case); 0 is off."""
+    raw = _get(env, name)
+    if raw is None:
+        return 0
+    match = _RATE.fullmatch(raw.upper())
+    if match is None:
+        raise ConfigError(name, f"expected bytes per second such as 2000000, 500K or 5M, got {_shown(raw)}")
+    value = int(match.group(1)) * _RATE_UNITS[match.group(2)]
+    if value > MAX_RATE:
+        raise ConfigError(name, f"must be at most {MAX_RATE} (1T) bytes per second, got {_shown(raw)}")
+    return value
 
 
 _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -721,7 +749,10 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         fetch_concurrency=_int(env, "FETCH_CONCURRENCY", defaults.FETCH_CONCURRENCY, minimum=1, maximum=MAX_WORKERS),
         max_task_bytes=_int(env, "MAX_TASK_BYTES", defaults.MAX_TASK_BYTES, maximum=2**63 - 1),
         fetch_command=_command(env, "FETCH_COMMAND"),
+        origin_concurrency=_int(env, "ORIGIN_CONCURRENCY", 0),
+        fetch_rate_limit=_rate(env, "FETCH_RATE_LIMIT"),
         reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.RECONCILE_INTERVAL, minimum=0),
+        horse_max_jobs=_int(env, "HORSE_MAX_JOBS", defaults.HORSE_MAX_JOBS, minimum=1),
         webhook_retry_intervals=_intervals(env, "WEBHOOK_RETRY_INTERVALS", defaults.WEBHOOK_RETRY_INTERVALS),
         redis_sentinels=_sentinels(env, "REDIS_SENTINELS"),
         redis_sentinel_master=_name(env, "REDIS_SENTINEL_MASTER", defaults.REDIS_SENTINEL_MASTER),

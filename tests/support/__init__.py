@@ -8,5 +8,6 @@
 - redis_servers, mariadb, relay, rq_state: Redis servers of a test's own, MariaDB, a cuttable TCP relay, RQ's state
 - http_servers: the dev origin and receiver, courses and paid tasks, received events
 - service, intake, fetching: the service in this process (main suite), the intake and its client, fetchers
+- horses: real workers' kept work horses seen from outside (which process ran each attempt), a hung receiver
 - e2e, faults, hosts, sentinel, measurements: each slow suite's world, and its measured times
 """

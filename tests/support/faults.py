@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from udemy_dl.webhooks import FAILED as EVENT_FAILED
 
 from .deployment import Deployment, leftovers, served_by, site_environ
 from .files import sha256_of
+from .horses import TASK_LOG_LINE
 from .http_servers import Origin, Task, event_ids, make_tasks
 from .mariadb import database_url
 from .processes import LoggedProcess, descendants, kill_marked, work_horses
@@ -41,11 +41,6 @@ from .waiting import wait_for
 
 MARKER = "FAULTS_RUN_ID"
 """Environment variable carried by every process a test starts (value: the test's uuid)."""
-
-TASK_LOG_LINE = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+ \[(\d+)\]: task (\d+): (.*)$", re.MULTILINE
-)
-"""A job-side log line about a task: time, process id, task id, message."""
 
 OUTAGE_SECONDS = max(20.0, float(os.environ.get("FAULTS_OUTAGE_SECONDS", "60")))
 """How long the Redis and MySQL outages last (the issue says 60 s; FAULTS_OUTAGE_SECONDS scales it, at least 20)."""

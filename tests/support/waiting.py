@@ -14,10 +14,12 @@ def wait_for(
     timeout: float = 10.0,
     interval: float = 0.02,
     what: str | Callable[[], str] = "",
+    error: type[Exception] = AssertionError,
 ) -> T:
     """Poll *predicate* until it returns something truthy, and return that; fail after *timeout* seconds.
 
     *what* describes the wait in the failure message; a callable is asked only on timeout (e.g. a worker log).
+    The failure is an *error* (AssertionError in a test; the bench raises its own).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -26,8 +28,8 @@ def wait_for(
             return result
         if time.monotonic() >= deadline:
             description = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {description or predicate!r}")
-        time.sleep(interval)
+            raise error(f"timed out after {timeout:g}s waiting for {description or predicate!r}")
+        time.sleep(interval)  # the polling period of the wait
 
 
 def holds_for(
