@@ -862,9 +862,18 @@ def _stop_signals_logged() -> Iterator[None]:
 
 
 def _listening(config: uvicorn.Config) -> socket.socket:
-    """The bound socket, listening already: connections made from now on wait in its backlog for the server."""
-    sock = config.bind_socket()
-    sock.listen(config.backlog)
+    """The bound socket, listening already: connections made from now on wait in its backlog for the server.
+    Bound here, not by uvicorn's bind_socket (which exits the process): a taken port raises OSError, and
+    `udemy-dl serve` exits 4 naming the address."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.port))
+        sock.listen(config.backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)  # --workers: the processes uvicorn starts share it
     return sock
 
 
