@@ -24,6 +24,7 @@ from .queue_path import run_queue_path
 from .report import Part, render_machine, render_machine_markdown, render_markdown, render_part, write_json
 from .resume import run_resume
 from .services import BenchMariaDB, BenchRedis
+from .streams import run_streams
 from .support import REPO, BenchError, Children, machine_info, say
 from .throughput import run_throughput
 
@@ -33,6 +34,7 @@ PARTS: dict[str, Callable[[Bench], Part]] = {
     "b": run_resume,
     "c": run_queue_path,
     "d": run_flash_sale,
+    "e": run_streams,
 }
 
 
@@ -40,10 +42,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure the fetch step, the queue path and a flash sale against curl and plain rq worker, "
-        "in one run.",
+        "and the web front's open status streams and confirm path, in one run.",
     )
     parser.add_argument("--quick", action="store_true", help="a reduced run for smoke tests (under a minute)")
-    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'cd' (default: abcd)")
+    parser.add_argument("--parts", default="".join(PARTS), help="which parts to run, e.g. 'cd' (default: all)")
     parser.add_argument(
         "--redis",
         default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),

@@ -138,6 +138,7 @@ def test_malformed_url_or_port_exits_3_without_a_traceback(variable: str, value:
 REQUIRED_ARGUMENTS = {
     "cancel": ["1"],
     "confirm-payment": ["1"],
+    "status-token": ["1"],
     "enqueue": ["--task-id", "1", "--email", "buyer@shop.example", "--course-url", "https://cdn.example/c"],
 }
 

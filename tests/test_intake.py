@@ -16,9 +16,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,11 +50,13 @@ from tests.support.intake import (
 from tests.support.mariadb import TEST_URL
 from tests.support.service import Backend
 from udemy_dl import intake as intake_module
+from udemy_dl import web as web_module
 from udemy_dl.errors import ConfigError
-from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY, make_server
+from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings
 from udemy_dl.store import COMPLETED, PENDING, PROCESSING, TaskStore, utcnow
+from udemy_dl.web import make_server
 from udemy_dl.webhooks import generate_secret, sign_headers
 
 EMAIL = "buyer@shop.example"
@@ -870,7 +874,7 @@ def test_without_a_database_the_server_refuses_to_start(configure: Callable[...,
 
 
 SERVE_SCRIPT = """
-from udemy_dl.intake import serve
+from udemy_dl.web import serve
 from udemy_dl.logs import setup_logging
 from udemy_dl.settings import load_settings
 setup_logging("INFO")
@@ -916,3 +920,28 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_a_client_that_never_finishes_its_request_head_is_cut_off(
+    intake: Intake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn's keep-alive timer, armed from the first byte (HEAD_TIMEOUT, 15 s in service; 0.5 s here)."""
+    monkeypatch.setattr(web_module, "HEAD_TIMEOUT", 0.5)
+    with socket.create_connection(("127.0.0.1", intake.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: intake\r\n")  # no blank line: the head never ends
+        started = time.monotonic()
+        assert sock.recv(1024) == b"", "the server closes the connection without an answer"
+        assert time.monotonic() - started < 8
+    # A client dripping its head a byte at a time is timed from its first byte, not from its last.
+    head = b"GET /healthz HTTP/1.1\r\nHost: intake\r\nX-Slow: " + b"x" * 100
+    with socket.create_connection(("127.0.0.1", intake.port), timeout=10) as sock:
+        started = time.monotonic()
+        sent = 0
+        try:
+            for byte in head:
+                sock.sendall(bytes([byte]))
+                sent += 1
+                time.sleep(0.1)  # the client's pace, not a wait for the server
+        except OSError:  # reset or broken pipe: the server hung up
+            pass
+        assert sent < len(head) and time.monotonic() - started < 8, (sent, time.monotonic() - started)

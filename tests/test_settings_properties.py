@@ -252,6 +252,14 @@ TYPED: dict[str, Callable[[], st.SearchStrategy[Bad]]] = {
     "DASHBOARD_PASSWORD": lambda: st.tuples(marker, control.filter(lambda c: c != " "), marker).map(
         lambda t: Bad(f"{t[0]}{t[1]}{t[2]}", t[0], (("DASHBOARD_USERNAME", "ops"),))
     ),
+    "HORSE_MAX_JOBS": lambda: ints(1, MAX_INT),
+    "STATUS_TOKEN_SECRET": lambda: st.one_of(
+        marker.map(lambda secret: Bad(f"{secret}", secret)),  # too short
+        st.tuples(marker, control.filter(lambda c: c != " ")).map(lambda t: Bad(f"{t[0]}{t[1]}{'x' * 40}", t[0])),
+    ),
+    "CORS_ORIGINS": lambda: st.sampled_from(
+        ["*", "shop.example", "https://shop.example/", "https://shop.example/path", "ftp://shop.example", "https://"]
+    ).map(lambda origin: Bad(f"https://ok.example,{origin}")),
 }
 """Variable -> strategy of values wrong for it."""
 

@@ -16,7 +16,6 @@ from .cancellation import parse_reason
 from .connection import redis_connection
 from .download_worker import default_worker_name, run_pool, run_worker
 from .errors import ConfigError, InvalidTaskError, StoreError, UdemyDlError
-from .intake import serve
 from .logs import setup_logging
 from .metrics import render_latest
 from .pausing import PauseState, pause, pause_state, resume
@@ -26,6 +25,8 @@ from .queues import job_id_for, worker_queues
 from .reconciler import Reconciler, run_reconciler
 from .settings import Settings, load_settings
 from .store import PROCESSING, open_store
+from .tokens import DEFAULT_TTL, generate_status_secret, status_token
+from .web import serve
 from .webhooks import generate_secret
 
 STATUS_ORDER = ("pending", "enrolled", "processing", "completed", "failed")
@@ -356,7 +357,18 @@ def cmd_db_init(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_gen_secret(settings: Settings, args: argparse.Namespace) -> int:
-    print(generate_secret())
+    print(generate_status_secret() if args.status else generate_secret())
+    return RET_OK
+
+
+def cmd_status_token(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        task_id = parse_task_id(args.task_id)
+        token = status_token(task_id, args.ttl, secret=settings.require_status_tokens())
+    except (InvalidTaskError, ValueError) as exc:
+        print(f"udemy-dl status-token: {exc}", file=sys.stderr)
+        return RET_USAGE
+    print(token)
     return RET_OK
 
 
@@ -392,7 +404,16 @@ def _listen(name: str, server: Callable[[Settings, str, int], None], settings: S
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    return _listen("serve", serve, settings, args.host, args.port)
+    def run(settings: Settings, host: str, port: int) -> None:
+        serve(settings, host, port, workers=args.workers)
+
+    return _listen("serve", run, settings, args.host, args.port)
+
+
+def _workers(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 64, got {text!r}")
+    return int(text)
 
 
 def cmd_dashboard(settings: Settings, args: argparse.Namespace) -> int:
@@ -500,9 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("metrics", help="print the Prometheus metrics (what /metrics on serve shows)")
     p.set_defaults(func=cmd_metrics)
 
-    p = sub.add_parser("serve", help="the HTTP intake: POST /orders/confirm, GET /tasks/<id>, /metrics, /healthz")
+    p = sub.add_parser(
+        "serve",
+        help="the web front: the intake (POST /orders/confirm, GET /tasks/<id>, /metrics, /healthz) and the live "
+        "status (GET /tasks/<id>/events, /status/<id>)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--workers", type=_workers, default=1, help="processes sharing the port (default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -524,8 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_init = db_sub.add_parser("init", help="create download_tasks (safe to run twice)")
     p_init.set_defaults(func=cmd_db_init)
 
-    p = sub.add_parser("gen-secret", help="print a new API_SECRET_KEY (whsec_…)")
+    p = sub.add_parser("gen-secret", help="print a new API_SECRET_KEY (whsec_…); --status: a STATUS_TOKEN_SECRET")
+    p.add_argument("--status", action="store_true", help="a STATUS_TOKEN_SECRET for status tokens instead")
     p.set_defaults(func=cmd_gen_secret)
+
+    p = sub.add_parser(
+        "status-token", help="print a token that lets a browser watch one task's live status (docs/STATUS.md)"
+    )
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--ttl", type=int, default=DEFAULT_TTL, help=f"seconds it stays good (default {DEFAULT_TTL})")
+    p.set_defaults(func=cmd_status_token)
 
     p = sub.add_parser("shell-settings", help="print the settings the shell scripts use, as shell assignments")
     p.set_defaults(func=cmd_shell_settings)

@@ -6,6 +6,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 from .settings import Settings, redis_db_of
@@ -44,18 +46,40 @@ def redis_connection(settings: Settings) -> Redis:
         if settings.redis_url.startswith("unix:"):
             del options["socket_keepalive"]  # a TCP option: redis-py's socket connection refuses it
         return Redis.from_url(settings.redis_url, **options)
-    parts = urlsplit(settings.redis_url)
+    sentinel_kwargs, master_kwargs = _sentinel_options(settings)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(settings.redis_sentinels),
-        sentinel_kwargs={
-            "socket_connect_timeout": 5,
-            "socket_timeout": 5,
-            "password": settings.redis_sentinel_password,
-        },
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        db=redis_db_of(settings.redis_url),
-        ssl=parts.scheme == "rediss",
+        list(settings.redis_sentinels), sentinel_kwargs=sentinel_kwargs, **master_kwargs
     )
     master: Redis = sentinel.master_for(settings.redis_sentinel_master, **CLIENT_OPTIONS)  # type: ignore[no-untyped-call]
+    return master
+
+
+def _sentinel_options(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Sentinels' own options, and those of the master's connections (password and db from REDIS_URL)."""
+    parts = urlsplit(settings.redis_url)
+    return (
+        {"socket_connect_timeout": 5, "socket_timeout": 5, "password": settings.redis_sentinel_password},
+        {
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+            "db": redis_db_of(settings.redis_url),
+            "ssl": parts.scheme == "rediss",
+        },
+    )
+
+
+def async_redis_connection(settings: Settings) -> AsyncRedis:
+    """An asyncio Redis client for *settings* (the web front's status streams), Sentinel included, with the
+    same timeouts as redis_connection. Callers bound how many commands they run at once: each running command
+    holds one connection of its pool."""
+    if not settings.redis_sentinels:
+        options = dict(CLIENT_OPTIONS)
+        if settings.redis_url.startswith("unix:"):
+            del options["socket_keepalive"]
+        return AsyncRedis.from_url(settings.redis_url, **options)
+    sentinel_kwargs, master_kwargs = _sentinel_options(settings)
+    sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
+        list(settings.redis_sentinels), sentinel_kwargs=sentinel_kwargs, **master_kwargs
+    )
+    master: AsyncRedis = sentinel.master_for(settings.redis_sentinel_master, **CLIENT_OPTIONS)
     return master

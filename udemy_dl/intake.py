@@ -21,9 +21,10 @@ A confirmation is idempotent twice over: confirm_payment itself changes nothing 
 is already queued or done, and a replayed webhook-id (the same signed message sent again within
 its tolerance window) gets the first answer back without touching the queue at all.
 
-The server is the standard library's ThreadingHTTPServer (one thread per connection). Threads
-share one Redis client (redis-py's pool is thread-safe) and borrow status-store connections from
-a small pool, since a database connection must not be used by two threads at once.
+This module is the intake without HTTP: verification, parsing, and what each route does (IntakeApp, answering
+with an Answer). The HTTP server is web.py (Starlette on uvicorn), which runs IntakeApp's blocking methods in
+worker threads. They share one Redis client (redis-py's pool is thread-safe) and borrow status-store
+connections from a small pool, since a database connection must not be used by two threads at once.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ import importlib
 import json
 import logging
 import re
-import signal
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -46,10 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 from urllib.parse import unquote
 
 from redis import Redis
@@ -59,15 +54,13 @@ from standardwebhooks import Webhook
 from . import defaults
 from .cancellation import parse_reason
 from .connection import redis_connection
-from .errors import ConfigError, InvalidTaskError, StoreError, TransientError
+from .errors import ConfigError, InvalidTaskError, StoreError
 from .producer import ALREADY_CANCELLED, CANCEL_REQUESTED, CANCELLED, NOT_FOUND, Producer
 from .settings import Settings
 from .store import TaskRow, TaskStore, open_store
 from .webhooks import sign_headers
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 MAX_BODY_BYTES = 64 * 1024
 """Largest request body accepted; 1000 task ids fit in about 20 KiB."""
@@ -90,12 +83,6 @@ REPLAY_WAIT = 5.0
 """Seconds a replay waits for the first request with its webhook-id to finish, before 409."""
 
 REPLAY_KEY = "udemy_dl:intake:msg:{}"
-
-SOCKET_TIMEOUT = 15
-"""Seconds a connection may stay silent (mid-request, or idle between keep-alive requests)."""
-
-DRAIN_TIMEOUT = 10.0
-"""Seconds `serve` waits on shutdown for requests in progress to finish."""
 
 MAX_IDLE_STORES = 8
 """Database connections kept open between requests."""
@@ -479,7 +466,8 @@ class Answer:
 
 
 class IntakeApp:
-    """What the routes do, apart from HTTP: shared by every request thread."""
+    """What the routes do, apart from HTTP: shared by every request thread. A route is a method taking what the
+    request carried (verified and parsed by the caller) and answering an Answer."""
 
     def __init__(self, settings: Settings) -> None:
         if not settings.api_secret_key:
@@ -488,27 +476,6 @@ class IntakeApp:
         self.webhook = Webhook(settings.api_secret_key)
         self.redis: Redis = redis_connection(settings)
         self.stores = StorePool(settings.require_database())
-        self._in_flight = 0
-        self._idle = threading.Condition()
-        self.stopping = False
-
-    # -- request accounting, for a clean shutdown
-
-    @contextmanager
-    def request(self) -> Iterator[None]:
-        with self._idle:
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._in_flight -= 1
-                self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in progress; False if some still are after *timeout* seconds."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout)
 
     def close(self) -> None:
         self.stores.close()
@@ -614,320 +581,3 @@ class IntakeApp:
         render = cast(Callable[[Settings, Redis], tuple[bytes, str]], module.render_latest)
         body, content_type = render(self.settings, self.redis)
         return Answer(200, body, content_type)
-
-
-# -- HTTP ---------------------------------------------------------------------------------------------
-
-
-POST_CONFIRM = "/orders/confirm"
-POST_CANCEL = "/orders/cancel"
-TASK_PATH_RE = re.compile(r"/tasks/([^/]*)")
-STATIC_ROUTES = {POST_CONFIRM: "POST", POST_CANCEL: "POST", "/metrics": "GET", "/healthz": "GET"}
-QUIET_PATHS = frozenset({"/metrics", "/healthz"})
-"""Logged at DEBUG when they answer 200: monitoring polls them."""
-
-
-class IntakeServer(ThreadingHTTPServer):
-    """The intake's HTTP server; `app` holds what its request threads share."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], app: IntakeApp) -> None:
-        self.app = app
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, IntakeHandler)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.app.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection that broke mid-answer is the client's business; anything else is logged (no traceback
-        to stderr, as socketserver would print)."""
-        error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError | TimeoutError):
-            log.debug("connection from %s: %s", client_address[0], type(error).__name__)
-        else:
-            log.error("connection from %s failed", client_address[0], exc_info=True)
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """*text* for a log line: control characters escaped, shortened."""
-    return text.encode("unicode_escape").decode("ascii")[:limit]
-
-
-class IntakeHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "udemy-dl-intake"
-    sys_version = ""
-    timeout = SOCKET_TIMEOUT
-
-    _started = 0.0
-    _body_pending = False
-
-    @property
-    def app(self) -> IntakeApp:
-        return cast(IntakeServer, self.server).app
-
-    # -- logging: one line per answer, never a header (signatures stay out of logs)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        elapsed = (time.monotonic() - self._started) * 1000 if self._started else 0.0
-        path = self.path if hasattr(self, "path") else "-"
-        quiet = str(code) == "200" and path in QUIET_PATHS  # scraped every few seconds
-        log.log(
-            logging.DEBUG if quiet else logging.INFO,
-            "%s %s -> %s (%.1f ms) from %s",
-            _printable(self.command or "-"),
-            _printable(path),
-            code,
-            elapsed,
-            self.client_address[0],
-        )
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + _printable(format % args))
-
-    # -- answers
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too long...) answered as JSON.
-
-        A method http.server has no do_<METHOD> for (it would answer 501) is routed like any other, so it gets
-        404 or 405 with Allow: a client's odd request is a 4xx.
-        """
-        if code == HTTPStatus.NOT_IMPLEMENTED and self.command and getattr(self, "headers", None) is not None:
-            self._dispatch()
-            return
-        reason = message or self.responses.get(code, ("error",))[0]
-        self._send(Answer.of_json(code, {"error": reason}), close=True)
-
-    def _send(self, answer: Answer, close: bool = False) -> None:
-        if self._body_pending or self.app.stopping:
-            close = True  # an unread body would be taken for the next request
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.content_type)
-        self.send_header("Content-Length", str(len(answer.body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(answer.body)
-
-    # -- reading
-
-    def _content_length(self) -> int | None:
-        """The declared body length, None when there is none; HttpError 400 unless it is one number in ASCII digits."""
-        values = self.headers.get_all("Content-Length") or []
-        if not values:
-            return None
-        if len(values) > 1:
-            self._body_pending = True
-            raise bad_request(f"{len(values)} Content-Length headers: send exactly one")
-        raw = str(values[0]).strip(" \t")
-        if not CONTENT_LENGTH_RE.fullmatch(raw):
-            self._body_pending = True
-            raise bad_request(f"Content-Length is not a number of bytes in ASCII digits: {_shown(raw)}")
-        return int(raw)
-
-    def _read_body(self) -> bytes:
-        """The request body (Content-Length only); HttpError 411/413/400 otherwise."""
-        if self.headers.get("Transfer-Encoding"):
-            self._body_pending = True
-            raise HttpError(411, "chunked bodies are not supported: send Content-Length")
-        length = self._content_length()
-        if length is None:
-            if self.command == "POST":
-                raise HttpError(411, "Content-Length is required")
-            self._body_pending = False
-            return b""
-        if length > MAX_BODY_BYTES:
-            self._body_pending = True
-            if length <= DRAIN_BODY_BYTES:
-                self._drain(length)
-            raise HttpError(413, f"body is {length} bytes; at most {MAX_BODY_BYTES}")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self._body_pending = True
-            raise bad_request(f"body ended after {len(body)} of {length} bytes")
-        self._body_pending = False
-        return body
-
-    def _drain(self, length: int) -> None:
-        left = length
-        while left > 0:
-            chunk = self.rfile.read(min(left, 64 * 1024))
-            if not chunk:
-                return
-            left -= len(chunk)
-        self._body_pending = False
-
-    # -- dispatch
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        self._started = time.monotonic()
-        length = self.headers.get("Content-Length", "").strip()
-        self._body_pending = length not in ("", "0") or "Transfer-Encoding" in self.headers
-        app = self.app
-        with app.request():
-            try:
-                if app.stopping:
-                    raise HttpError(503, "shutting down", None, {"Retry-After": "1"})
-                answer = self._route(self._path())
-            except HttpError as exc:
-                answer = Answer.of_json(exc.status, exc.body(), exc.headers)
-            except StoreError as exc:
-                log.warning("%s %s: database unavailable: %s", self.command, _printable(self.path), exc)
-                answer = Answer.of_json(503, {"error": "database unavailable; retry"}, {"Retry-After": "5"})
-            except RedisError as exc:
-                log.warning("%s %s: redis unavailable: %s", self.command, _printable(self.path), type(exc).__name__)
-                answer = Answer.of_json(503, {"error": "redis unavailable; retry"}, {"Retry-After": "5"})
-            except TransientError as exc:
-                log.warning("%s %s: %s", self.command, _printable(self.path), exc)
-                answer = Answer.of_json(503, {"error": "busy; retry"}, {"Retry-After": "1"})
-            except Exception:
-                log.exception("%s %s: unexpected error", self.command, _printable(self.path))
-                answer = Answer.of_json(500, {"error": "internal error"})
-            self._send(answer)
-            self._started = 0.0
-
-    def _target(self) -> str:
-        """The request-target exactly as sent on the request line: what a signature covers."""
-        words = (self.requestline or "").split()
-        return words[1] if len(words) >= 2 else self.path
-
-    def _path(self) -> str:
-        """The path to route on, without the query string; HttpError 400 unless the target is a path (origin-form:
-        not `http://host/...`, not `*`)."""
-        if not self.path.startswith("/"):
-            raise bad_request(
-                f"the request-target must be a path such as /tasks/1 (origin-form), got {_shown(self._target())}"
-            )
-        return self.path.split("?", 1)[0]
-
-    def _route(self, path: str) -> Answer:
-        match = TASK_PATH_RE.fullmatch(path)
-        allowed = "GET" if match else STATIC_ROUTES.get(path)
-        if allowed is None:
-            raise HttpError(404, f"no such route: {_shown(path)}")
-        if self.command != allowed:
-            raise HttpError(
-                405, f"method {self.command} not allowed on {path}; use {allowed}", None, {"Allow": allowed}
-            )
-        if path == POST_CONFIRM:
-            return self._confirm()
-        if path == POST_CANCEL:
-            return self.app.cancel(*self._signed_body(parse_cancel_body))
-        if path == "/healthz":
-            self._no_body()
-            return self.app.health()
-        if path == "/metrics":
-            self._no_body()
-            return self.app.metrics()
-        assert match is not None
-        self._no_body()
-        self.app.verify(self.command, self._target(), "", self._webhook_headers())
-        return self.app.task(parse_path_task_id(match.group(1)))
-
-    def _no_body(self) -> None:
-        if self._read_body():
-            raise bad_request(f"{self.command} takes no body")
-
-    def _webhook_headers(self) -> dict[str, str]:
-        return {name: value for name in WEBHOOK_HEADERS if (value := self.headers.get(name)) is not None}
-
-    def _confirm(self) -> Answer:
-        body = self._read_body()
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise bad_request("body is not UTF-8 text") from None
-        msg_id = self.app.verify(self.command, self._target(), text, self._webhook_headers())
-        request = parse_confirm_body(text)
-        return self.app.confirm(request, msg_id, body)
-
-    def _signed_body(self, parse: Callable[[str], T]) -> tuple[T, str]:
-        """The request's body, signature checked, then parsed by *parse*; and its webhook-id."""
-        try:
-            text = self._read_body().decode("utf-8")
-        except UnicodeDecodeError:
-            raise bad_request("body is not UTF-8 text") from None
-        msg_id = self.app.verify(self.command, self._target(), text, self._webhook_headers())
-        return parse(text), msg_id
-
-
-# -- entry points -------------------------------------------------------------------------------------
-
-
-def make_server(settings: Settings, host: str, port: int) -> IntakeServer:
-    """A bound intake server, not yet serving (call serve_forever; shutdown and server_close to stop).
-
-    Raises ConfigError naming API_SECRET_KEY or DATABASE_URL when they are not set.
-    """
-    app = IntakeApp(settings)
-    try:
-        return IntakeServer((host, port), app)
-    except BaseException:  # e.g. the port is taken: let go of the Redis client and the pool
-        app.close()
-        raise
-
-
-def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve the intake until SIGTERM or SIGINT; then finish the requests in progress and stop."""
-    server = make_server(settings, host, port)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("intake: %s received, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="intake")
-    thread.start()
-    bound_host, bound_port = server.server_address[:2]
-    log.info("intake listening on http://%s:%s", bound_host, bound_port)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("intake bound to %s: put it behind TLS (requests and answers are not encrypted)", host)
-    try:
-        while not stop.wait(timeout=1.0):
-            if not thread.is_alive():
-                raise RuntimeError("the intake's server thread stopped unexpectedly")
-    finally:
-        server.app.stopping = True
-        server.shutdown()
-        thread.join()
-        if not server.app.wait_idle(DRAIN_TIMEOUT):
-            log.warning("intake: requests still in progress after %.0fs; stopping anyway", DRAIN_TIMEOUT)
-        server.server_close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        log.info("intake stopped")

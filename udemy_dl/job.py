@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 
-from . import crashpoints, defaults, metrics
+from . import crashpoints, defaults, metrics, status_stream
 from .context import Context, get_context
 from .errors import (
     ConfigError,
@@ -56,14 +56,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProgressReporter:
-    """Throttled progress: job.meta, download_tasks.progress and the log, about once a second;
-    and a `download.progress` webhook every PROGRESS_EVENT_STEP percent or PROGRESS_EVENT_INTERVAL s."""
+    """Throttled progress: job.meta, download_tasks.progress, the task's status stream (the customer's browser)
+    and the log, about once a second; and a `download.progress` webhook every PROGRESS_EVENT_STEP percent or
+    PROGRESS_EVENT_INTERVAL s."""
 
     task_id: int
     store: TaskStore
     job: Job | None
     started: float = field(default_factory=time.monotonic)
     notify: Callable[[dict[str, Any]], None] | None = None
+    stream: Redis | None = None
     _last: float = field(default_factory=time.monotonic)  # first report after one interval: short tasks send none
     _last_percent: int = -1
     _event_percent: int = 0
@@ -93,6 +95,8 @@ class ProgressReporter:
                 self.job.save_meta()
             except RedisError as exc:  # progress is best effort; Redis may be away for a moment
                 log.warning("task %s: progress not saved to the job: %s", self.task_id, exc)
+        if self.stream is not None and not finished:  # the final entry is written when the task is recorded
+            status_stream.publish_progress(self.stream, self.task_id, percent, done, total, files_done, files_total)
         step_due = percent >= self._event_percent + defaults.PROGRESS_EVENT_STEP
         if (
             self.notify is not None
@@ -252,6 +256,7 @@ def _attempt(ctx: Context, task: TaskPayload, attempt: int, job: Job | None, lea
         _send(ctx, task.task_id, EVENT_STARTED, started, utcnow())
     except Exception as exc:  # informative only: the download goes ahead
         log.warning("task %s: started event not queued: %s", task.task_id, exc)
+    status_stream.publish_processing(ctx.redis, task.task_id)
     began = time.monotonic()
     ctx.fetcher.reset_count()
     metrics.inc(ctx.redis, "attempts")
@@ -319,7 +324,9 @@ def _download(ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLease
         if record is not None:
             log.info("task %s: staging already holds the verified course; moving it into place", task.task_id)
         else:
-            reporter = ProgressReporter(task.task_id, ctx.store, job, notify=_progress_notifier(ctx, task))
+            reporter = ProgressReporter(
+                task.task_id, ctx.store, job, notify=_progress_notifier(ctx, task), stream=ctx.redis
+            )
             result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=lease.also_set)
             record = result.record(task.course_url)
             write_record(staging, record)

@@ -15,7 +15,7 @@ from typing import Any
 
 from redis import Redis
 
-from . import crashpoints, defaults
+from . import crashpoints, defaults, status_stream
 from .folders import final_path, finished_staging, keep_failed, promote, read_record, remove_folder, staging_path
 from .payload import TaskPayload
 from .settings import Settings
@@ -82,6 +82,7 @@ def record_completed(
         return False
     crashpoints.crash_point(crashpoints.AFTER_COMPLETED)
     log.info("task %s: completed, %s files, %s bytes in %s", task.task_id, len(record.get("files", [])), total, final)
+    status_stream.publish_completed(redis, task.task_id, total, len(record.get("files", [])))
     enqueue_webhook(settings, redis, msg_id, event)
     crashpoints.crash_point(crashpoints.AFTER_WEBHOOK)
     return True
@@ -111,6 +112,7 @@ def record_failed(
         log.warning("task %s: row was no longer processing at attempt %s; failure not recorded", task.task_id, attempt)
         return False
     crashpoints.crash_point(crashpoints.AFTER_FAILED)
+    status_stream.publish_failed(redis, task.task_id, reason)
     enqueue_webhook(settings, redis, msg_id, event)
     return True
 
@@ -136,6 +138,7 @@ def record_cancelled(
         if remove_folder(folder)
     ]
     log.info("task %s: %s; removed %s", task.task_id, reason, ", ".join(removed) or "no files")
+    status_stream.publish_failed(redis, task.task_id, reason)
     enqueue_webhook(settings, redis, msg_id, event)
     return True
 

@@ -21,6 +21,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
+from . import status_stream
 from .cancellation import cancel_text, clear_cancel, request_cancel
 from .connection import redis_connection
 from .errors import InvalidTaskError, LeaseBusyError
@@ -163,7 +164,11 @@ class Producer:
                     self._fail_unrunnable(row, f"bad task data: {exc}")
                     result.refused.append({"taskId": task_id, "reason": str(exc)})
                     continue
-                (result.enqueued if outcome.created else result.already_queued).append(task_id)
+                if outcome.created:
+                    result.enqueued.append(task_id)
+                    status_stream.publish_processing(self.connection, task_id)  # paid and queued: the browser sees it
+                else:
+                    result.already_queued.append(task_id)
         return result
 
     def _fail_unrunnable(self, row: TaskRow, reason: str) -> None:

@@ -65,6 +65,8 @@ VARIABLES = (
     "DISK_WARN_BYTES",
     "DASHBOARD_USERNAME",
     "DASHBOARD_PASSWORD",
+    "STATUS_TOKEN_SECRET",
+    "CORS_ORIGINS",
 )
 """Every environment variable the settings read (tests and tools clear or pass exactly these)."""
 
@@ -179,6 +181,14 @@ class Settings:
     redis_sentinel_password: str | None = field(default=None, repr=False)
     dashboard_username: str | None = None
     dashboard_password: str | None = field(default=None, repr=False)
+    status_token_secret: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
+
+    def require_status_tokens(self) -> str:
+        """STATUS_TOKEN_SECRET, or stop with a message saying how to make one."""
+        if not self.status_token_secret:
+            raise ConfigError("STATUS_TOKEN_SECRET", "not set (generate one with: udemy-dl gen-secret --status)")
+        return self.status_token_secret
 
     @property
     def redis_url_redacted(self) -> str:
@@ -655,6 +665,57 @@ def _dashboard_login(env: Mapping[str, str | None]) -> tuple[str | None, str | N
     return username, password
 
 
+MIN_STATUS_SECRET = 32
+"""Fewest characters of STATUS_TOKEN_SECRET (`udemy-dl gen-secret --status` makes 43)."""
+
+
+def _status_secret(env: Mapping[str, str | None]) -> str | None:
+    """STATUS_TOKEN_SECRET: printable ASCII, long enough, and not API_SECRET_KEY (a token sits in a browser).
+    Never echoed."""
+    value = _get(env, "STATUS_TOKEN_SECRET")
+    if value is None:
+        return None
+    if not (value.isascii() and value.isprintable()):
+        raise ConfigError("STATUS_TOKEN_SECRET", "must be printable ASCII")
+    if len(value) < MIN_STATUS_SECRET:
+        raise ConfigError(
+            "STATUS_TOKEN_SECRET",
+            f"too short: {len(value)} characters, need at least {MIN_STATUS_SECRET} (udemy-dl gen-secret --status)",
+        )
+    if value == _get(env, "API_SECRET_KEY"):
+        raise ConfigError("STATUS_TOKEN_SECRET", "must not be API_SECRET_KEY: give status tokens their own secret")
+    return value
+
+
+_ORIGIN = re.compile(r"(https?)://([^/?#@\\\s]+)")
+
+
+def _cors_origins(env: Mapping[str, str | None]) -> tuple[str, ...]:
+    """CORS_ORIGINS: comma-separated origins (`https://shop.example`, `http://localhost:3000`) whose pages may
+    open the status stream directly. An origin is a scheme, a host and an optional port: no path, no `*`."""
+    raw = _get(env, "CORS_ORIGINS")
+    if raw is None:
+        return ()
+    origins: list[str] = []
+    for item in raw.split(","):
+        text = item.strip()
+        if not text:
+            continue
+        match = _ORIGIN.fullmatch(text)
+        if match is None:
+            raise ConfigError(
+                "CORS_ORIGINS",
+                f"expected origins like https://shop.example[:port], comma-separated; got {_shown(text)}",
+            )
+        host, _ = _hostport("CORS_ORIGINS", match.group(2))
+        if not host:
+            raise ConfigError("CORS_ORIGINS", f"an origin needs a host, got {_shown(text)}")
+        origin = f"{match.group(1)}://{match.group(2).lower()}"
+        if origin not in origins:
+            origins.append(origin)
+    return tuple(origins)
+
+
 def _name(env: Mapping[str, str | None], variable: str, default: str) -> str:
     value = _get(env, variable) or default
     if not (value.isascii() and len(value) <= 200 and value.replace("-", "").replace("_", "").isalnum()):
@@ -702,6 +763,8 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         redis_sentinel_password=_get(env, "REDIS_SENTINEL_PASSWORD"),
         dashboard_username=dashboard_username,
         dashboard_password=dashboard_password,
+        status_token_secret=_status_secret(env),
+        cors_origins=_cors_origins(env),
     )
 
 

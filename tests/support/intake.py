@@ -8,7 +8,6 @@ import http.client
 import json
 import logging
 import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,9 +16,9 @@ from typing import Any, cast
 from redis import Redis
 from rq import Queue
 
-from udemy_dl.intake import IntakeServer, make_server
 from udemy_dl.settings import Settings
 from udemy_dl.store import PENDING, TaskStore
+from udemy_dl.web import WebServer, make_server
 from udemy_dl.webhooks import sign_headers
 
 EMAIL = "buyer@shop.example"
@@ -55,13 +54,13 @@ class Reply:
 class Intake:
     """A running intake server and a client that signs like the payment service would."""
 
-    server: IntakeServer
+    server: WebServer
     settings: Settings
     secret: str
 
     @property
     def port(self) -> int:
-        return int(self.server.server_address[1])
+        return self.server.port
 
     def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Reply:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -98,16 +97,14 @@ def signed_request(
     return sign_headers(secret, msg_id or new_msg_id(), f"{method} {target}\n{body}", now=at)
 
 
-def start_intake(settings: Settings, secret: str) -> Iterator[Intake]:
-    server = make_server(settings, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+def start_intake(settings: Settings, secret: str, **options: Any) -> Iterator[Intake]:
+    """The web front (`udemy-dl serve`) on a free port, uvicorn in a thread of the test process."""
+    server = make_server(settings, "127.0.0.1", 0, **options)
+    server.start()
     try:
         yield Intake(server, settings, secret)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        server.stop()
 
 
 def pending_tasks(store: TaskStore, count: int) -> list[int]:
