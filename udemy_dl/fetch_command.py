@@ -89,7 +89,7 @@ class CommandFetcher:
         log.info("running FETCH_COMMAND %r", self.argv[0])
         watchdog = GroupWatchdog()
         try:
-            process = self._start(argv)
+            process = self._start(argv, watchdog.announce_fd)
         except BaseException:
             watchdog.release()
             raise
@@ -98,7 +98,6 @@ class CommandFetcher:
         reader = threading.Thread(target=_log_lines, args=(output,), daemon=True)
         ended = False
         try:
-            watchdog.watch(process.pid)
             reader.start()
             failure, leftovers = self._supervise(process, stop)
         finally:  # also on an exception from outside: RQ's job timeout, a signal
@@ -136,8 +135,9 @@ class CommandFetcher:
             on_progress(total, total, len(files), len(files))
         return FetchResult(title=course_url.rsplit("/", 1)[-1] or "course", files=files, bytes_transferred=0)
 
-    def _start(self, argv: list[str]) -> subprocess.Popen[str]:
-        """Start the command as the leader of a new process group (and session)."""
+    def _start(self, argv: list[str], announce_to: int | None) -> subprocess.Popen[str]:
+        """Start the command as the leader of a new process group (and session); before exec it
+        writes its id to *announce_to* (the group watchdog's pipe)."""
         try:
             return subprocess.Popen(
                 argv,
@@ -148,7 +148,7 @@ class CommandFetcher:
                 errors="replace",  # a stray byte must not stop the reader (the pipe would fill)
                 env=command_environment(),
                 start_new_session=True,
-                preexec_fn=preexec_die_with_this_process(),  # the command goes when its work horse goes
+                preexec_fn=preexec_die_with_this_process(announce_to),  # the command goes when its work horse goes
             )
         except OSError as exc:
             reason = f"{exc.strerror or exc} (errno {exc.errno})"

@@ -98,9 +98,13 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def preexec_die_with_this_process() -> Callable[[], None] | None:
+def preexec_die_with_this_process(announce_to: int | None = None) -> Callable[[], None] | None:
     """A preexec_fn for subprocess: like preexec_die_with_parent, and the child also exits at once
     (status 127, before exec) if the process starting it died before the request took hold.
+
+    With *announce_to* (a GroupWatchdog's pipe, `GroupWatchdog.announce_fd`), the child writes its
+    own id there before exec, so the watchdog knows the group before the command can start anything:
+    a parent killed right after the fork still has the group ended by the watchdog.
 
     Linux sends the signal when the *thread* that started the child ends: start it from the
     thread that outlives it (the work horse's main thread does).
@@ -111,6 +115,8 @@ def preexec_die_with_this_process() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def set_death_signal() -> None:
+        if announce_to is not None:
+            os.write(announce_to, b"%d\n" % os.getpid())  # exec then closes the child's copy
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(127)
@@ -219,8 +225,10 @@ class GroupWatchdog:
     is ours. We write the group's id, then "done" once we have ended the group ourselves; if we die
     first, the kernel closes the pipe and the watchdog, reading no "done", SIGKILLs the group.
 
-    Start it before the group's first process, `watch()` the group, and `release()` it once the
-    group is gone. A watchdog that cannot start is logged and does without.
+    Start it before the group's first process, whose preexec_fn writes the group's id to
+    `announce_fd` before exec (so no window is left where the group runs and the watchdog does not
+    know it), and `release()` it once the group is gone. A watchdog that cannot start is logged and
+    does without.
     """
 
     def __init__(self) -> None:
@@ -237,8 +245,12 @@ class GroupWatchdog:
         except OSError as exc:
             log.warning("process group watchdog not started: %s", exc)
 
-    def watch(self, pgid: int) -> None:
-        self._write(f"{pgid}\n".encode("ascii"), close=False)
+    @property
+    def announce_fd(self) -> int | None:
+        """The pipe the group's leader writes its id to before exec (preexec_die_with_this_process)."""
+        if self._process is None or self._process.stdin is None:
+            return None
+        return self._process.stdin.fileno()
 
     def release(self) -> None:
         """The group is gone: let the watchdog end without killing anything."""

@@ -44,7 +44,7 @@ TASK_LOG_LINE = re.compile(
 ATTEMPT_BEGUN = re.compile(r"attempt \d+ of \d+: ")
 """The message with which a run begins an attempt."""
 
-DELIVERED_LINE = re.compile(r"\[(\d+)\]: webhook (\S+) delivered \(HTTP", re.MULTILINE)
+DELIVERED_LINE = re.compile(r"\[(\d+)\]: (?:task \d+: )?webhook (\S+) delivered \(HTTP", re.MULTILINE)
 """The log line of a webhook delivery that reached its receiver: process id, webhook id."""
 
 HORSE_ENDED = "work horse finished for job {job_id}:"
