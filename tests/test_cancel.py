@@ -84,6 +84,9 @@ def test_a_running_download_cancelled_stops_and_fails_cancelled(
     after = svc.confirm(svc.origin.add_course("next", {"a.bin": 1000}))
     wait_for(lambda: svc.row(after).status == COMPLETED, timeout=30, what=worker_log(worker))
     assert len(cancelled_events(svc, task_id)) == 1
+    # RQ's success line is there for the task that completed, never for the one cancelled.
+    wait_for(lambda: f"Successfully completed download task {after} " in worker.log(), timeout=10)
+    assert f"Successfully completed download task {task_id} " not in worker.log()
 
 
 # -- a task that has not started -------------------------------------------------------------------

@@ -102,8 +102,9 @@ def job_label(job: Job) -> str:
 
 
 class _QuietAfterHandBack(logging.Filter):
-    """Drops RQ's success lines ("Successfully completed … job", "Job OK") while a job that handed
-    its task back is being recorded: RQ sees a job that returned, the task is not done."""
+    """Drops RQ's success lines ("Successfully completed … job", "Job OK") while a job that did not
+    complete its task (handed back, cancelled, failed for good) is being recorded: RQ sees a job
+    that returned, the task is not done."""
 
     active = False
 
@@ -710,7 +711,11 @@ class DownloadWorker(Worker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
         handed_back = bool(job.meta.get("handed_back"))
-        QUIET_AFTER_HAND_BACK.active = handed_back  # until perform_job ends: RQ's "OK" lines would mislead
+        result = getattr(job, "_result", None)  # what the job returned (RQ sets it before this call)
+        unsuccessful = isinstance(result, dict) and result.get("success") is False
+        # Until perform_job ends: RQ's "OK" lines would mislead about a task handed back, cancelled,
+        # failed for good or skipped; the job's own lines say what became of it.
+        QUIET_AFTER_HAND_BACK.active = handed_back or unsuccessful
         super().handle_job_success(job, queue, started_job_registry)
         if handed_back and job.args:
             # Only now is the job finished, so the enqueue below makes a fresh job rather than
