@@ -41,6 +41,7 @@ from tests.support.sentinel import MASTER_NAME, SentinelGroup, running_sentinel_
 from tests.support.waiting import wait_for
 from udemy_dl import defaults
 from udemy_dl.connection import redis_connection
+from udemy_dl.reconciler import REDIS_MARKER
 from udemy_dl.settings import load_settings
 from udemy_dl.store import COMPLETED, PROCESSING
 from udemy_dl.webhooks import generate_secret
@@ -226,6 +227,13 @@ def test_an_event_the_old_master_never_replicated_is_still_sent(
         service = Service(stack, group, tmp_path, run_id)
         service.receiver.status_for = lambda attempt: 503  # the payment service is down for now
         service.start_pool(1)
+        # A service in its steady state: its reconciler has had its first look at Redis, and the
+        # replica holds that look's marker (else the promoted replica would look like a Redis that
+        # lost its data, which the reconciler meets with a lease's lifetime of grace).
+        replica = stack.enter_context(contextlib.closing(group.replica.client()))
+        wait_for(
+            lambda: replica.exists(REDIS_MARKER), timeout=30, interval=0.2, what="the reconciler's marker replicated"
+        )
         (task,) = make_tasks(service.origin, service.store, 1, 64 * 1024, "unreplicated")
         replica_pid = group.replica.process.pid if group.replica.process else 0
         os.kill(replica_pid, signal.SIGSTOP)
