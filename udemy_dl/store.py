@@ -255,7 +255,7 @@ class TaskStore:
                 raise StoreError(f"status store: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
-    def _in(ids: Sequence[int]) -> str:
+    def _in(ids: Sequence[object]) -> str:
         return ", ".join(["%s"] * len(ids))
 
     def close(self) -> None:
@@ -375,25 +375,7 @@ class TaskStore:
         """processing -> failed at *now*, with the reason and *event* pending. With *attempt*, only
         while the row still counts that many attempts (not reopened since). False when the row was
         not `processing` (or no longer at that attempt)."""
-        params: tuple[Any, ...] = (
-            FAILED,
-            reason[: defaults.MAX_ERROR_LENGTH],
-            output_path,
-            now,
-            now,
-            event,
-            task_id,
-            PROCESSING,
-        )
-        condition = ""
-        if attempt is not None:
-            condition, params = " AND attempts = %s", (*params, attempt)
-        count = self._execute(
-            "UPDATE download_tasks SET status = %s, error_message = %s, output_path = %s, "
-            f"finished_at = %s, updated_at = %s, pending_event = %s WHERE id = %s AND status = %s{condition}",
-            params,
-        ).matched
-        return count == 1
+        return self._to_failed(task_id, reason, output_path, now, event, attempt, (PROCESSING,))
 
     def mark_cancelled(
         self, task_id: int, reason: str, now: datetime, event: str | None = None, attempt: int | None = None
@@ -402,23 +384,37 @@ class TaskStore:
         (which begins with CANCELLED_PREFIX) and *event* pending. With *attempt*, only while the row
         still counts that many attempts. False when the row was settled first (a run that completed
         wins over a cancel that came after it)."""
+        return self._to_failed(task_id, reason, None, now, event, attempt, (PROCESSING, *UNPAID))
+
+    def _to_failed(
+        self,
+        task_id: int,
+        reason: str,
+        output_path: str | None,
+        now: datetime,
+        event: str | None,
+        attempt: int | None,
+        from_statuses: tuple[str, ...],
+    ) -> bool:
+        """The one statement that settles a row `failed`: only from *from_statuses* (and, with
+        *attempt*, only at that attempt count). True when it changed the row."""
         params: tuple[Any, ...] = (
             FAILED,
             reason[: defaults.MAX_ERROR_LENGTH],
+            output_path,
             now,
             now,
             event,
             task_id,
-            PROCESSING,
-            *UNPAID,
+            *from_statuses,
         )
         condition = ""
         if attempt is not None:
             condition, params = " AND attempts = %s", (*params, attempt)
         count = self._execute(
-            "UPDATE download_tasks SET status = %s, error_message = %s, output_path = NULL, "
+            "UPDATE download_tasks SET status = %s, error_message = %s, output_path = %s, "
             "finished_at = %s, updated_at = %s, pending_event = %s "
-            f"WHERE id = %s AND status IN (%s, %s, %s){condition}",
+            f"WHERE id = %s AND status IN ({self._in(from_statuses)}){condition}",
             params,
         ).matched
         return count == 1
