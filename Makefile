@@ -24,11 +24,13 @@ demo: install
 	$(BIN)/python -m dev.demo
 
 # The suite in TEST_PROCESSES processes (pytest-xdist), a test file's tests in one process; each
-# process has Redis and MariaDB databases of its own (tests/__init__.py).
+# process has Redis and MariaDB databases of its own (tests/__init__.py). Tests marked `serial`
+# measure a rate, so they run alone afterwards.
 TEST_PROCESSES ?= 3
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 # Fault injection (tests/faults/): killed workers, Redis and MySQL outages, a receiver that is down;
 # and several hosts (tests/hosts/: network namespaces, a Sentinel failover). Slow: not in `make test`.

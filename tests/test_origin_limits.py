@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import pytest
 from redis import Redis
 
 from tests.support.http_servers import make_tasks
@@ -90,6 +91,7 @@ def test_a_task_whose_origin_is_full_goes_back_to_the_queue_without_an_attempt(
     assert "no attempt counted" in workers[0].log()
 
 
+@pytest.mark.serial  # a rate measured at the origin: `make test` runs it alone, not beside other suites
 def test_the_downloads_of_one_machine_together_keep_to_the_rate_limit(svc: Service, start_worker: StartWorker) -> None:
     """FETCH_RATE_LIMIT=2M and three workers downloading at once (4 MB each, about 6 s in all): the
     rate the origin sends at while all three run, once their socket buffers are full, is within
