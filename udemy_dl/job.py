@@ -103,7 +103,7 @@ class ProgressReporter:
             and not finished
             and (step_due or now - self._event_time >= defaults.PROGRESS_EVENT_INTERVAL)
         ):
-            self._event_percent = percent - percent % defaults.PROGRESS_EVENT_STEP
+            self._event_percent = percent  # the next step counts from the event sent, so events are a step apart
             self._event_time = now
             self.notify(
                 {"progress": percent, "bytes": done, "total": total, "files": files_done, "filesTotal": files_total}
