@@ -4,18 +4,23 @@ process is gone (this host's) is counted by no one, its entry in RQ's worker set
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from redis import Redis
 from rq import Worker
 from rq.job import JobStatus
 from rq.utils import utcparse
-from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY, get_keys
 
-from udemy_dl import defaults
+from tests.support.processes import LoggedProcess
+from tests.support.waiting import wait_for
+from udemy_dl import crashpoints, defaults
 from udemy_dl.download_worker import DownloadWorker
 from udemy_dl.producer import Producer
 from udemy_dl.queues import live_workers, worker_queues
@@ -93,3 +98,35 @@ def test_a_job_the_worker_runs_itself_does_not_let_its_key_expire(
     assert job.get_status(refresh=True) == JobStatus.FINISHED
     beat = utcparse(redis_conn.hget(worker.key, "last_heartbeat").decode())  # type: ignore[union-attr]
     assert (beat.replace(tzinfo=UTC) - began).total_seconds() >= defaults.WORKER_HEARTBEAT * 2
+
+
+def test_a_worker_stopped_while_it_starts_deregisters(
+    configure: Callable[..., Settings],
+    redis_conn: Redis,
+    tmp_path: Path,
+    start_worker: Callable[..., LoggedProcess],
+) -> None:
+    """A stop that lands after RQ registered the worker but before RQ's own stop handlers exist (a pool
+    stopping just as it replaces a dead worker) ends the worker cleanly, its registration gone, rather
+    than killing it with its key left for `rq info` and `health` to count."""
+    marker = tmp_path / "registered"
+    configure(
+        **{
+            crashpoints.CRASH_AT: crashpoints.WORKER_REGISTERED,
+            crashpoints.CRASH_ACTION: crashpoints.PAUSE,
+            crashpoints.CRASH_MARKER: str(marker),
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}",
+            "ALLOWED_HOSTS": "cdn.example",
+        }
+    )
+    worker = start_worker()
+    wait_for(lambda: marker.exists() or worker.process.poll() is not None, timeout=30, interval=0.05)
+    assert marker.exists(), f"the worker exited before registering:\n{worker.log(3000)}"
+    key = Worker.redis_worker_namespace_prefix + worker.name
+    assert key in get_keys(connection=redis_conn), "registered before the stop"
+    os.kill(worker.pid, signal.SIGTERM)
+    Path(f"{marker}{crashpoints.GO_SUFFIX}").touch()
+    assert worker.wait(timeout=30) == 0, worker.log(4000)
+    assert key not in get_keys(connection=redis_conn), worker.log(4000)
+    assert redis_conn.hget(key, "death") is not None, "it registered its death"
+    assert "Traceback" not in worker.log(), worker.log(4000)

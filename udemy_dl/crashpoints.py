@@ -63,11 +63,13 @@ AFTER_FAILED = "after_failed"
 # The reconciler's: holding the lease of a task it is about to settle, and just after settling it.
 RECONCILER_LEASED = "reconciler_leased"
 RECONCILER_SETTLED = "reconciler_settled"
+# A worker's: registered in Redis, before RQ installs its stop handlers.
+WORKER_REGISTERED = "worker_registered"
 
 JOB_POINTS = (AFTER_LEASE, AFTER_ATTEMPT, MID_FETCH, AFTER_RECORD, AFTER_RENAME, AFTER_COMPLETED, AFTER_WEBHOOK)
 FILES_COMPLETE_POINTS = (AFTER_RECORD, AFTER_RENAME, AFTER_COMPLETED, AFTER_WEBHOOK)
 """The job points reached only once every byte of the course was fetched and verified."""
-POINTS = (*JOB_POINTS, AFTER_FAILED, RECONCILER_LEASED, RECONCILER_SETTLED)
+POINTS = (*JOB_POINTS, AFTER_FAILED, RECONCILER_LEASED, RECONCILER_SETTLED, WORKER_REGISTERED)
 
 _passed: dict[str, int] = {}
 """How many times this process passed each armed point (UDEMY_DL_CRASH_SKIP)."""

@@ -37,7 +37,7 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus
 from rq.worker_pool import WorkerPool
 
-from . import defaults, disk, metrics, worker_rq
+from . import crashpoints, defaults, disk, metrics, worker_rq
 from .connection import redis_connection
 from .errors import ConfigError
 from .job import prepare_job_context
@@ -422,12 +422,24 @@ class DownloadWorker(Worker):
         date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
         log_format: str = DEFAULT_LOGGING_FORMAT,
     ) -> None:
+        # RQ installs its stop handlers only after this registers the worker and starts its
+        # scheduler: a stop in between (a pool stopping just as it replaces a worker, systemd
+        # stopping a worker still starting) would end the process with its registration left
+        # behind, counted by `rq info` until the key expires. Until then a stop is only noted; the
+        # work loop sees it before its first dequeue and ends the worker cleanly.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._stop_while_starting)
         super().bootstrap(logging_level, date_format, log_format)
+        crashpoints.crash_point(crashpoints.WORKER_REGISTERED)
         self.heartbeat()  # RQ registers with worker_ttl + 60 s: from now on the key lives WORKER_TTL
         # List every queue it listens on in RQ's set of queues, as a first enqueue would: `rq info`
         # then shows `downloads-high` (and `webhooks`) before the first VIP order (or event).
         self.connection.sadd(self.queue_class.redis_queues_keys, *(queue.key for queue in self.queues))
         self._clear_wake()  # a token left by an earlier worker of this name must not stop this one
+
+    def _stop_while_starting(self, signum: int, frame: Any) -> None:
+        self.log.info("Worker %s: stop requested (%s) while starting", self.name, signal.Signals(signum).name)
+        self._stop_requested = True
 
     def teardown(self) -> None:
         super().teardown()  # type: ignore[no-untyped-call]

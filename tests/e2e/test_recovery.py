@@ -94,7 +94,13 @@ def test_pool_replaces_dead_worker(e2e_env: E2EEnv, e2e_redis: Redis, e2e_pool: 
     # child of a SIGKILLed worker is orphaned and lives on (the unit's KillMode=mixed SIGKILLs it at stop).
     left = set(e2e_env.leftover_processes())
     assert left <= set(victim_family), [(pid, cmdline(pid)) for pid in left]
-    assert {w.name for w in Worker.all(connection=e2e_redis)} <= {victim_name}, "stopped workers deregister"
+    lingering = [w for w in Worker.all(connection=e2e_redis) if w.name != victim_name]
+    assert not lingering, (
+        "stopped workers deregister: "
+        + repr([(w.name, w.pid, w.death_date, e2e_redis.hgetall(w.key)) for w in lingering])
+        + "\n"
+        + pool_log()
+    )
 
 
 # -- a worker killed mid-download ---------------------------------------------------------------
