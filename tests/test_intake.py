@@ -50,7 +50,7 @@ from tests.support.intake import (
 from tests.support.mariadb import TEST_URL
 from tests.support.service import Backend
 from udemy_dl import intake as intake_module
-from udemy_dl import web as web_module
+from udemy_dl import http_server
 from udemy_dl.errors import ConfigError
 from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY
 from udemy_dl.queues import job_id_for
@@ -926,7 +926,7 @@ def test_a_client_that_never_finishes_its_request_head_is_cut_off(
     intake: Intake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """uvicorn's keep-alive timer, armed from the first byte (HEAD_TIMEOUT, 15 s in service; 0.5 s here)."""
-    monkeypatch.setattr(web_module, "HEAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(http_server, "HEAD_TIMEOUT", 0.5)
     with socket.create_connection(("127.0.0.1", intake.port), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: intake\r\n")  # no blank line: the head never ends
         started = time.monotonic()

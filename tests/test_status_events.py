@@ -25,12 +25,12 @@ from tests.support.service import Service, run_burst_worker
 from tests.support.sse import STATUS_SECRET, EventStream, open_stream, plain_status_token
 from tests.support.waiting import wait_for
 from udemy_dl import defaults, status_stream, stream_hub
+from udemy_dl.http_server import logged_target
 from udemy_dl.outcome import record_failed
 from udemy_dl.payload import TaskPayload
 from udemy_dl.producer import Producer
 from udemy_dl.store import PENDING, PROCESSING, utcnow
 from udemy_dl.stream_hub import READ_CONNECTIONS
-from udemy_dl.web import logged_target
 
 EMAIL = "watcher@shop.example"
 SHOP = "https://shop.example"
@@ -161,7 +161,7 @@ def test_bad_tokens_get_401_another_tasks_403_an_unknown_task_404_and_nothing_op
         assert "token" in reply.error, name
     unknown = 987_654_321
     assert web.request("GET", events_target(unknown)).status == 404
-    assert web.server.front.hub is not None and web.server.front.hub.watched == 0
+    assert web.server.front.feed is not None and web.server.front.feed.hub.watched == 0
     assert sorted(cast(list[bytes], redis_conn.keys("udemy_dl:status:*"))) == keys_before
 
     # Good tokens were sent too: none reaches the log, where the query shows token=***.
@@ -208,13 +208,13 @@ def test_many_open_streams_share_a_few_redis_connections(svc: Service, web: Inta
     wait_for(lambda: all(len(stream.events) == 2 for stream in streams), what="the progress entry on every stream")
     assert {stream.events[1].data["progress"] for stream in streams} == {42}
     front = web.server.front
-    assert front.hub is not None and front.hub.watched == len(tasks)
-    pools = [front.hub._reader.connection_pool, front.reads._client.connection_pool]  # type: ignore[union-attr]
+    assert front.feed is not None and front.feed.hub.watched == len(tasks)
+    pools = [front.feed.hub._reader.connection_pool, front.feed.reads._client.connection_pool]
     opened = sum(len(pool._available_connections) + len(pool._in_use_connections) for pool in pools)
     assert 1 <= opened <= 1 + READ_CONNECTIONS, opened
     for stream in streams:
         stream.close()
-    wait_for(lambda: front.hub is not None and front.hub.watched == 0, what="the streams to be let go")
+    wait_for(lambda: front.feed is not None and front.feed.hub.watched == 0, what="the streams to be let go")
 
 
 def test_the_status_page_and_its_script_need_the_token_for_their_task(svc: Service, web: Intake) -> None:
@@ -301,7 +301,7 @@ def test_open_streams_ride_out_a_redis_restart(
         wait_for(lambda: stream.events, what="the snapshot")
         private_redis.restart()  # no persistence: the stream's key is gone too
         client = private_redis.client()
-        wait_for(lambda: web.server.front.hub is not None and web.server.front.hub.reads > 0, what="a read")
+        wait_for(lambda: web.server.front.feed is not None and web.server.front.feed.hub.reads > 0, what="a read")
         status_stream.publish_progress(client, task_id, 64, 640, 1000, 0, 1)
         wait_for(lambda: len(stream.events) >= 2, timeout=15, what="the entry written after the restart")
         assert stream.statuses() == [PROCESSING, PROCESSING] and stream.events[1].data["progress"] == 64
