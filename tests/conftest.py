@@ -31,6 +31,7 @@ from tests.support.service import (
     BusyWorker,
     Rig,
     Service,
+    logging_kept,
     make_service,
     reset_process_state,
     start_worker_process,
@@ -56,7 +57,8 @@ def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
         monkeypatch.setenv(variable, folder)
     monkeypatch.chdir(tmp_path)
     reset_process_state()
-    yield tmp_path
+    with logging_kept():
+        yield tmp_path
     reset_process_state()
 
 

@@ -49,8 +49,8 @@ from tests.support.intake import (
 )
 from tests.support.mariadb import TEST_URL
 from tests.support.service import Backend
-from udemy_dl import intake as intake_module
 from udemy_dl import http_server
+from udemy_dl import intake as intake_module
 from udemy_dl.errors import ConfigError
 from udemy_dl.intake import MAX_BODY_BYTES, MAX_TASK_IDS, REPLAY_KEY
 from udemy_dl.queues import job_id_for

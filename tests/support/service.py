@@ -4,10 +4,12 @@ the origin and the receiver)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,26 @@ def reset_process_state() -> None:
     """Forget cached settings, the job context and the module-level producer."""
     producer.close()
     context.reset_context()
+
+
+LOGGERS = ("udemy_dl", "rq.worker", "rq.job")
+"""The loggers the command line and RQ's worker set up (each with a handler on the stderr of that moment)."""
+
+
+@contextmanager
+def logging_kept() -> Iterator[None]:
+    """Put the loggers' handlers and levels back afterwards: a test that runs the command line or a worker
+    in-process points them at its own captured stderr, which is closed when it ends, and a server thread
+    still running would then log into a closed file."""
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    try:
+        yield
+    finally:
+        for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def run_burst_worker(connection: Redis, settings: Settings) -> bool:
