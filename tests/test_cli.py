@@ -434,6 +434,38 @@ def test_reconcile_requeues_lost_tasks(cli_backend: Backend, redis_conn: Redis) 
     assert queued(redis_conn) == [job_id_for(task_id)]
 
 
+def test_reconcile_settles_a_row_no_job_could_run_and_goes_on(cli_backend: Backend, redis_conn: Redis) -> None:
+    """A processing row whose data a job would refuse (edited after it was confirmed) is settled failed with
+    the reason, and the rows after it are enqueued all the same: one bad row never holds up the others."""
+    bad = cli_backend.store.insert_task(f"{EMAIL}\nforged log line", URL, PROCESSING)
+    good = cli_backend.store.insert_task(EMAIL, URL, PROCESSING)
+    result = cli("reconcile")
+    assert result.returncode == RET_OK, explain(result)
+    assert queued(redis_conn) == [job_id_for(good)]
+    row = cli_backend.store.get(bad)
+    assert row is not None and row.status == FAILED, row
+    assert row.error_message is not None and row.error_message.startswith("bad task data"), row
+    assert f"1 re-enqueued: [{good}]" in result.stdout, explain(result)
+
+
+def test_requeue_failed_refuses_a_row_no_job_could_run_and_requeues_the_others(
+    cli_backend: Backend, redis_conn: Redis
+) -> None:
+    """`requeue-failed BAD GOOD`: the bad row is named and stays failed (not reopened, no second event);
+    the good one is back in processing and queued; the exit is non-zero for the refusal."""
+    bad = cli_backend.store.insert_task(f"{EMAIL}\nforged log line", URL, PROCESSING)
+    good = cli_backend.store.insert_task(EMAIL, URL, PROCESSING)
+    for task_id in (bad, good):
+        cli_backend.store.mark_failed(task_id, "boom", None, utcnow())
+    result = cli("requeue-failed", str(bad), str(good))
+    assert result.returncode != 0, explain(result)
+    assert f"task {bad}: bad task data" in result.stdout, explain(result)
+    assert queued(redis_conn) == [job_id_for(good)]
+    rows = {row.id: row for row in cli_backend.store.get_many([bad, good])}
+    assert (rows[bad].status, rows[bad].error_message) == (FAILED, "boom")
+    assert rows[good].status == PROCESSING
+
+
 def test_requeue_failed_puts_failed_tasks_back(cli_backend: Backend, redis_conn: Redis) -> None:
     """`requeue-failed` moves failed tasks back to processing and enqueues them."""
     task_id = cli_backend.store.insert_task(EMAIL, URL, PROCESSING)

@@ -27,7 +27,7 @@ from .connection import redis_connection
 from .errors import InvalidTaskError, LeaseBusyError
 from .lease import TaskLease
 from .outcome import fail_row, record_cancelled
-from .payload import TaskPayload, parse_task_id
+from .payload import TaskPayload, parse_task, parse_task_id
 from .queues import (
     WAITING_STATUSES,
     DownloadQueues,
@@ -156,12 +156,8 @@ class Producer:
                 result.refused.append({"taskId": task_id, "reason": f"task is {row.status}"})
             else:
                 try:
-                    outcome = self.add_download_job(
-                        {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
-                    )
+                    outcome = self.enqueue_row(row)
                 except InvalidTaskError as exc:
-                    # A job would fail the same way: record the failure now and tell the payment service.
-                    self._fail_unrunnable(row, f"bad task data: {exc}")
                     result.refused.append({"taskId": task_id, "reason": str(exc)})
                     continue
                 if outcome.created:
@@ -171,8 +167,18 @@ class Producer:
                     result.already_queued.append(task_id)
         return result
 
-    def _fail_unrunnable(self, row: TaskRow, reason: str) -> None:
-        fail_row(self.settings, self.store, self.connection, row, reason)
+    def enqueue_row(self, row: TaskRow) -> EnqueueResult:
+        """Enqueue the download of a `processing` row (once). Data a job could not run (a control character in
+        the email, a URL no longer allowed: the row was edited after it was confirmed, or the allow-list
+        changed) settles the row `failed` at once, with its event, and raises InvalidTaskError: a job would fail
+        the same way, and the caller goes on with its other rows."""
+        try:
+            return self.add_download_job(
+                {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
+            )
+        except InvalidTaskError as exc:
+            fail_row(self.settings, self.store, self.connection, row, f"bad task data: {exc}")
+            raise
 
     def cancel(self, task_id: int, reason: str | None = None, wait: float = CANCEL_WAIT) -> CancelResult:
         """Cancel a task that has not completed: it never starts, or its run stops (on any host),
@@ -250,15 +256,26 @@ class Producer:
             for row in self.store.get_many(ids):
                 if row.cancelled:
                     clear_cancel(self.connection, row.id)  # reopened by name: the cancel is withdrawn
-        self.store.reopen_failed(ids)
         result = ConfirmResult()
+        runnable = []
         for row in self.store.get_many(ids):
+            try:
+                if row.status == FAILED:
+                    parse_task({"taskId": row.id, "email": row.email, "courseUrl": row.course_url})
+            except InvalidTaskError as exc:  # it stays failed: a run would fail the same way
+                result.refused.append({"taskId": row.id, "reason": f"bad task data: {exc}"})
+                continue
+            runnable.append(row.id)
+        self.store.reopen_failed(runnable)
+        for row in self.store.get_many(runnable):
             if row.status != PROCESSING:
                 result.refused.append({"taskId": row.id, "reason": f"task is {row.status}"})
                 continue
-            outcome = self.add_download_job(
-                {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
-            )
+            try:
+                outcome = self.enqueue_row(row)
+            except InvalidTaskError as exc:
+                result.refused.append({"taskId": row.id, "reason": str(exc)})
+                continue
             (result.enqueued if outcome.created else result.already_queued).append(row.id)
         known = {row.id for row in self.store.get_many(ids)}
         result.refused += [{"taskId": task_id, "reason": "no such task"} for task_id in ids if task_id not in known]

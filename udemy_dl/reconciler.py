@@ -31,7 +31,7 @@ from rq.registry import StartedJobRegistry
 
 from . import crashpoints, defaults
 from .cancellation import cancel_requested
-from .errors import LeaseBusyError, StoreError, UdemyDlError
+from .errors import InvalidTaskError, LeaseBusyError, StoreError, UdemyDlError
 from .lease import TaskLease, lease_is_held
 from .outcome import files_in_place, record_completed, record_failed
 from .payload import TaskPayload
@@ -174,9 +174,12 @@ class Reconciler:
             current = self.producer.store.get(row.id)
             if current is None or current.status != PROCESSING:
                 continue  # settled since the SELECT: its run ended just now (a rare second statement)
-            outcome = self.producer.add_download_job(
-                {"taskId": row.id, "email": row.email, "courseUrl": row.course_url}, priority=row.priority
-            )
+            try:
+                outcome = self.producer.enqueue_row(row)
+            except InvalidTaskError as exc:  # settled failed; the sweep goes on with the other rows
+                log.warning("task %s: cannot be run (%s); settled failed", row.id, exc)
+                result.failed.append(row.id)
+                continue
             if outcome.created:
                 result.requeued.append(row.id)
         for row in rows:
