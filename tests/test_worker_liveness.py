@@ -4,6 +4,7 @@ process is gone (this host's) is counted by no one, its entry in RQ's worker set
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from redis import Redis
 from rq import Worker
 from rq.job import JobStatus
@@ -21,7 +23,7 @@ from rq.worker_registration import WORKERS_BY_QUEUE_KEY, get_keys
 from tests.support.processes import LoggedProcess
 from tests.support.waiting import wait_for
 from udemy_dl import crashpoints, defaults
-from udemy_dl.download_worker import DownloadWorker
+from udemy_dl.download_worker import DownloadWorker, clear_stale_registration
 from udemy_dl.producer import Producer
 from udemy_dl.queues import live_workers, worker_queues
 from udemy_dl.settings import Settings
@@ -130,3 +132,26 @@ def test_a_worker_stopped_while_it_starts_deregisters(
     assert key not in get_keys(connection=redis_conn), worker.log(4000)
     assert redis_conn.hget(key, "death") is not None, "it registered its death"
     assert "Traceback" not in worker.log(), worker.log(4000)
+
+
+def test_a_name_left_by_a_killed_worker_is_retired_and_a_clean_stop_s_is_left_alone(
+    configure: Callable[..., Settings], redis_conn: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker restarted under its name: the registration of a killed one (this host, its pid gone) is
+    retired with a warning; a worker that stopped cleanly left a registration RQ reuses, with no warning
+    (a restart right after `stop_workers.sh` must not read as a crash); a live one is never touched."""
+    settings = configure()
+    dead_pid = int(subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True).stdout)
+    killed = registered(settings, redis_conn, pid=dead_pid)
+    stopped = registered(settings, redis_conn, pid=dead_pid)
+    stopped.register_death()  # type: ignore[no-untyped-call]
+    alive = registered(settings, redis_conn)
+    with caplog.at_level(logging.WARNING, logger="udemy_dl"):
+        assert clear_stale_registration(redis_conn, killed.name)
+        assert not clear_stale_registration(redis_conn, stopped.name)
+        assert not clear_stale_registration(redis_conn, alive.name)
+    assert redis_conn.hget(killed.key, "death") is not None
+    assert redis_conn.hget(alive.key, "death") is None
+    assert [record.getMessage() for record in caplog.records] == [
+        f"worker {killed.name}: retiring the registration of dead pid {dead_pid}"
+    ]

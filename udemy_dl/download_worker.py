@@ -854,7 +854,9 @@ def clear_stale_registration(connection: Redis, name: str) -> bool:
     is retired; a live worker elsewhere keeps its name.
     """
     old = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=connection)
-    if old is None or old.hostname != socket.gethostname() or not old.pid or pid_alive(old.pid):
+    if old is None or old.death_date is not None:
+        return False  # none, or a worker that stopped cleanly (its key lingers a minute): RQ reuses the name
+    if old.hostname != socket.gethostname() or not old.pid or pid_alive(old.pid):
         return False
     log.warning("worker %s: retiring the registration of dead pid %s", name, old.pid)
     old.register_death()
