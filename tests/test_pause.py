@@ -5,16 +5,18 @@ finish, `health`, `stats` and /metrics say so, and a resume lets the held tasks 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 from redis import Redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import JobStatus
 
 from tests.support.processes import LoggedProcess
 from tests.support.scripts import run_cli, run_rq
 from tests.support.service import Service
 from tests.support.waiting import holds_for, wait_for
+from udemy_dl import defaults
 from udemy_dl.metrics import render_latest
 from udemy_dl.store import COMPLETED, PROCESSING
 
@@ -89,6 +91,28 @@ def test_rq_suspend_holds_an_idle_worker_already_blocked_on_its_queue(
     assert svc.row(task_id).attempts == 1
     assert "paused" not in run_cli("health").stdout
     assert paused_gauge(svc) == {"downloads-high": 0.0, "downloads": 0.0, "webhooks": 0.0}
+
+
+def test_an_idle_worker_shows_a_pause_without_waiting_for_a_task(
+    svc: Service, start_worker: Callable[..., LoggedProcess]
+) -> None:
+    """With nothing queued, `udemy-dl pause` turns an idle worker `suspended` in `rq info` within a dequeue
+    timeout or two, and `resume` turns it back to `idle`: the operator sees the pause took hold."""
+    worker = start_worker()
+    key = Worker.redis_worker_namespace_prefix + worker.name
+
+    def state() -> str:
+        raw = svc.redis.hget(key, "state")
+        return raw.decode() if isinstance(raw, bytes) else ""
+
+    wait_for(lambda: state() == "idle", timeout=20, what=worker_log(worker))
+    assert run_cli("pause").returncode == 0
+    within = 2 * defaults.WORKER_HEARTBEAT + 2
+    wait_for(lambda: state() == "suspended", timeout=within, what=lambda: f"{state()}\n{worker.log()}")
+    info = run_rq("info", "--url", svc.settings.redis_url, "-W").stdout
+    assert re.search(rf"{worker.name} \(.*\): suspended", info), info
+    assert run_cli("resume").returncode == 0
+    wait_for(lambda: state() == "idle", timeout=within, what=lambda: f"{state()}\n{worker.log()}")
 
 
 def test_pause_lets_a_running_task_finish_and_starts_no_other(

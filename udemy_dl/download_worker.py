@@ -546,6 +546,10 @@ class DownloadWorker(Worker):
                     continue
                 self.log.debug("Worker %s: dequeueing jobs on queues %s and timeout %s", self.name, qnames, timeout)
                 result = self._dequeue_once(timeout)
+                if result is None and timeout is not None and not self._stop_requested:
+                    # Nothing came: look for a pause now and then even so, so that an idle worker shows
+                    # it (`rq info`, its process title) within a dequeue timeout, not at the next job.
+                    self._look_for_pause()
             except RedisConnectionError as exc:
                 if self._stop_requested:
                     break
