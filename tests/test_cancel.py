@@ -5,8 +5,10 @@ becomes `failed` with `cancelled…` and the payment service gets download.cance
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 
+import pytest
 from rq.job import JobStatus
 from rq.registry import CanceledJobRegistry, ScheduledJobRegistry
 
@@ -15,8 +17,10 @@ from tests.support.processes import LoggedProcess
 from tests.support.scripts import run_cli
 from tests.support.service import Service
 from tests.support.waiting import wait_for
-from udemy_dl.cancellation import cancel_key
+from udemy_dl.cancellation import cancel_key, cancel_text
 from udemy_dl.lease import TaskLease
+from udemy_dl.outcome import record_cancelled
+from udemy_dl.payload import TaskPayload
 from udemy_dl.producer import ALREADY_CANCELLED, CANCEL_REQUESTED, CANCELLED, REFUSED
 from udemy_dl.store import COMPLETED, FAILED, PENDING, PROCESSING, TaskStore, utcnow
 from udemy_dl.webhooks import CANCELLED as EVENT_CANCELLED
@@ -218,6 +222,29 @@ def test_a_run_that_completes_first_wins_over_the_cancel(svc: Service) -> None:
     assert again.outcome == REFUSED and "already completed" in again.message, again
     assert svc.row(task_id).status == COMPLETED
     assert svc.redis.exists(cancel_key(task_id)) == 0
+
+
+def test_a_cancel_its_run_settled_first_is_not_settled_again_nor_warned_about(
+    svc: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run saw the cancel request and settled the task itself just before the canceller took the lease:
+    the canceller finds it settled and leaves it (no second UPDATE, no "not cancelled" warning)."""
+    task_id = svc.confirm(svc.origin.add_course("settled-by-run", {"a.bin": 10}))
+    before = svc.row(task_id)
+    run = TaskLease(svc.redis, task_id, "a-run")
+    run.acquire()
+    try:
+        assert svc.producer().cancel(task_id, "refund", wait=0.2).outcome == CANCEL_REQUESTED
+        task = TaskPayload(task_id=task_id, email=before.email, course_url=before.course_url)
+        assert record_cancelled(svc.settings, svc.store, svc.redis, task, cancel_text("refund"))
+    finally:
+        run.release()
+    settled = svc.row(task_id)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="udemy_dl"):
+        assert not svc.producer().settle_cancel_unheld(before, cancel_text("refund"))
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    assert svc.row(task_id) == settled
 
 
 def test_the_status_change_is_conditional(mysql_store: TaskStore) -> None:

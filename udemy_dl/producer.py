@@ -242,6 +242,9 @@ class Producer:
         except LeaseBusyError:
             return False
         try:
+            current = self.store.get(row.id)
+            if current is None or current.status not in (PROCESSING, *UNPAID):
+                return False  # settled before the lease was ours: its run saw the cancel, or completed first
             task = TaskPayload(task_id=row.id, email=row.email, course_url=row.course_url)
             return record_cancelled(self.settings, self.store, self.connection, task, text)
         finally:
