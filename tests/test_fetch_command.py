@@ -300,11 +300,15 @@ def test_command_environment_holds_no_secret_of_the_service(
         STATUS_TOKEN_SECRET="status-secret-4",
         PAYMENT_API_KEY="payment-key-5",
         SMTP_PASSWD="smtp-pass-6",
+        REDISCLI_AUTH="rediscli-auth-7",
+        SENTRY_DSN="https://sentry-key-8@sentry.example/1",
+        HTTPS_PROXY="http://proxy-user:proxy-pass-9@proxy.internal:3128",
     )
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONTENT_TOKEN", "origin-token")
     monkeypatch.setenv("DOWNLOADER_REGION", "eu-west")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")  # no password: the command may need it
     dump = tmp_path / "env.json"
 
     fetcher((sys.executable, "-c", ENV_DUMP, "{url}", "{dest}", str(dump))).fetch(URL, staging)
@@ -315,6 +319,7 @@ def test_command_environment_holds_no_secret_of_the_service(
     assert leaked == []
     assert seen["CONTENT_TOKEN"] == "origin-token"
     assert seen["DOWNLOADER_REGION"] == "eu-west"
+    assert seen["HTTP_PROXY"] == "http://proxy.internal:3128"
     assert seen["PATH"] == os.environ["PATH"]
 
 

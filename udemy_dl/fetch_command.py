@@ -6,6 +6,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -194,18 +195,23 @@ PASSED_SETTINGS = frozenset({"CONTENT_TOKEN"})
 fetching from the origin the HTTP fetcher would send it to."""
 
 _SECRET_WORDS = ("PASSWORD", "PASSWD", "PASSPHRASE", "SECRET", "TOKEN", "CREDENTIAL", "PRIVATE")
-_SECRET_PARTS = frozenset({"KEY", "KEYS", "APIKEY", "PASS", "PWD", "PW"})
+_SECRET_PARTS = frozenset({"KEY", "KEYS", "APIKEY", "PASS", "PWD", "PW", "AUTH", "DSN", "COOKIE"})
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*:[^/?#\s]*@")
+"""A URL whose userinfo holds a password (`http://user:pw@proxy:3128`), wherever it is in a value."""
 
 
-def withheld_from_command(name: str) -> bool:
-    """Is *name* kept out of the command's environment? Every variable the settings read (secret
-    or not: a setting added later is covered without a thought), except PASSED_SETTINGS; and any
-    other variable whose name says it holds a secret (`*PASSWORD*`, `*SECRET*`, `*TOKEN*`,
-    `*_KEY`, `*_PASS`, ...). A downloader that needs a credential of its own reads it from a file."""
+def withheld_from_command(name: str, value: str = "") -> bool:
+    """Is *name* (holding *value*) kept out of the command's environment? Every variable the settings
+    read (secret or not: a setting added later is covered without a thought), except PASSED_SETTINGS;
+    any other variable whose name says it holds a secret (`*PASSWORD*`, `*SECRET*`, `*TOKEN*`,
+    `*_KEY`, `*_PASS`, `*_AUTH`, `*_DSN`, ...); and any whose value holds a URL with a password (a
+    proxy's, say). A downloader that needs a credential of its own reads it from a file."""
     upper = name.upper()
     if upper in PASSED_SETTINGS:
         return False
     if upper in VARIABLES or any(word in upper for word in _SECRET_WORDS):
+        return True
+    if _URL_WITH_PASSWORD.search(value):
         return True
     parts = upper.split("_")
     return len(parts) > 1 and any(part in _SECRET_PARTS for part in parts)
@@ -213,7 +219,7 @@ def withheld_from_command(name: str) -> bool:
 
 def command_environment() -> dict[str, str]:
     """The worker's environment, less what `withheld_from_command` names."""
-    return {name: value for name, value in os.environ.items() if not withheld_from_command(name)}
+    return {name: value for name, value in os.environ.items() if not withheld_from_command(name, value)}
 
 
 def _log_lines(stream: IO[str]) -> None:
