@@ -448,9 +448,12 @@ def test_redact_url_redacts_everything_it_cannot_parse(url: str) -> None:
 
 
 def test_redact_url_hides_a_password_in_the_query() -> None:
-    """redis-py also takes the password from `?password=`."""
+    """redis-py also takes the password from `?password=`; one holding `@` must not pass for a user name."""
     redacted = redact_url("redis://cache.example/0?password=q-pw-1&db=2")
     assert "q-pw-1" not in redacted and "db=2" in redacted
+    for url in ("redis://cache.example/0?password=q-pw@2", "mysql://u@db.example/x?password=q-pw@3&a=1"):
+        redacted = redact_url(url)
+        assert "q-pw" not in redacted, redacted
 
 
 @pytest.mark.parametrize(

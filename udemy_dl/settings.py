@@ -122,15 +122,17 @@ def redact_url(url: str) -> str:
 
     The password is everything after the first `:` of the userinfo (see _split_url), so one holding
     `/`, `?`, `#`, `@` or `:` is hidden whole. A URL that cannot be split with confidence (no
-    `scheme://` but an `@`, a space or control character, a host part that is no host) shows its
-    scheme and nothing else.
+    `scheme://` but an `@`, a space or control character, a host part that is no host, a user name
+    holding `/`, `?` or `#`: an `@` in a query string's password) shows its scheme and nothing else.
     """
     parts = _split_url(url)
     if parts is None:
         return "***" if "@" in url or not url.isprintable() else url
+    user = (parts.userinfo or "").partition(":")[0]
     confident = (
         not any(char.isspace() or not char.isprintable() or char == "\\" for char in url)
         and _HOSTPORT_SHAPE.fullmatch(parts.hostport) is not None
+        and not any(char in user for char in "/?#")  # `h/0?password=s3c@x`: no user name looks like that
     )
     if not confident:
         return f"{parts.scheme}://***"
