@@ -33,14 +33,13 @@ import base64
 import binascii
 import hashlib
 import hmac
-import importlib
 import json
 import logging
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +54,7 @@ from . import defaults
 from .cancellation import parse_reason
 from .connection import redis_connection
 from .errors import ConfigError, InvalidTaskError, StoreError
+from .metrics import render_latest
 from .producer import ALREADY_CANCELLED, CANCEL_REQUESTED, CANCELLED, NOT_FOUND, Producer
 from .settings import Settings
 from .store import TaskRow, TaskStore, open_store
@@ -573,11 +573,5 @@ class IntakeApp:
         return Answer.of_json(200, checks)
 
     def metrics(self) -> Answer:
-        try:
-            module = importlib.import_module(f"{__package__}.metrics")
-        except ImportError as exc:
-            log.warning("/metrics: %s", exc)
-            return Answer.of_json(503, {"error": "metrics are not available in this build"})
-        render = cast(Callable[[Settings, Redis], tuple[bytes, str]], module.render_latest)
-        body, content_type = render(self.settings, self.redis)
+        body, content_type = render_latest(self.settings, self.redis)
         return Answer(200, body, content_type)
