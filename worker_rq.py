@@ -33,6 +33,12 @@ _use_checkout_venv()
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from udemy_dl.worker_rq import deliver_webhook, process_download  # noqa: E402
+try:
+    from udemy_dl.worker_rq import deliver_webhook, process_download
+except ModuleNotFoundError as exc:  # .venv's packages, borrowed by another build of this Python version
+    raise SystemExit(
+        f"worker_rq: {exc} for {sys.executable} (Python {sys.version.split()[0]}); run this with "
+        f"{_ROOT / '.venv' / 'bin' / 'python'}, or `pip install -r requirements.txt` for this Python"
+    ) from None
 
 __all__ = ["deliver_webhook", "process_download"]
