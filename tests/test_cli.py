@@ -510,6 +510,18 @@ def test_health_without_the_worker_check_is_what_a_start_needs(healthy_env: Sett
     assert unhealthy_checks(down) == ["database"]
 
 
+def test_health_without_the_tasks_table_names_it_and_the_command_that_creates_it(healthy_env: Settings) -> None:
+    """A database that answers but was never set up (`db init` not run) is unhealthy: health and
+    `health --no-workers` (start_workers.sh's check) fail naming the missing table and the fix."""
+    drop_tasks_table()
+    for args in (["health"], ["health", "--no-workers"]):
+        result = cli(*args)
+        assert result.returncode == RET_UNHEALTHY, explain(result)
+        assert "database" in unhealthy_checks(result), explain(result)
+        assert "table download_tasks missing: run `udemy-dl db init`" in result.stdout, explain(result)
+        assert "database ok" not in result.stdout
+
+
 # -- the download disk ----------------------------------------------------------------------------
 
 
