@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 from rq import Queue, Worker
+from rq.job import Job, JobStatus
 
 from tests.support.disks import Usage, report_far_host
 from tests.support.mariadb import TEST_URL, drop_tasks_table
@@ -403,6 +404,23 @@ def test_stats_table_is_printed(cli_backend: Backend, redis_conn: Redis) -> None
     assert result.returncode == RET_OK, explain(result)
     lines = [line.split() for line in result.stdout.splitlines()]
     assert ["waiting", "0"] in lines and ["failed", "1"] in lines and ["pending", "0"] in lines
+
+
+def test_stats_names_a_running_tasks_job_status_plainly(cli_backend: Backend, redis_conn: Redis) -> None:
+    """A running task's line says `job started` (RQ's status value), never the enum's `JobStatus.STARTED`;
+    `--json` gives the same value."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PENDING)
+    assert cli("confirm-payment", str(task_id)).returncode == RET_OK
+    job = Job.fetch(job_id_for(task_id), connection=redis_conn)
+    job.set_status(JobStatus.STARTED)
+    progress = {"bytes": 2_000_000, "total": 8_000_000, "files": 0, "filesTotal": 1, "percent": 25, "rate": 1_000_000}
+    job.meta["progress"] = progress
+    job.save_meta()
+    result = cli("stats")
+    assert result.returncode == RET_OK, explain(result)
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith(f"task {task_id} "))
+    assert "job started," in line and "JobStatus" not in result.stdout, line
+    assert [item["job"] for item in json.loads(cli("stats", "--json").stdout)["running"]] == ["started"]
 
 
 def test_stats_never_prints_the_redis_password(cli_backend: Backend) -> None:

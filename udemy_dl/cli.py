@@ -201,7 +201,8 @@ def _collect_stats(settings: Settings) -> dict[str, Any]:
             item: dict[str, Any] = {"taskId": row.id, "progress": row.progress, "attempts": row.attempts}
             job = producer.queues.fetch_job(job_id_for(row.id))
             if job is not None:
-                item["job"] = job.get_status(refresh=False)
+                status = job.get_status(refresh=False)
+                item["job"] = getattr(status, "value", status)  # `started`, not the enum's repr
                 item.update(job.meta.get("progress") or {})
             running.append(item)
         stats["running"] = running
