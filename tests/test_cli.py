@@ -26,7 +26,7 @@ from tests.support.scripts import clean_environ, cli_command, rq_info, run_comma
 from tests.support.service import Backend
 from tests.support.waiting import wait_for
 from udemy_dl import __version__
-from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser, main
+from udemy_dl.cli import RET_BROKEN_PIPE, RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser, main
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, open_store, utcnow
@@ -421,6 +421,30 @@ def test_stats_names_a_running_tasks_job_status_plainly(cli_backend: Backend, re
     line = next(line for line in result.stdout.splitlines() if line.strip().startswith(f"task {task_id} "))
     assert "job started," in line and "JobStatus" not in result.stdout, line
     assert [item["job"] for item in json.loads(cli("stats", "--json").stdout)["running"]] == ["started"]
+
+
+@pytest.mark.parametrize("args", [["stats"], ["stats", "--json"], ["health", "--no-workers"]])
+def test_output_whose_reader_is_gone_ends_quietly(healthy_env: Settings, args: list[str]) -> None:
+    """`udemy-dl stats | head -1` where head has exited already: the command ends with 141, as a program
+    SIGPIPE ended would, and without a traceback or an "Exception ignored" line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte is written
+    try:
+        result = subprocess.run(
+            [*cli_command(), *args],
+            env=dict(os.environ),
+            cwd=Path.cwd(),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == RET_BROKEN_PIPE, result.stderr
+    assert result.stderr == "", result.stderr
 
 
 def test_stats_never_prints_the_redis_password(cli_backend: Backend) -> None:
