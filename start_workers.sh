@@ -10,7 +10,7 @@ readonly RET_OK=0
 readonly RET_NO_BINARY=2
 readonly RET_CONFIG=3         # a setting is missing or malformed: nothing was started
 readonly RET_START_FAILED=6   # a worker or the reconciler did not start: what this run started is stopped
-readonly RET_UNREACHABLE=7    # Redis or the database does not answer: nothing was started
+readonly RET_UNREACHABLE=7    # Redis or the database does not answer, or has no download_tasks table: nothing was started
 readonly START_WAIT=15        # seconds a new worker or reconciler has to report before we call it failed
 readonly KILL_WAIT=10         # seconds to wait for a SIGKILLed process to be gone
 
@@ -31,8 +31,9 @@ if ! settings="$("$UDEMY_DL" shell-settings)"; then
 fi
 eval "$settings"
 
-# Before anything starts: what a worker needs must be set, and Redis and the database must answer
-# (a worker that cannot record anything must not take jobs).
+# Before anything starts: what a worker needs must be set, Redis and the database must answer, and
+# the database must hold the download_tasks table `udemy-dl db init` creates (a worker that cannot
+# record anything must not take jobs).
 check_status=0
 check_output="$("$UDEMY_DL" --log-level WARNING health --no-workers 2>&1)" || check_status=$?
 case "$check_status" in
@@ -44,7 +45,7 @@ case "$check_status" in
     ;;
   4 | 5)
     printf '%s\n' "$check_output" >&2
-    echo "start_workers.sh: Redis or the database does not answer (see above), nothing was started" >&2
+    echo "start_workers.sh: Redis or the database is not ready (see above), nothing was started" >&2
     exit "$RET_UNREACHABLE"
     ;;
   *)

@@ -123,11 +123,13 @@ def test_a_queued_task_cancelled_never_starts(svc: Service) -> None:
         row.finished_at,
     )
     assert len(cancelled_events(svc, task_id)) == 1
+    assert not (svc.settings.staging_dir / f"{task_id}.lock").exists()
 
 
 def test_a_scheduled_retry_cancelled_never_runs(svc: Service, start_worker: Callable[..., LoggedProcess]) -> None:
     """A task waiting for its retry (RQ's ScheduledJobRegistry) is cancelled there: the retry never
-    runs, the bytes of the failed attempt are removed, and the one attempt stays counted."""
+    runs, the bytes of the failed attempt are removed, nothing is left in staging (no `<taskId>.lock`
+    either), and the one attempt stays counted."""
     svc.reconfigure(RETRY_DELAY="30")
     url = svc.origin.add_course("retrying", {"a.bin": 5000, "b.bin": 5000})
     svc.origin.fail_next("/files/retrying/b.bin", 1)
@@ -136,6 +138,7 @@ def test_a_scheduled_retry_cancelled_never_runs(svc: Service, start_worker: Call
     job = svc.job(task_id)
     wait_for(lambda: job.get_status(refresh=True) == JobStatus.SCHEDULED, timeout=20, what=worker_log(worker))
     assert (svc.settings.staging_dir / str(task_id)).exists()
+    assert not (svc.settings.staging_dir / f"{task_id}.lock").exists()  # only while a run holds it
 
     result = svc.producer().cancel(task_id)
 
@@ -144,7 +147,7 @@ def test_a_scheduled_retry_cancelled_never_runs(svc: Service, start_worker: Call
     assert job.get_status(refresh=True) == JobStatus.CANCELED
     row = svc.row(task_id)
     assert (row.status, row.error_message, row.attempts) == (FAILED, "cancelled", 1)
-    assert not (svc.settings.staging_dir / str(task_id)).exists()
+    assert list(svc.settings.staging_dir.iterdir()) == []
     wait_for(lambda: cancelled_events(svc, task_id), timeout=20, what=worker_log(worker))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 from rq import Queue, Worker
+from rq.job import Job, JobStatus
 
 from tests.support.disks import Usage, report_far_host
 from tests.support.mariadb import TEST_URL, drop_tasks_table
@@ -25,7 +26,7 @@ from tests.support.scripts import clean_environ, cli_command, rq_info, run_comma
 from tests.support.service import Backend
 from tests.support.waiting import wait_for
 from udemy_dl import __version__
-from udemy_dl.cli import RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser, main
+from udemy_dl.cli import RET_BROKEN_PIPE, RET_CONFIG, RET_CONNECT, RET_OK, RET_UNHEALTHY, build_parser, main
 from udemy_dl.queues import job_id_for
 from udemy_dl.settings import Settings, load_settings
 from udemy_dl.store import COMPLETED, ENROLLED, FAILED, PENDING, PROCESSING, open_store, utcnow
@@ -405,6 +406,47 @@ def test_stats_table_is_printed(cli_backend: Backend, redis_conn: Redis) -> None
     assert ["waiting", "0"] in lines and ["failed", "1"] in lines and ["pending", "0"] in lines
 
 
+def test_stats_names_a_running_tasks_job_status_plainly(cli_backend: Backend, redis_conn: Redis) -> None:
+    """A running task's line says `job started` (RQ's status value), never the enum's `JobStatus.STARTED`;
+    `--json` gives the same value."""
+    task_id = cli_backend.store.insert_task(EMAIL, URL, PENDING)
+    assert cli("confirm-payment", str(task_id)).returncode == RET_OK
+    job = Job.fetch(job_id_for(task_id), connection=redis_conn)
+    job.set_status(JobStatus.STARTED)
+    progress = {"bytes": 2_000_000, "total": 8_000_000, "files": 0, "filesTotal": 1, "percent": 25, "rate": 1_000_000}
+    job.meta["progress"] = progress
+    job.save_meta()
+    result = cli("stats")
+    assert result.returncode == RET_OK, explain(result)
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith(f"task {task_id} "))
+    assert "job started," in line and "JobStatus" not in result.stdout, line
+    assert [item["job"] for item in json.loads(cli("stats", "--json").stdout)["running"]] == ["started"]
+
+
+@pytest.mark.parametrize("args", [["stats"], ["stats", "--json"], ["health", "--no-workers"]])
+def test_output_whose_reader_is_gone_ends_quietly(healthy_env: Settings, args: list[str]) -> None:
+    """`udemy-dl stats | head -1` where head has exited already: the command ends with 141, as a program
+    SIGPIPE ended would, and without a traceback or an "Exception ignored" line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte is written
+    try:
+        result = subprocess.run(
+            [*cli_command(), *args],
+            env=dict(os.environ),
+            cwd=Path.cwd(),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == RET_BROKEN_PIPE, result.stderr
+    assert result.stderr == "", result.stderr
+
+
 def test_stats_never_prints_the_redis_password(cli_backend: Backend) -> None:
     """Whatever happens, `stats` output and errors do not contain the Redis password."""
     result = cli("stats", REDIS_URL="redis://:stats-pw-xyz@127.0.0.1:6379/15")
@@ -540,6 +582,18 @@ def test_health_without_the_worker_check_is_what_a_start_needs(healthy_env: Sett
     down = cli("health", "--no-workers", DATABASE_URL="mysql://root@127.0.0.1:1/udemy_dl_test")
     assert down.returncode == RET_UNHEALTHY, explain(down)
     assert unhealthy_checks(down) == ["database"]
+
+
+def test_health_without_the_tasks_table_names_it_and_the_command_that_creates_it(healthy_env: Settings) -> None:
+    """A database that answers but was never set up (`db init` not run) is unhealthy: health and
+    `health --no-workers` (start_workers.sh's check) fail naming the missing table and the fix."""
+    drop_tasks_table()
+    for args in (["health"], ["health", "--no-workers"]):
+        result = cli(*args)
+        assert result.returncode == RET_UNHEALTHY, explain(result)
+        assert "database" in unhealthy_checks(result), explain(result)
+        assert "table download_tasks missing: run `udemy-dl db init`" in result.stdout, explain(result)
+        assert "database ok" not in result.stdout
 
 
 # -- the download disk ----------------------------------------------------------------------------

@@ -182,6 +182,36 @@ def test_strays_in_staging_are_not_moved_into_place(origin: ContentOrigin, stagi
     assert list(outside.iterdir()) == []
 
 
+def test_strays_removed_from_staging_are_logged_as_what_they_are(
+    origin: ContentOrigin, staging: Path, outside: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning for each stray names its kind: a plain file is a file, a hard link a hard-linked file, only a
+    FIFO (or socket, device) a special file."""
+    staging.mkdir(parents=True)
+    (staging / "stale.bin").write_bytes(b"not in the course")
+    (outside / "kept.bin").write_bytes(b"someone else's")
+    os.link(outside / "kept.bin", staging / "hard.bin")
+    os.mkfifo(staging / "fifo")
+    (staging / "link").symlink_to(outside / "kept.bin")
+    (staging / "old").mkdir()
+    url = origin.add_course("stray-kinds", {"a.bin": 100})
+    with caplog.at_level("WARNING", logger="udemy_dl.fetch"):
+        fetcher_for(origin).fetch(url, staging)
+    said = {
+        Path(str(record.args[0])).name: str(record.args[1])
+        for record in caplog.records
+        if record.msg.startswith("removing %s from the staging folder") and isinstance(record.args, tuple)
+    }
+    assert said == {
+        "stale.bin": "file",
+        "hard.bin": "hard-linked file",
+        "fifo": "special file",
+        "link": "symlink",
+        "old": "folder",
+    }
+    assert (outside / "kept.bin").read_bytes() == b"someone else's"
+
+
 @pytest.mark.parametrize("kind", ["symlink", "folder-symlink", "fifo"])
 def test_promote_refuses_anything_but_regular_files_and_folders(tmp_path: Path, kind: str) -> None:
     """promote() checks the tree it moves (without following links): a symlink or a special file anywhere in

@@ -1,4 +1,5 @@
-"""Per-task leases on a real Redis: one run of a task at a time, renewed while it runs, taken over from the dead."""
+"""Per-task leases on a real Redis: one run of a task at a time, renewed while it runs, taken over from the dead;
+and the staging lock that keeps two runs on one host from writing a task's staging folder at once."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from redis import Redis
 
 from tests.support.waiting import wait_for
+from udemy_dl import folders
 from udemy_dl.errors import LeaseBusyError
+from udemy_dl.folders import staging_lock, staging_path
 from udemy_dl.lease import TaskLease, lease_key
+from udemy_dl.settings import Settings
 
 TASK = 7
 
@@ -187,3 +192,59 @@ def test_lease_taken_by_another_run_is_lost_and_never_released_by_us(redis_conn:
         lease.release()
     assert holder(redis_conn) == theirs
     assert remaining_ms(redis_conn) > 50_000  # not shortened by our renewal either
+
+
+# -- the staging lock on this host ----------------------------------------------------------------
+
+
+def test_staging_lock_excludes_a_second_run_and_leaves_no_file(configure: Callable[..., Settings]) -> None:
+    """The staging lock, beside the lease: a second run of the task on this host steps aside while the first
+    holds it (another task is not affected), and once the first lets go no `<taskId>.lock` file is left,
+    though the task's staging folder stays for its retry."""
+    settings = configure()
+    lock_file = settings.staging_dir / f"{TASK}.lock"
+    with staging_lock(settings, TASK):
+        staging_path(settings, TASK).mkdir()  # the attempt's bytes, kept for the retry
+        assert lock_file.exists()
+        with pytest.raises(LeaseBusyError), staging_lock(settings, TASK):
+            pass
+        with staging_lock(settings, TASK + 1):
+            pass
+    assert sorted(path.name for path in settings.staging_dir.iterdir()) == [str(TASK)]
+    with staging_lock(settings, TASK):  # the next run takes it again
+        assert lock_file.exists()
+
+
+def test_a_run_that_opened_the_lock_file_as_its_holder_removed_it_locks_the_new_one(
+    configure: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder removes the lock file as it lets go. A run that had opened that file just before locks a file
+    no longer there, which guards nothing: it must open the file anew, so that a third run still steps aside."""
+    settings = configure()
+    held, release = threading.Event(), threading.Event()
+
+    def first_run() -> None:
+        with staging_lock(settings, TASK):
+            held.set()
+            release.wait(timeout=30)
+
+    first = threading.Thread(target=first_run, daemon=True)
+    first.start()
+    assert held.wait(timeout=30)
+    real_open = open
+    opened: list[str] = []
+
+    def open_as_the_holder_lets_go(path: Any, mode: str) -> Any:
+        handle = real_open(path, mode)
+        if not opened:  # the second run's first open: the holder lets go (and removes the file) right after it
+            opened.append(str(path))
+            release.set()
+            first.join(timeout=30)
+            assert not first.is_alive()
+        return handle
+
+    monkeypatch.setattr(folders, "open", open_as_the_holder_lets_go, raising=False)
+    with staging_lock(settings, TASK):
+        assert opened and (settings.staging_dir / f"{TASK}.lock").exists()
+        with pytest.raises(LeaseBusyError), staging_lock(settings, TASK):
+            pass

@@ -337,6 +337,41 @@ def test_ping_succeeds_on_a_live_store(backend: Backend) -> None:
     backend.store.ping()
 
 
+def alter_tasks_table(backend: Backend, statement: str) -> None:
+    """Run one DDL statement on the test's download_tasks table, outside the store under test."""
+    if backend.name == "mysql":
+        mysql_query(statement)
+    else:
+        assert isinstance(backend.store, SQLiteStore)
+        with sqlite3.connect(backend.store.path) as conn:
+            conn.execute(statement)
+
+
+def test_ping_names_a_missing_table_and_the_command_that_creates_it(backend: Backend) -> None:
+    """A database that answers but has no download_tasks table (`db init` never ran) fails the ping,
+    saying so and naming the fix; `db init` (init_schema) makes it pass."""
+    backend.store.close()
+    alter_tasks_table(backend, "DROP TABLE download_tasks")
+    with pytest.raises(StoreError) as caught:
+        backend.store.ping()
+    assert str(caught.value) == "table download_tasks missing: run `udemy-dl db init`"
+    backend.store.init_schema()
+    backend.store.ping()
+
+
+def test_ping_names_a_column_the_table_lacks(backend: Backend) -> None:
+    """A table from before a column was added (here pending_event) fails the ping, naming the column."""
+    backend.store.close()
+    if backend.name == "sqlite":  # SQLite drops no indexed column
+        alter_tasks_table(backend, "DROP INDEX idx_download_tasks_pending_event")
+    alter_tasks_table(backend, "ALTER TABLE download_tasks DROP COLUMN pending_event")
+    with pytest.raises(StoreError) as caught:
+        backend.store.ping()
+    assert str(caught.value) == "table download_tasks lacks column(s) pending_event: run `udemy-dl db init`"
+    backend.store.init_schema()
+    backend.store.ping()
+
+
 def test_unreachable_mysql_raises_store_error() -> None:
     """A database that does not answer raises StoreError (transient), not a driver exception."""
     store = MySQLStore("mysql://root@127.0.0.1:1/udemy_dl_test")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -40,6 +41,9 @@ RET_UNHEALTHY = 5
 RET_RECORDED_NOT_QUEUED = 8
 """confirm-payment: the rows are paid and recorded (`processing`), but Redis did not take the jobs;
 the reconciler enqueues them once Redis answers. (6 and 7 are start_workers.sh's.)"""
+RET_BROKEN_PIPE = 141
+"""The output's reader closed it early (`udemy-dl stats | head -1`): what a shell reports for a
+program SIGPIPE ended, 128 + 13."""
 
 EXIT_CODES = f"""exit codes:
   {RET_OK}  done
@@ -49,7 +53,8 @@ EXIT_CODES = f"""exit codes:
   {RET_CONNECT}  cannot reach Redis or the database
   {RET_UNHEALTHY}  health: a check failed (the lines name it)
   {RET_RECORDED_NOT_QUEUED}  confirm-payment: paid and recorded, not queued (Redis unreachable); the
-     reconciler enqueues them when Redis is back"""
+     reconciler enqueues them when Redis is back
+  {RET_BROKEN_PIPE}  the output's reader closed it early (piped into head, say)"""
 
 
 def _producer(settings: Settings) -> Any:
@@ -201,7 +206,8 @@ def _collect_stats(settings: Settings) -> dict[str, Any]:
             item: dict[str, Any] = {"taskId": row.id, "progress": row.progress, "attempts": row.attempts}
             job = producer.queues.fetch_job(job_id_for(row.id))
             if job is not None:
-                item["job"] = job.get_status(refresh=False)
+                status = job.get_status(refresh=False)
+                item["job"] = getattr(status, "value", status)  # `started`, not the enum's repr
                 item.update(job.meta.get("progress") or {})
             running.append(item)
         stats["running"] = running
@@ -576,6 +582,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            if sys.stdout is not None and not sys.stdout.closed:
+                sys.stdout.flush()  # now, not at exit: a reader gone away is then caught below
+    except BrokenPipeError:
+        # `udemy-dl stats | head -1`: the reader has what it wanted. No traceback, and nothing more
+        # written to the closed pipe (Python flushes stdout once more at exit).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return RET_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:

@@ -897,8 +897,17 @@ def _regular_size(path: Path) -> int:
     return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
-def _kind(mode: int) -> str:
-    return "symlink" if stat.S_ISLNK(mode) else "folder" if stat.S_ISDIR(mode) else "special file"
+def _kind(info: os.stat_result) -> str:
+    """What stands at a path, for the log: `symlink`, `folder`, `file` (`hard-linked file` when other
+    names share it), or `special file` (a FIFO, a socket, a device)."""
+    mode = info.st_mode
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISREG(mode):
+        return "hard-linked file" if info.st_nlink > 1 else "file"
+    return "special file"
 
 
 def _drop_if_not_regular(path: Path) -> None:
@@ -909,7 +918,7 @@ def _drop_if_not_regular(path: Path) -> None:
         return
     if stat.S_ISREG(info.st_mode):
         return
-    log.warning("removing %s from the staging folder: a %s, not one of ours", path, _kind(info.st_mode))
+    log.warning("removing %s from the staging folder: a %s, not one of ours", path, _kind(info))
     _remove(path, info.st_mode)
 
 
@@ -929,7 +938,7 @@ def _real_folder(path: Path) -> None:
         return
     if stat.S_ISDIR(info.st_mode):
         return
-    log.warning("removing %s from the staging folder: a %s, not a folder", path, _kind(info.st_mode))
+    log.warning("removing %s from the staging folder: a %s, not a folder", path, _kind(info))
     path.unlink()
     path.mkdir()
 
@@ -978,7 +987,7 @@ def _finish_staging(staging: Path, specs: list[FileSpec]) -> None:
                 continue
             if name in dirs:
                 dirs.remove(name)
-            log.warning("removing %s from the staging folder: a %s the course does not list", path, _kind(info.st_mode))
+            log.warning("removing %s from the staging folder: a %s the course does not list", path, _kind(info))
             _remove(path, info.st_mode)
 
 

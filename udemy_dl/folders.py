@@ -33,22 +33,42 @@ def final_path(settings: Settings, task_id: int) -> Path:
 def staging_lock(settings: Settings, task_id: int) -> Iterator[None]:
     """An exclusive lock on the task's staging folder for one run on this host, beside the Redis
     lease: should two runs ever hold the lease in turn too close together (Redis lost it), the
-    second still cannot write the folder the first is writing. Raises LeaseBusyError."""
+    second still cannot write the folder the first is writing. Raises LeaseBusyError.
+
+    The lock file, `<taskId>.lock` beside the folder, exists only while a run holds it: the holder
+    removes it as it lets go, so no run, a cancel or a failure that removes the folder later leaves
+    it behind. A run that opened the file just before it was removed would lock a file no longer
+    there, guarding nothing: it sees that and opens the file again."""
     settings.staging_dir.mkdir(parents=True, exist_ok=True)
     lock_path = settings.staging_dir / f"{task_id}.lock"
-    handle = open(lock_path, "a+b")  # held open across the yield: the lock lives as long as it does
-    locked = False
-    try:
+    while True:
+        handle = open(lock_path, "a+b")  # held open across the yield: the lock lives as long as it does
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise LeaseBusyError(f"task {task_id}: another run on this host is writing its staging folder") from None
-        locked = True
+        except BaseException:
+            handle.close()
+            raise
+        if _same_file(handle.fileno(), lock_path):
+            break
+        handle.close()  # its holder removed it as we opened it: lock the one there now
+    try:
         yield
     finally:
-        if locked and not staging_path(settings, task_id).exists():
-            lock_path.unlink(missing_ok=True)  # nothing left to guard: the folder was moved into place or aside
+        lock_path.unlink(missing_ok=True)  # still held: a run that opened it meanwhile opens it again
         handle.close()  # releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Is the file open as *fd* the one at *path* now?"""
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:

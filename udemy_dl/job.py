@@ -39,6 +39,7 @@ from .errors import (
     TransientError,
     WebhookDeliveryError,
 )
+from .fetch import Fetcher
 from .folders import final_path, finished_staging, promote, read_record, staging_lock, staging_path, write_record
 from .lease import TaskLease
 from .limits import OriginSlot, origin_host
@@ -66,6 +67,9 @@ class ProgressReporter:
     started: float = field(default_factory=time.monotonic)
     notify: Callable[[dict[str, Any]], None] | None = None
     stream: Redis | None = None
+    fetched: Callable[[], int] | None = None
+    """Bytes received from the network so far by this attempt. The rate counts these: `done` also holds
+    the bytes an earlier attempt left on disk, which this attempt did not fetch."""
     _last: float = field(default_factory=time.monotonic)  # first report after one interval: short tasks send none
     _last_percent: int = -1
     _event_percent: int = 0
@@ -79,7 +83,7 @@ class ProgressReporter:
         if not finished and now - self._last < defaults.PROGRESS_INTERVAL:
             return
         self._last = now
-        rate = done / max(now - self.started, 1e-6)
+        rate = (self.fetched() if self.fetched is not None else done) / max(now - self.started, 1e-6)
         percent = int(done * 100 / total) if total else int(files_done * 100 / max(files_total, 1))
         percent = min(percent, 99)  # 100 means completed, and only the final update says that
         if self.job is not None:
@@ -324,8 +328,15 @@ def _download(ctx: Context, task: TaskPayload, job: Job | None, lease: TaskLease
         if record is not None:
             log.info("task %s: staging already holds the verified course; moving it into place", task.task_id)
         else:
+            fetcher = ctx.fetcher
             reporter = ProgressReporter(
-                task.task_id, ctx.store, job, notify=_progress_notifier(ctx, task), stream=ctx.redis
+                task.task_id,
+                ctx.store,
+                job,
+                notify=_progress_notifier(ctx, task),
+                stream=ctx.redis,
+                # An operator's FETCH_COMMAND does not say what it received: its rate is all it wrote.
+                fetched=(lambda: fetcher.bytes_transferred) if isinstance(fetcher, Fetcher) else None,
             )
             result = ctx.fetcher.fetch(task.course_url, staging, on_progress=reporter, stop=lease.also_set)
             record = result.record(task.course_url)

@@ -43,6 +43,9 @@ COLUMNS = (
     "started_at, finished_at, updated_at, priority, pending_event"
 )
 
+REQUIRED_COLUMNS = tuple(column.strip() for column in COLUMNS.split(","))
+"""The columns of download_tasks the service reads and writes (`health` checks they are there)."""
+
 MYSQL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS download_tasks (
     id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -268,8 +271,31 @@ class TaskStore:
         self._conn = None
 
     def ping(self) -> None:
-        """Raise StoreError unless the store answers a trivial query."""
-        self._execute("SELECT 1")
+        """Raise StoreError unless the store answers and download_tasks has every column the service
+        reads and writes: a table `db init` never created (or an older one it never completed) is
+        named, with the command that fixes it."""
+        try:
+            self._execute(f"SELECT {COLUMNS} FROM download_tasks WHERE 1 = 0")
+        except StoreError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, Exception) and self._is_unreachable(cause):
+                raise  # the store does not answer: nothing more to ask it
+            try:
+                present = self._table_columns()
+            except StoreError:
+                raise exc from None  # the first error says what is wrong
+            if not present:
+                raise StoreError("table download_tasks missing: run `udemy-dl db init`") from exc
+            missing = [column for column in REQUIRED_COLUMNS if column not in present]
+            if missing:
+                raise StoreError(
+                    f"table download_tasks lacks column(s) {', '.join(missing)}: run `udemy-dl db init`"
+                ) from exc
+            raise
+
+    def _table_columns(self) -> set[str]:
+        """The column names of download_tasks (lower-case); empty when there is no such table."""
+        raise NotImplementedError
 
     # -- the shop's side ----------------------------------------------------------------------
 
@@ -529,13 +555,16 @@ class MySQLStore(TaskStore):
         _ = conn.sql_mode
         return conn
 
-    def init_schema(self) -> None:
-        self._execute(MYSQL_SCHEMA)
+    def _table_columns(self) -> set[str]:
         rows = self._execute(
             "SELECT column_name FROM information_schema.columns "
             "WHERE table_schema = DATABASE() AND table_name = 'download_tasks'"
         ).rows
-        present = {str(row[0]).lower() for row in rows}
+        return {str(row[0]).lower() for row in rows}
+
+    def init_schema(self) -> None:
+        self._execute(MYSQL_SCHEMA)
+        present = self._table_columns()
         for column, definition in MYSQL_WORKER_COLUMNS.items():
             if column not in present:
                 log.info("adding column download_tasks.%s", column)
@@ -570,6 +599,9 @@ class SQLiteStore(TaskStore):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=30000")
         return conn
+
+    def _table_columns(self) -> set[str]:
+        return {str(row[1]).lower() for row in self._execute("PRAGMA table_info(download_tasks)").rows}
 
     def init_schema(self) -> None:
         conn = self._connection()

@@ -18,7 +18,7 @@ from tests.support.deployment import Scripts
 from tests.support.e2e import HOSTNAME, E2EEnv, host_workers, worker_pids_by_name
 from tests.support.files import sha256_of
 from tests.support.http_servers import Origin, completed_ids
-from tests.support.mariadb import E2E_DB
+from tests.support.mariadb import E2E_DB, drop_tasks_table
 from tests.support.processes import parent, pid_running
 from tests.support.scripts import CLEARED_VARIABLES, REPO_ROOT, STOP_SCRIPT, UNIT_FILE, venv_bin
 from tests.support.waiting import wait_for
@@ -92,6 +92,19 @@ def test_start_with_a_service_unreachable_starts_nothing(
     assert done.returncode == 7, done.stdout + done.stderr
     assert f"UNHEALTHY {named}:" in done.stderr and "nothing was started" in done.stderr, done.stderr
     assert "started (pid" not in done.stdout
+    _nothing_started(e2e_env, e2e_scripts)
+
+
+def test_start_without_the_tasks_table_starts_nothing(e2e_env: E2EEnv, e2e_scripts: Scripts) -> None:
+    """The database answers but `db init` never ran on it: start_workers.sh exits 7 naming the
+    missing table and the command that creates it, and starts nothing (a worker would only burn
+    its retries on every task)."""
+    drop_tasks_table(E2E_DB)
+    done = e2e_scripts.start(60, False)
+    assert done.returncode == 7, done.stdout + done.stderr
+    assert "UNHEALTHY database:" in done.stderr, done.stderr
+    assert "table download_tasks missing: run `udemy-dl db init`" in done.stderr, done.stderr
+    assert "nothing was started" in done.stderr and "started (pid" not in done.stdout
     _nothing_started(e2e_env, e2e_scripts)
 
 
