@@ -18,6 +18,7 @@ from tests.support.scripts import run_cli
 from tests.support.service import Service
 from tests.support.waiting import wait_for
 from udemy_dl.cancellation import cancel_key, cancel_text
+from udemy_dl.folders import staging_lock, staging_path
 from udemy_dl.lease import TaskLease
 from udemy_dl.outcome import record_cancelled
 from udemy_dl.payload import TaskPayload
@@ -248,6 +249,23 @@ def test_a_cancel_its_run_settled_first_is_not_settled_again_nor_warned_about(
         assert not svc.producer().settle_cancel_unheld(before, cancel_text("refund"))
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
     assert svc.row(task_id) == settled
+
+
+def test_a_cancel_leaves_a_staging_folder_a_run_on_this_host_still_writes(svc: Service) -> None:
+    """A run that lost its lease (Redis forgot it) but still holds the staging lock keeps its folder: the
+    cancel waits for it; once the run lets go, the cancel settles and nothing is left in staging."""
+    task_id = svc.confirm(svc.origin.add_course("still-writing", {"a.bin": 10}))
+    row = svc.row(task_id)
+    staging = staging_path(svc.settings, task_id)
+    with staging_lock(svc.settings, task_id):
+        staging.mkdir(parents=True)
+        (staging / "a.bin").write_bytes(b"12345")
+        assert not svc.producer().settle_cancel_unheld(row, cancel_text("refund"))
+        assert (staging / "a.bin").read_bytes() == b"12345"
+        assert svc.row(task_id).status == PROCESSING
+    assert svc.producer().settle_cancel_unheld(row, cancel_text("refund"))
+    assert svc.row(task_id).cancelled
+    assert list(svc.settings.staging_dir.iterdir()) == []
 
 
 def test_the_status_change_is_conditional(mysql_store: TaskStore) -> None:

@@ -25,6 +25,7 @@ from . import status_stream
 from .cancellation import cancel_text, clear_cancel, request_cancel
 from .connection import redis_connection
 from .errors import InvalidTaskError, LeaseBusyError
+from .folders import staging_lock
 from .lease import TaskLease
 from .outcome import fail_row, record_cancelled
 from .payload import TaskPayload, parse_task, parse_task_id
@@ -242,11 +243,16 @@ class Producer:
         except LeaseBusyError:
             return False
         try:
-            current = self.store.get(row.id)
-            if current is None or current.status not in (PROCESSING, *UNPAID):
-                return False  # settled before the lease was ours: its run saw the cancel, or completed first
-            task = TaskPayload(task_id=row.id, email=row.email, course_url=row.course_url)
-            return record_cancelled(self.settings, self.store, self.connection, task, text)
+            # The staging lock too: a run on this host that still writes the folder (its lease lost in a
+            # Redis outage) keeps it, and settles the cancel itself when it stops.
+            with staging_lock(self.settings, row.id):
+                current = self.store.get(row.id)
+                if current is None or current.status not in (PROCESSING, *UNPAID):
+                    return False  # settled before the lease was ours: its run saw the cancel, or completed first
+                task = TaskPayload(task_id=row.id, email=row.email, course_url=row.course_url)
+                return record_cancelled(self.settings, self.store, self.connection, task, text)
+        except LeaseBusyError:
+            return False
         finally:
             lease.release()
 
