@@ -182,6 +182,23 @@ def test_strays_in_staging_are_not_moved_into_place(origin: ContentOrigin, stagi
     assert list(outside.iterdir()) == []
 
 
+def test_a_symlink_where_a_course_file_or_its_folder_goes_is_removed_and_the_file_fetched(
+    origin: ContentOrigin, staging: Path, outside: Path
+) -> None:
+    """A symlink at a course file's own path, or at a folder on its way, is removed, never written through:
+    the course is fetched in full (a paid order is not failed for it) and what the links pointed at is left."""
+    (outside / "victim.bin").write_bytes(b"someone else's")
+    staging.mkdir(parents=True)
+    (staging / "a.bin").symlink_to(outside / "victim.bin")
+    (staging / "sub").symlink_to(outside, target_is_directory=True)
+    url = origin.add_course("links-on-the-way", {"a.bin": 100, "sub/b.bin": 200})
+    result = fetcher_for(origin).fetch(url, staging)
+    assert sorted(item.path for item in result.files) == ["a.bin", "sub/b.bin"]
+    assert only_plain(staging)
+    assert sorted(path.name for path in outside.iterdir()) == ["victim.bin"]
+    assert (outside / "victim.bin").read_bytes() == b"someone else's"
+
+
 def test_strays_removed_from_staging_are_logged_as_what_they_are(
     origin: ContentOrigin, staging: Path, outside: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -27,7 +27,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from http.client import HTTPException, IncompleteRead
@@ -390,6 +390,7 @@ class Fetcher:
         try:
             if total is not None and self.max_task_bytes and total > self.max_task_bytes:
                 raise TooLargeError(f"course is {total} bytes, more than MAX_TASK_BYTES={self.max_task_bytes}")
+            _drop_symlinks_on_the_way(staging, specs)
             self._check_disk(staging, specs, total)
         except BaseException:
             if opened is not None:
@@ -941,6 +942,24 @@ def _real_folder(path: Path) -> None:
     log.warning("removing %s from the staging folder: a %s, not a folder", path, _kind(info))
     path.unlink()
     path.mkdir()
+
+
+def _drop_symlinks_on_the_way(staging: Path, specs: Sequence[FileSpec]) -> None:
+    """Remove (never follow) a symlink found where a course file, or a folder on its way, must go: no run of
+    ours makes one, and the file is fetched in its place. The staging folder is this run's alone (its lease
+    and its lock), so nothing else writes there meanwhile."""
+    for spec in specs:
+        path = staging
+        for part in spec.path.parts:
+            path = path / part
+            try:
+                info = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if stat.S_ISLNK(info.st_mode):
+                log.warning("removing %s from the staging folder: a symlink, not one of ours", path)
+                path.unlink()
+                break
 
 
 def _clear_way(staging: Path, target: Path) -> None:
