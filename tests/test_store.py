@@ -347,27 +347,28 @@ def alter_tasks_table(backend: Backend, statement: str) -> None:
             conn.execute(statement)
 
 
-def test_ping_names_a_missing_table_and_the_command_that_creates_it(backend: Backend) -> None:
-    """A database that answers but has no download_tasks table (`db init` never ran) fails the ping,
-    saying so and naming the fix; `db init` (init_schema) makes it pass."""
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("drop-table", "table download_tasks missing: run `udemy-dl db init`"),
+        ("drop-column", "table download_tasks lacks column(s) pending_event: run `udemy-dl db init`"),
+    ],
+)
+def test_ping_names_what_the_table_lacks_and_the_command_that_fixes_it(
+    backend: Backend, damage: str, message: str
+) -> None:
+    """A database that answers but has no download_tasks table (`db init` never ran), or a table from before
+    a column was added (here pending_event), fails the ping saying so; `db init` (init_schema) mends it."""
     backend.store.close()
-    alter_tasks_table(backend, "DROP TABLE download_tasks")
+    if damage == "drop-table":
+        alter_tasks_table(backend, "DROP TABLE download_tasks")
+    else:
+        if backend.name == "sqlite":  # SQLite drops no indexed column
+            alter_tasks_table(backend, "DROP INDEX idx_download_tasks_pending_event")
+        alter_tasks_table(backend, "ALTER TABLE download_tasks DROP COLUMN pending_event")
     with pytest.raises(StoreError) as caught:
         backend.store.ping()
-    assert str(caught.value) == "table download_tasks missing: run `udemy-dl db init`"
-    backend.store.init_schema()
-    backend.store.ping()
-
-
-def test_ping_names_a_column_the_table_lacks(backend: Backend) -> None:
-    """A table from before a column was added (here pending_event) fails the ping, naming the column."""
-    backend.store.close()
-    if backend.name == "sqlite":  # SQLite drops no indexed column
-        alter_tasks_table(backend, "DROP INDEX idx_download_tasks_pending_event")
-    alter_tasks_table(backend, "ALTER TABLE download_tasks DROP COLUMN pending_event")
-    with pytest.raises(StoreError) as caught:
-        backend.store.ping()
-    assert str(caught.value) == "table download_tasks lacks column(s) pending_event: run `udemy-dl db init`"
+    assert str(caught.value) == message
     backend.store.init_schema()
     backend.store.ping()
 
