@@ -101,7 +101,7 @@ def job_label(job: Job) -> str:
     return f"task {task_id}{kind} ({job.origin})"
 
 
-class _QuietAfterHandBack(logging.Filter):
+class _QuietUnlessCompleted(logging.Filter):
     """Drops RQ's success lines ("Successfully completed … job", "Job OK") while a job that did not
     complete its task (handed back, cancelled, failed for good) is being recorded: RQ sees a job
     that returned, the task is not done."""
@@ -115,7 +115,7 @@ class _QuietAfterHandBack(logging.Filter):
         return "Successfully completed" not in text and "Job OK" not in text
 
 
-QUIET_AFTER_HAND_BACK = _QuietAfterHandBack()
+QUIET_UNLESS_COMPLETED = _QuietUnlessCompleted()
 
 
 @dataclass
@@ -178,8 +178,8 @@ class DownloadWorker(Worker):
         self._next_disk_report = 0.0
         """Monotonic time before which a heartbeat does not report the download disk again."""
         rq_log = logging.getLogger("rq.worker")
-        if QUIET_AFTER_HAND_BACK not in rq_log.filters:
-            rq_log.addFilter(QUIET_AFTER_HAND_BACK)
+        if QUIET_UNLESS_COMPLETED not in rq_log.filters:
+            rq_log.addFilter(QUIET_UNLESS_COMPLETED)
         self.procline("starting")
 
     def procline(self, message: str) -> None:
@@ -690,7 +690,7 @@ class DownloadWorker(Worker):
             with metrics.deferred():
                 return super().perform_job(job, queue)
         finally:
-            QUIET_AFTER_HAND_BACK.active = False
+            QUIET_UNLESS_COMPLETED.active = False
             set_task(None)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
@@ -731,7 +731,7 @@ class DownloadWorker(Worker):
         unsuccessful = isinstance(result, dict) and result.get("success") is False
         # Until perform_job ends: RQ's "OK" lines would mislead about a task handed back, cancelled,
         # failed for good or skipped; the job's own lines say what became of it.
-        QUIET_AFTER_HAND_BACK.active = handed_back or unsuccessful
+        QUIET_UNLESS_COMPLETED.active = handed_back or unsuccessful
         super().handle_job_success(job, queue, started_job_registry)
         if handed_back and job.args:
             # Only now is the job finished, so the enqueue below makes a fresh job rather than
